@@ -1,0 +1,108 @@
+"""Backend registry: which implementation of an op runs for `backend=` in {"auto", "torch", "triton", "cuda"}.
+
+- "torch": the pure-PyTorch reference (`reference.py`), always available.
+- "triton": kernels registered by `qvdit_kernels.triton` (imported lazily, on first use), for CUDA
+  tensors, or for CPU tensors under `TRITON_INTERPRET=1` (how CI tests them).
+- "cuda": kernels of the compiled extension `qvdit_kernels._C`, loaded by `qvdit_kernels.cuda`.
+- "auto": for CUDA tensors the fastest available backend that implements the op (a per-shape chooser
+  may be registered by a backend), otherwise "torch".
+
+An op with no kernel in a named backend that is *offline* (weight quantization, packing) runs its
+reference; any other op raises `BackendUnavailableError` naming the backend and the reason.
+Nothing here touches a device at import time.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Callable
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+OFFLINE_OPS = frozenset({"quantize_weight", "pack_weight", "unpack_weight"})
+
+_IMPLS: dict[tuple[str, str], Callable] = {}
+_LOADED: dict[str, tuple[bool, str]] = {}  # backend -> (importable, reason if not)
+_MODULES = {"triton": "qvdit_kernels.triton", "cuda": "qvdit_kernels.cuda"}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A named backend cannot run this op here (not installed, no GPU, no kernel for the op)."""
+
+
+def register(op: str, backend: str):
+    """Decorator: `@register("qgemm", "triton")` makes the function the op's implementation in that backend."""
+    if backend not in ("torch", "triton", "cuda"):
+        raise ValueError(f"backend must be 'torch', 'triton' or 'cuda', got {backend!r}")
+
+    def deco(fn):
+        _IMPLS[(op, backend)] = fn
+        return fn
+
+    return deco
+
+
+def _load(backend: str) -> tuple[bool, str]:
+    """Import the module that registers a backend's kernels, once; remember why it failed."""
+    if backend not in _LOADED:
+        try:
+            importlib.import_module(_MODULES[backend])
+            _LOADED[backend] = (True, "")
+        except Exception as exc:  # ImportError, missing extension, broken toolchain: all mean "unavailable"
+            _LOADED[backend] = (False, f"{type(exc).__name__}: {exc}")
+    return _LOADED[backend]
+
+
+def interpret_mode() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def availability(backend: str, device: torch.device) -> tuple[bool, str]:
+    """(can run, reason if not) for a backend on tensors of `device`."""
+    if backend == "torch":
+        return True, ""
+    ok, why = _load(backend)
+    if not ok:
+        return False, why
+    if backend == "triton":
+        if device.type == "cuda" or interpret_mode():
+            return True, ""
+        return False, f"Triton kernels need CUDA tensors (got {device.type}) or TRITON_INTERPRET=1"
+    if device.type != "cuda":
+        return False, f"CUDA kernels need CUDA tensors (got {device.type})"
+    return True, ""
+
+
+def resolve(op: str, backend: str, device: torch.device, fallback: bool = True) -> Callable | None:
+    """The implementation of `op` to run for `backend` on tensors of `device`.
+
+    With `fallback=False`, returns None instead of the reference when the chosen backend has no
+    kernel for `op` (used for optional fused ops such as "qlinear").
+    """
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    ref = _IMPLS.get((op, "torch")) if fallback else None
+    if backend == "torch":
+        return ref
+    if backend == "auto":
+        if device.type == "cuda":
+            for name in ("cuda", "triton"):
+                if availability(name, device)[0] and (op, name) in _IMPLS:
+                    return _IMPLS[(op, name)]
+        return ref
+    ok, why = availability(backend, device)
+    if (op, backend) in _IMPLS and ok:
+        return _IMPLS[(op, backend)]
+    if op in OFFLINE_OPS or not fallback:
+        return ref  # offline ops run their reference; optional fused ops are composed by the caller
+    if not ok:
+        raise BackendUnavailableError(f"backend={backend!r} is not available for {op}: {why}")
+    raise BackendUnavailableError(f"backend={backend!r} has no kernel for {op}")
+
+
+def implemented(op: str) -> list[str]:
+    """Backends that currently have an implementation of `op` registered (after loading what loads)."""
+    for b in _MODULES:
+        _load(b)
+    return [b for b in ("torch", "triton", "cuda") if (op, b) in _IMPLS]

@@ -1,0 +1,199 @@
+"""Public ops (SPEC 1.3): argument checks, then dispatch to a backend (`backends.py`).
+
+Notation: M tokens (rows of the activation), K input features, N output features.
+Every op takes `backend=` in {"auto", "torch", "triton", "cuda"}; "torch" is the reference.
+Bad input raises TypeError (wrong type or dtype) or ValueError (wrong shape, device, bits),
+naming the argument. No check here reads device memory (no host sync), except in the offline
+weight ops, which validate codes once at quantization time.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import backends, reference
+from .backends import register
+from .formats import get_format
+
+W_BITS = (3, 4, 8)
+A_BITS = (6, 8)
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.int32)
+MAX_K = 65536  # keeps |acc| < 2^31 for every supported width (127 * 255 * 65536 < 2^31)
+
+for _op, _fn in (
+    ("quantize_weight", reference.quantize_weight),
+    ("pack_weight", reference.pack_weight),
+    ("unpack_weight", reference.unpack_weight),
+    ("quantize_activation", reference.quantize_activation),
+    ("qgemm", reference.qgemm),
+):
+    register(_op, "torch")(_fn)
+
+
+# ----------------------------------------------------------------------------- argument checks
+def check_bits(name: str, bits, allowed) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise TypeError(f"{name} must be an int, got {type(bits).__name__}")
+    if bits not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {bits}")
+    return bits
+
+
+def check_tensor(name: str, t, dtypes=None, shape=None, device=None, optional=False):
+    """Type, dtype, shape (tuple; None entries match anything) and device of one argument."""
+    if t is None:
+        if optional:
+            return None
+        raise TypeError(f"{name} must be a torch.Tensor, got None")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+    if shape is not None:
+        if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+            want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+            raise ValueError(f"{name} must have shape {want}, got {list(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device} (all tensors of one call on one device)")
+    return t
+
+
+def _check_tqe(m, k, device, alpha, gate, frame_id):
+    check_tensor("alpha", alpha, FLOAT_DTYPES, (k,), device, optional=True)
+    check_tensor("gate", gate, FLOAT_DTYPES, (None,), device, optional=True)
+    check_tensor("frame_id", frame_id, (torch.int32, torch.int64), (m,), device, optional=True)
+    if gate is not None and gate.numel() == 0:
+        raise ValueError("gate must have at least one entry")
+    if (gate is not None or frame_id is not None) and alpha is None:
+        raise ValueError("gate/frame_id given without alpha: the TQE term needs alpha")
+
+
+def _check_weight_args(k, dev, w_packed, w_bits, w_scale, w_zero, bias, beta, out_dtype, fmt_name):
+    """Checks shared by qgemm and the fused qlinear: the weight side and the output dtype."""
+    check_bits("w_bits", w_bits, W_BITS)
+    if k < 1 or k > MAX_K:
+        raise ValueError(f"the activation must have 1 <= K <= {MAX_K} columns, got K={k}")
+    _, n = _weight_dims(w_packed, w_bits, k, fmt_name)
+    check_tensor("w_packed", w_packed, None, None, dev)
+    check_tensor("w_scale", w_scale, (torch.float32,), (n,), dev)
+    check_tensor("w_zero", w_zero, (torch.float32,), (n,), dev)
+    check_tensor("bias", bias, FLOAT_DTYPES, (n,), dev, optional=True)
+    check_tensor("beta", beta, FLOAT_DTYPES, (n,), dev, optional=True)
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
+
+
+def _weight_dims(w_packed, w_bits, k, fmt_name):
+    fmt = get_format(w_bits, fmt_name)
+    check_tensor("w_packed", w_packed, (fmt.packed_dtype,), (None, fmt.row_bytes(k)))
+    return fmt, w_packed.shape[0]
+
+
+# ----------------------------------------------------------------------------- ops
+def quantize_weight(w: torch.Tensor, bits: int, backend: str = "auto"):
+    """Per-output-channel min-max RTN of a weight [N, K] (SPEC 1.1).
+
+    Returns (q [N, K] uint8 codes in [0, 2^bits) (int8 in [-127, 127] for 8 bits),
+    scale f32 [N], zero f32 [N] (integer valued; 0 for 8 bits)).
+    """
+    check_bits("bits", bits, W_BITS)
+    check_tensor("w", w, FLOAT_DTYPES, (None, None))
+    if w.shape[0] < 1 or w.shape[1] < 1:
+        raise ValueError(f"w must have N >= 1 and K >= 1, got shape {list(w.shape)}")
+    if w.shape[1] > MAX_K:
+        raise ValueError(f"w has K={w.shape[1]} > {MAX_K}: the int32 accumulator could overflow")
+    return backends.resolve("quantize_weight", backend, w.device)(w, bits)
+
+
+def pack_weight(q: torch.Tensor, bits: int, format: str | None = None, backend: str = "auto") -> torch.Tensor:
+    """Codes [N, K] -> packed [N, row_bytes(K)] in the default format of `bits` (or `format`)."""
+    check_bits("bits", bits, W_BITS)
+    get_format(bits, format)
+    check_tensor("q", q, None, (None, None))
+    return backends.resolve("pack_weight", backend, q.device)(q, bits, format)
+
+
+def unpack_weight(packed: torch.Tensor, bits: int, k: int, format: str | None = None, backend: str = "auto"):
+    """Exact inverse of `pack_weight`: packed [N, row_bytes(k)] -> codes [N, k]."""
+    check_bits("bits", bits, W_BITS)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    _weight_dims(packed, bits, k, format)
+    return backends.resolve("unpack_weight", backend, packed.device)(packed, bits, k, format)
+
+
+def _quantize_activation_checked(x, bits, alpha, gate, frame_id, backend, want_rowsum):
+    check_bits("bits", bits, A_BITS)
+    check_tensor("x", x, FLOAT_DTYPES, (None, None))
+    m, k = x.shape
+    if k < 1:
+        raise ValueError(f"x must have K >= 1 columns, got shape {list(x.shape)}")
+    _check_tqe(m, k, x.device, alpha, gate, frame_id)
+    fn = backends.resolve("quantize_activation", backend, x.device)
+    return fn(x, bits, alpha, gate, frame_id, want_rowsum)
+
+
+def quantize_activation(x, bits, alpha=None, gate=None, frame_id=None, backend="auto"):
+    """Per-token dynamic quantization of x [M, K] (float32, bfloat16 or float16).
+
+    Returns exactly three results: (xq int8 [M, K] (codes q - z), scale f32 [M], u f32 [M] or None).
+    `u[m] = gate[frame_id[m]] * (x^[m, :] . alpha)` is the TQE term; it is None when alpha is None.
+    gate None means all ones; frame_id None means every row uses gate[0].
+    """
+    return _quantize_activation_checked(x, bits, alpha, gate, frame_id, backend, want_rowsum=False)
+
+
+def quantize_activation_rowsum(x, bits, alpha=None, gate=None, frame_id=None, backend="auto"):
+    """Fused variant for the GEMM: (xq, scale, u, rowsum int32 [M]) in one pass over x."""
+    return _quantize_activation_checked(x, bits, alpha, gate, frame_id, backend, want_rowsum=True)
+
+
+def qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias=None, u=None, beta=None, x_rowsum=None,
+          out_dtype=torch.bfloat16, backend="auto", format=None):
+    """y = (xq @ (qw - zw)^T) * sx[m] * sw[n] + bias[n] + u[m] * beta[n]  ->  [M, N] in out_dtype.
+
+    xq int8 [M, K]; x_scale f32 [M]; w_packed [N, row_bytes(K)] (format of w_bits);
+    w_scale, w_zero f32 [N]; bias [N] (any float dtype); u f32 [M] with beta [N] (both or neither);
+    x_rowsum int32 [M] (optional: computed when needed and not given).
+    out_dtype torch.int32 returns the exact zero-corrected accumulator before the epilogue.
+    """
+    check_tensor("xq", xq, (torch.int8,), (None, None))
+    m, k = xq.shape
+    check_tensor("x_scale", x_scale, (torch.float32,), (m,), xq.device)
+    check_tensor("u", u, (torch.float32,), (m,), xq.device, optional=True)
+    check_tensor("x_rowsum", x_rowsum, (torch.int32,), (m,), xq.device, optional=True)
+    if (u is None) != (beta is None):
+        raise ValueError("u and beta must be given together (the TQE term is u[m] * beta[n])")
+    _check_weight_args(k, xq.device, w_packed, w_bits, w_scale, w_zero, bias, beta, out_dtype, format)
+    fn = backends.resolve("qgemm", backend, xq.device)
+    return fn(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum, out_dtype, format)
+
+
+def qlinear(x, w_packed, w_bits, w_scale, w_zero, a_bits, bias=None, alpha=None, beta=None, gate=None,
+            frame_id=None, out_dtype=None, backend="auto", format=None):
+    """Quantized linear: act-quant of x [..., K] then `qgemm`; returns [..., N] (x.dtype unless out_dtype).
+
+    TQE is on when alpha and beta are given (u is then computed in the act-quant pass).
+    """
+    check_tensor("x", x, FLOAT_DTYPES)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (the K features)")
+    lead, k = x.shape[:-1], x.shape[-1]
+    if (alpha is None) != (beta is None):
+        raise ValueError("alpha and beta must be given together (TQE needs both)")
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    x2 = x.reshape(-1, k)
+    fused = backends.resolve("qlinear", backend, x.device, fallback=False)
+    if fused is not None:
+        check_bits("a_bits", a_bits, A_BITS)
+        _check_tqe(x2.shape[0], k, x.device, alpha, gate, frame_id)
+        _check_weight_args(k, x.device, w_packed, w_bits, w_scale, w_zero, bias, beta, out_dtype, format)
+        y = fused(x2, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, gate, frame_id, out_dtype, format)
+    else:
+        need_rowsum = w_bits != 8
+        res = _quantize_activation_checked(x2, a_bits, alpha, gate, frame_id, backend, want_rowsum=need_rowsum)
+        xq, sx, u = res[:3]
+        rowsum = res[3] if need_rowsum else None
+        y = qgemm(xq, sx, w_packed, w_bits, w_scale, w_zero, bias, u, beta, rowsum, out_dtype, backend, format)
+    return y.reshape(*lead, y.shape[-1])

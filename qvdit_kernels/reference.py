@@ -1,0 +1,158 @@
+"""The pure-PyTorch reference of every op (`backend="torch"`). Runs anywhere; imports no Triton, no CUDA.
+
+Written for clarity, not speed. Every fast kernel is tested against these functions: integer results
+bit for bit, floating-point results within the bounds of SPEC 1.4. Arguments are assumed validated
+(by `qvdit_kernels.ops`); nothing here checks shapes.
+
+Math (SPEC 1.1-1.2), per row r of a matrix (weight: output channel; activation: token):
+
+    b <= 7 (asymmetric):  s = max((max(r,0) - min(r,0)) / (2^b - 1), EPS),  z = round(-min(r,0) / s)
+                          q = clamp(round(x / s) + z, 0, 2^b - 1)            x^ = s (q - z)
+    b == 8 (symmetric):   s = max(max|r| / 127, EPS),  q = clamp(round(x / s), -127, 127),  z = 0
+
+All of it in float32 with IEEE division and round-half-to-even (`torch.round`); EPS = 1e-8 as
+float32. A row holding a non-finite value gets scale NaN and all-zero codes (so only its own
+output row turns NaN; documented in the README). Activations are returned as `xq = q - z` (int8).
+
+GEMM (exact integer identity, then a float32 epilogue):
+
+    acc[m,n] = sum_k xq[m,k] * (qw[n,k] - zw[n])
+    y[m,n]   = acc[m,n] * sx[m] * sw[n] + bias[n] + u[m] * beta[n]
+    u[m]     = gate[frame_id[m]] * (x^[m,:] . alpha),   x^ = sx[m] * xq[m,:]
+"""
+from __future__ import annotations
+
+import torch
+
+from .formats import get_format
+
+EPS = 1e-8  # lower clamp of every scale (applied in float32)
+
+
+# ----------------------------------------------------------------------------- quantizer math
+def rowwise_qparams(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max scale and zero point of every row (last dim) of `x`, in float32 (SPEC 1.1)."""
+    x = x.float()
+    if bits == 8:
+        scale = (x.abs().amax(dim=-1) / 127.0).clamp(min=EPS)
+        return scale, torch.zeros_like(scale)
+    qmax = float(2**bits - 1)
+    hi = x.amax(dim=-1).clamp(min=0.0)
+    lo = x.amin(dim=-1).clamp(max=0.0)
+    scale = ((hi - lo) / qmax).clamp(min=EPS)
+    zero = torch.round(-lo / scale).clamp(0.0, qmax)
+    return scale, zero
+
+
+def quantize_rows(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes q of every row, in float32 (integer valued): uint range for b <= 7, [-127, 127] for 8 bits."""
+    x = x.float()
+    if bits == 8:
+        return torch.round(x / scale[..., None]).clamp(-127.0, 127.0)
+    return (torch.round(x / scale[..., None]) + zero[..., None]).clamp(0.0, float(2**bits - 1))
+
+
+def _nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
+    return ~torch.isfinite(x).all(dim=-1)
+
+
+# ----------------------------------------------------------------------------- ops
+def quantize_weight(w: torch.Tensor, bits: int):
+    """RTN per output channel: -> (q [N,K] uint8 (int8 for 8 bits), scale f32 [N], zero f32 [N])."""
+    scale, zero = rowwise_qparams(w, bits)
+    q = quantize_rows(w, scale, zero, bits)
+    bad = _nonfinite_rows(w)
+    if bool(bad.any()):
+        scale = torch.where(bad, torch.full_like(scale, float("nan")), scale)
+        zero = torch.where(bad, torch.zeros_like(zero), zero)
+        q = torch.where(bad[:, None], torch.zeros_like(q), q)
+    return q.to(torch.int8 if bits == 8 else torch.uint8), scale, zero
+
+
+def pack_weight(q: torch.Tensor, bits: int, format: str | None = None) -> torch.Tensor:
+    return get_format(bits, format).pack(q)
+
+
+def unpack_weight(packed: torch.Tensor, bits: int, k: int, format: str | None = None) -> torch.Tensor:
+    return get_format(bits, format).unpack(packed, k)
+
+
+def frame_gate(m: int, gate, frame_id) -> torch.Tensor | None:
+    """Per-row gate g[m] = gate[frame_id[m]] (gate[0] for all rows when frame_id is None)."""
+    if gate is None:
+        return None
+    gate = gate.float()
+    if frame_id is None:
+        return gate[0].expand(m)
+    return gate[frame_id.long()]
+
+
+def quantize_activation(x, bits, alpha=None, gate=None, frame_id=None, want_rowsum=False):
+    """Per-token dynamic quantization of x [M, K] -> (xq int8, scale f32 [M], u f32 [M] | None[, rowsum int32 [M]]).
+
+    `u` (the TQE term) is computed in float64 from the exact integer codes and rounded once to float32.
+    """
+    scale, zero = rowwise_qparams(x, bits)
+    q = quantize_rows(x, scale, zero, bits) - zero[:, None]
+    bad = _nonfinite_rows(x)
+    if bool(bad.any()):
+        scale = torch.where(bad, torch.full_like(scale, float("nan")), scale)
+        q = torch.where(bad[:, None], torch.zeros_like(q), q)
+    xq = q.to(torch.int8)
+    u = None
+    if alpha is not None:
+        dot = xq.double() @ alpha.double()  # sum_k xq[m,k] alpha[k]
+        u = dot * scale.double()
+        g = frame_gate(x.shape[0], gate, frame_id)
+        if g is not None:
+            u = u * g.double()
+        u = u.float()
+    if want_rowsum:
+        return xq, scale, u, act_rowsum(xq)
+    return xq, scale, u
+
+
+def act_rowsum(xq: torch.Tensor) -> torch.Tensor:
+    """rowsum(xq)[m] = sum_k xq[m,k] as int32 (what the epilogue needs for the weight zero point)."""
+    return xq.to(torch.int64).sum(dim=1).to(torch.int32)
+
+
+def gemm_acc(xq: torch.Tensor, qw: torch.Tensor, zw: torch.Tensor) -> torch.Tensor:
+    """acc = xq @ (qw - zw)^T exactly, as int32 [M, N].
+
+    The sum runs in float64 for speed: every product and partial sum is an integer of magnitude
+    < 127 * 255 * K < 2^53, so float64 is exact here (ops.qgemm bounds K).
+    """
+    w = qw.double() - zw.double()[:, None]
+    acc = xq.double() @ w.T
+    return acc.to(torch.int64).to(torch.int32)
+
+
+def epilogue(acc, x_scale, w_scale, bias=None, u=None, beta=None, out_dtype=torch.bfloat16):
+    """y = acc * sx[m] * sw[n] + bias[n] + u[m] * beta[n], in float32, cast once to out_dtype."""
+    y = acc.float() * x_scale.float()[:, None] * w_scale.float()[None, :]
+    if bias is not None:
+        y = y + bias.float()[None, :]
+    if u is not None and beta is not None:
+        y = y + u.float()[:, None] * beta.float()[None, :]
+    return y.to(out_dtype)
+
+
+def qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias=None, u=None, beta=None, x_rowsum=None,
+          out_dtype=torch.bfloat16, format=None):
+    """SPEC 1.3 `qgemm`: int32 `acc` when out_dtype is torch.int32, else the epilogue in out_dtype.
+
+    `x_rowsum` is accepted for signature parity; the reference does not need it.
+    """
+    k = xq.shape[1]
+    qw = unpack_weight(w_packed, w_bits, k, format)
+    acc = gemm_acc(xq, qw, w_zero)
+    if out_dtype == torch.int32:
+        return acc
+    return epilogue(acc, x_scale, w_scale, bias, u, beta, out_dtype)
+
+
+def dequantize_weight(w_packed, w_bits, k, w_scale, w_zero, format=None) -> torch.Tensor:
+    """W^ = sw[n] * (qw[n,k] - zw[n]) in float32 [N, K]."""
+    qw = unpack_weight(w_packed, w_bits, k, format).float()
+    return w_scale.float()[:, None] * (qw - w_zero.float()[:, None])
