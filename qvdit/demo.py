@@ -67,3 +67,12 @@ def run_demo(settings=((8, 8), (4, 8), (3, 6)), frames: int = 5, size: int = 16,
         b = f"{qb:>14,}{qb / bf:>8.3f}x" if qb else f"{'-':>14}{'-':>9}"
         print(f"{name:<24}{b}{err:>20.4f}{ms:>12.1f}")
     return rows
+
+
+def add_parser(sub) -> None:
+    d = sub.add_parser("demo", help="quantize a small Wan video DiT on CPU and compare with full precision")
+    d.add_argument("--frames", type=int, default=5, help="latent frames (default 5)")
+    d.add_argument("--size", type=int, default=16, help="latent height and width (default 16)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda"))
+    d.set_defaults(func=lambda a: run_demo(frames=a.frames, size=a.size, seed=a.seed, backend=a.backend) and 0)
