@@ -6,6 +6,6 @@ here, so `import qvdit` stays light).
 from __future__ import annotations
 
 from .base import ModelAdapter, find_adapter, register_adapter
-from . import wan  # noqa: F401  (registers the adapter)
+from . import cogvideox, latte, wan  # noqa: F401  (each registers its adapter)
 
 __all__ = ["ModelAdapter", "find_adapter", "register_adapter"]

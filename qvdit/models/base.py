@@ -1,6 +1,9 @@
 """The adapter interface and registry."""
 from __future__ import annotations
 
+import re
+
+import torch
 from torch import nn
 
 from ..frames import FrameLayout, FrameState
@@ -59,9 +62,26 @@ def find_adapter(model: nn.Module) -> ModelAdapter | None:
     return None
 
 
-def input_tensor(args: tuple, kwargs: dict, name: str = "hidden_states"):
-    """The named input of a forward call, passed by keyword or as the first positional argument."""
-    x = kwargs.get(name, args[0] if args else None)
+def input_tensor(args: tuple, kwargs: dict, name: str = "hidden_states", position: int = 0, ndim: int | None = None,
+                 layout: str = ""):
+    """The named input of a forward call, passed by keyword or positionally (at `position`), checked to be a
+    tensor of `ndim` dimensions (`layout` names them in the error)."""
+    x = kwargs[name] if name in kwargs else (args[position] if len(args) > position else None)
     if x is None:
         raise ValueError(f"cannot find the model input {name!r} to derive the frame layout")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"model input {name!r} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"model input {name!r} must be {layout or f'{ndim}-D'}, got shape {list(x.shape)}")
     return x
+
+
+def block_linear_filter(pattern: str):
+    """default_filter for adapters whose quantized linears are the nn.Linear modules whose names match `pattern`
+    (a regex anchored at the start of the module name)."""
+    regex = re.compile(pattern)
+
+    def default_filter(self, name: str, module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear) and bool(regex.match(name))
+
+    return default_filter
