@@ -1,0 +1,144 @@
+"""The Triton kernels as `torch.library` custom ops (schema + fake impls, so `torch.compile(fullgraph=True)`
+and CUDA graphs see one opaque op each) and their registration as backend "triton" (docs/DEVELOPING.md).
+
+Ops: `qvdit::triton_act_quant`, `qvdit::triton_qgemm`, `qvdit::triton_qlinear` (act-quant + GEMM).
+Custom ops cannot return None: absent results (u without alpha, rowsum when not asked for) come back as
+empty tensors and the backend functions turn them into None. CPU tensors reach these ops only under
+`TRITON_INTERPRET=1` (backends.availability), where the kernels run in the Triton interpreter.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..backends import register
+from ..formats import DEFAULT_FORMAT
+from . import act_quant as _aq
+from . import gemm as _gemm
+from . import tune
+
+
+def _interpret(t: Tensor) -> bool:
+    return t.device.type != "cuda"
+
+
+def _on(t: Tensor):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _vec(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.contiguous()
+
+
+def _rows(t: Tensor) -> Tensor:
+    """Row-major with unit column stride (what the kernels index)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# ----------------------------------------------------------------------------- act-quant
+@torch.library.custom_op("qvdit::triton_act_quant", mutates_args=())
+def act_quant_op(x: Tensor, bits: int, alpha: Optional[Tensor], gate: Optional[Tensor], frame_id: Optional[Tensor],
+                 want_rowsum: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    with _on(x):
+        xq, s, u, rs = _aq.act_quant(_rows(x), bits, _vec(alpha), _vec(gate), _vec(frame_id), want_rowsum,
+                                     interpret=_interpret(x))
+    m = x.shape[0]
+    u = u if u is not None else x.new_empty(0, dtype=torch.float32)
+    rs = rs if rs is not None else x.new_empty(0, dtype=torch.int32)
+    return xq, s, u, rs if m or want_rowsum else rs
+
+
+@act_quant_op.register_fake
+def _(x, bits, alpha, gate, frame_id, want_rowsum):
+    m, k = x.shape
+    return (x.new_empty((m, k), dtype=torch.int8), x.new_empty(m, dtype=torch.float32),
+            x.new_empty(m if alpha is not None else 0, dtype=torch.float32),
+            x.new_empty(m if want_rowsum else 0, dtype=torch.int32))
+
+
+# ----------------------------------------------------------------------------- GEMM
+def _gemm_run(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum, out_dtype):
+    m, k = xq.shape
+    n = w_packed.shape[0]
+    out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    if m == 0 or n == 0:
+        return out
+    xq, w_packed = _rows(xq), _rows(w_packed)
+    x_scale, w_scale, w_zero, bias, u, beta = map(_vec, (x_scale, w_scale, w_zero, bias, u, beta))
+    if w_bits != 8 and x_rowsum is None:
+        x_rowsum = xq.sum(dim=1, dtype=torch.int32)
+    x_rowsum = _vec(x_rowsum)
+    interp = _interpret(xq)
+
+    def run(cfg):
+        return _gemm.launch(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum, out, cfg, interp)
+
+    if interp:
+        cfg = tune.INTERPRET_QGEMM
+    else:
+        gpu = tune._gpu_key(xq.device)
+        cands = tune.qgemm_configs(w_bits, m, gpu)
+        cfg = tune.pick("qgemm", (gpu, w_bits, tune.m_bucket(m), n, k), cands, run, xq.device)
+    with _on(xq):
+        return run(cfg)
+
+
+@torch.library.custom_op("qvdit::triton_qgemm", mutates_args=())
+def qgemm_op(xq: Tensor, x_scale: Tensor, w_packed: Tensor, w_bits: int, w_scale: Tensor, w_zero: Tensor,
+             bias: Optional[Tensor], u: Optional[Tensor], beta: Optional[Tensor], x_rowsum: Optional[Tensor],
+             out_dtype: torch.dtype) -> Tensor:
+    return _gemm_run(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum, out_dtype)
+
+
+@qgemm_op.register_fake
+def _(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum, out_dtype):
+    return xq.new_empty((xq.shape[0], w_packed.shape[0]), dtype=out_dtype)
+
+
+# ----------------------------------------------------------------------------- fused linear
+@torch.library.custom_op("qvdit::triton_qlinear", mutates_args=())
+def qlinear_op(x: Tensor, w_packed: Tensor, w_bits: int, w_scale: Tensor, w_zero: Tensor, a_bits: int,
+               bias: Optional[Tensor], alpha: Optional[Tensor], beta: Optional[Tensor], gate: Optional[Tensor],
+               frame_id: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+    tqe = alpha is not None and beta is not None
+    with _on(x):
+        xq, sx, u, rs = _aq.act_quant(_rows(x), a_bits, _vec(alpha) if tqe else None, _vec(gate) if tqe else None,
+                                      _vec(frame_id) if tqe else None, want_rowsum=w_bits != 8,
+                                      interpret=_interpret(x))
+    return _gemm_run(xq, sx, w_packed, w_bits, w_scale, w_zero, bias, u, beta if tqe else None, rs, out_dtype)
+
+
+@qlinear_op.register_fake
+def _(x, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, gate, frame_id, out_dtype):
+    return x.new_empty((x.shape[0], w_packed.shape[0]), dtype=out_dtype)
+
+
+# ----------------------------------------------------------------------------- backend "triton"
+def _check_format(w_bits, format):
+    if format is not None and format != DEFAULT_FORMAT[w_bits]:
+        raise ValueError(f"format {format!r}: the Triton kernels read only {DEFAULT_FORMAT[w_bits]!r} for {w_bits}-bit weights")
+
+
+@register("quantize_activation", "triton")
+def quantize_activation(x, bits, alpha=None, gate=None, frame_id=None, want_rowsum=False):
+    xq, s, u, rs = torch.ops.qvdit.triton_act_quant(x, bits, alpha, gate, frame_id, want_rowsum)
+    u = u if alpha is not None else None
+    return (xq, s, u, rs) if want_rowsum else (xq, s, u)
+
+
+@register("qgemm", "triton")
+def qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias=None, u=None, beta=None, x_rowsum=None,
+          out_dtype=torch.bfloat16, format=None):
+    _check_format(w_bits, format)
+    return torch.ops.qvdit.triton_qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum,
+                                        out_dtype)
+
+
+@register("qlinear", "triton")
+def qlinear(x2, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, gate, frame_id, out_dtype, format):
+    _check_format(w_bits, format)
+    return torch.ops.qvdit.triton_qlinear(x2, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, gate,
+                                          frame_id, out_dtype)

@@ -1,0 +1,79 @@
+"""Launch configs per GPU and a small tuner: candidates from `configs/<gpu>.json`, timed once per key.
+
+Nothing here touches the device at import; the GPU name is read on the first tuned call. Under
+`TRITON_INTERPRET=1` one small fixed config is used (the CPU interpreter gains nothing from tuning).
+While a CUDA graph is being captured nothing is timed: the bucket's first candidate runs instead,
+so warm up (one call per shape) before capturing.
+"""
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+
+import torch
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+DEFAULT_GPU = "h100"  # Hopper table; other GPUs use it until they get their own file
+INTERPRET_QGEMM = dict(BLOCK_M=32, BLOCK_N=32, GROUP_N=2, num_warps=4, num_stages=1)
+_BEST: dict[tuple, dict] = {}
+
+
+def _gpu_key(device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device).lower()
+    for f in sorted(os.listdir(CONFIG_DIR)):
+        stem = f[:-5]
+        if f.endswith(".json") and stem in name:
+            return stem
+    return DEFAULT_GPU
+
+
+@lru_cache(maxsize=None)
+def load_table(gpu: str) -> dict:
+    with open(os.path.join(CONFIG_DIR, f"{gpu}.json")) as fh:
+        return json.load(fh)
+
+
+def qgemm_configs(w_bits: int, m: int | None = None, gpu: str = DEFAULT_GPU) -> list[dict]:
+    """Candidate configs for `w_bits` (those whose M range holds m; all of them when m is None)."""
+    out = []
+    for c in load_table(gpu)["qgemm"][str(w_bits)]:
+        if m is None or c["m_min"] <= m <= c["m_max"]:
+            out.append({k: v for k, v in c.items() if k not in ("m_min", "m_max")})
+    return out
+
+
+def m_bucket(m: int) -> int:
+    """Tuning key for the token count: powers of two up to 32768 (video DiT M varies per call)."""
+    b = 1
+    while b < m and b < 32768:
+        b *= 2
+    return b
+
+
+def pick(op: str, key: tuple, candidates: list[dict], run, device: torch.device) -> dict:
+    """The fastest candidate for `key` (timed once with `run(config)`, then cached)."""
+    full_key = (op, device.index, *key)
+    best = _BEST.get(full_key)
+    if best is not None:
+        return best
+    if len(candidates) == 1 or torch.cuda.is_current_stream_capturing():
+        return candidates[0]
+    from triton.testing import do_bench
+
+    times = []
+    for c in candidates:
+        try:
+            times.append(do_bench(lambda: run(c), warmup=5, rep=25, return_mode="median"))
+        except Exception as exc:  # out of resources (shared memory) on this GPU: not a candidate
+            if "OutOfResources" not in type(exc).__name__ and "out of resource" not in str(exc):
+                raise
+            times.append(float("inf"))
+    best = candidates[min(range(len(candidates)), key=times.__getitem__)]
+    _BEST[full_key] = best
+    return best
+
+
+def tuned_choices() -> dict:
+    """What the tuner picked so far (for benchmark reports)."""
+    return {"/".join(map(str, k)): v for k, v in _BEST.items()}
