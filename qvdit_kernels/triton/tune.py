@@ -3,7 +3,8 @@
 Nothing here touches the device at import; the GPU name is read on the first tuned call. Under
 `TRITON_INTERPRET=1` one small fixed config is used (the CPU interpreter gains nothing from tuning).
 While a CUDA graph is being captured nothing is timed: the bucket's first candidate runs instead,
-so warm up (one call per shape) before capturing.
+so warm up (one call per shape) before capturing. `QVDIT_TRITON_TUNE=0` skips timing altogether
+(the bucket's first candidate runs; GPU test runs use it to keep compiles few).
 """
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ def pick(op: str, key: tuple, candidates: list[dict], run, device: torch.device)
     best = _BEST.get(full_key)
     if best is not None:
         return best
-    if len(candidates) == 1 or torch.cuda.is_current_stream_capturing():
+    if len(candidates) == 1 or os.environ.get("QVDIT_TRITON_TUNE", "1") == "0" or \
+            torch.cuda.is_current_stream_capturing():
         return candidates[0]
     from triton.testing import do_bench
 
