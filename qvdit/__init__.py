@@ -15,6 +15,18 @@ from .quantize import qlinears, quantize_, weight_bytes
 
 __version__ = "0.1.0"
 
+from . import _diffusers_hook  # noqa: E402
+
+_diffusers_hook.install()  # quant_method "qvdit" in diffusers' registry, without importing diffusers here
+
+
+def __getattr__(name):  # QVDiTConfig imports diffusers: only on first use
+    if name == "QVDiTConfig":
+        from .diffusers_quantizer import QVDiTConfig
+
+        return QVDiTConfig
+    raise AttributeError(f"module 'qvdit' has no attribute {name!r}")
+
 __all__ = [
     "CheckpointError", "FrameLayout", "FrameState", "LayerQuant", "QLinear", "QuantConfig", "load_quantized",
     "publish", "qlinears", "quantize_", "resample_gate", "save_quantized", "weight_bytes", "__version__",

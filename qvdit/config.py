@@ -52,6 +52,9 @@ class QuantConfig:
         beta starts at 0, so an uncalibrated model computes plain RTN.
     backend: kernel backend for the forward ("auto", "torch", "triton", "cuda").
     skip: glob patterns of module names kept in full precision.
+    include: glob patterns of linears quantized in addition to the default selection (on a known video
+        transformer the default keeps embeddings, adaLN modulation and the final projection in full
+        precision; e.g. include=("proj_out",) takes the final projection too). `skip` wins over `include`.
     overrides: glob pattern -> dict of w_bits / a_bits / tqe for the matching modules.
     seed: seed of the alpha initialisation (Kaiming-uniform, as LoRA does).
     """
@@ -61,6 +64,7 @@ class QuantConfig:
     tqe: bool = True
     backend: str = "auto"
     skip: tuple = ()
+    include: tuple = ()
     overrides: dict = field(default_factory=dict)
     seed: int = 0
 
@@ -72,11 +76,13 @@ class QuantConfig:
             raise TypeError(f"backend must be a str, got {type(self.backend).__name__}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if isinstance(self.skip, str) or not isinstance(self.skip, (tuple, list)):
-            raise TypeError(f"skip must be a tuple of glob patterns, got {type(self.skip).__name__}")
-        if not all(isinstance(p, str) for p in self.skip):
-            raise TypeError("skip must hold only str glob patterns")
-        self.skip = tuple(self.skip)
+        for key in ("skip", "include"):
+            value = getattr(self, key)
+            if isinstance(value, str) or not isinstance(value, (tuple, list)):
+                raise TypeError(f"{key} must be a tuple of glob patterns, got {type(value).__name__}")
+            if not all(isinstance(p, str) for p in value):
+                raise TypeError(f"{key} must hold only str glob patterns")
+            setattr(self, key, tuple(value))
         if not isinstance(self.overrides, dict):
             raise TypeError(f"overrides must be a dict, got {type(self.overrides).__name__}")
         for pattern, values in self.overrides.items():
@@ -95,6 +101,9 @@ class QuantConfig:
     def skips(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) for p in self.skip)
 
+    def includes(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in self.include)
+
     def for_module(self, name: str) -> LayerQuant:
         """The settings of the linear called `name` (overrides applied)."""
         values = {"w_bits": self.w_bits, "a_bits": self.a_bits, "tqe": self.tqe}
@@ -111,10 +120,12 @@ class QuantConfig:
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
         d["skip"] = list(self.skip)
+        d["include"] = list(self.include)
         return json.dumps(d, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "QuantConfig":
         d = json.loads(text)
         d["skip"] = tuple(d.get("skip", ()))
+        d["include"] = tuple(d.get("include", ()))
         return cls(**d)

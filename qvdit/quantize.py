@@ -24,8 +24,11 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
-def select_linears(model: nn.Module, config: QuantConfig, filter_fn=None) -> list[tuple[str, nn.Linear]]:
-    """The (name, module) pairs quantize_ would replace, checked: raises on anything it cannot take."""
+def select_linears(model: nn.Module, config: QuantConfig, filter_fn=None, *,
+                   allow_meta: bool = False) -> list[tuple[str, nn.Linear]]:
+    """The (name, module) pairs quantize_ would replace, checked: raises on anything it cannot take.
+
+    `allow_meta`: accept meta weights (the diffusers quantizer selects on the empty model before loading)."""
     adapter = find_adapter(model)
     chosen = []
     for name, module in model.named_modules():
@@ -37,6 +40,7 @@ def select_linears(model: nn.Module, config: QuantConfig, filter_fn=None) -> lis
             selected = adapter.default_filter(name, module)
         else:
             selected = isinstance(module, nn.Linear)
+        selected = selected or (isinstance(module, nn.Linear) and config.includes(name))
         if not selected or config.skips(name):
             continue
         if not isinstance(module, nn.Linear):
@@ -44,7 +48,7 @@ def select_linears(model: nn.Module, config: QuantConfig, filter_fn=None) -> lis
         parent, _ = _parent(model, name)
         if isinstance(parent, nn.MultiheadAttention):
             raise TypeError(f"{name}: nn.MultiheadAttention reads this projection's weight directly; it cannot be swapped")
-        if module.weight.is_meta:
+        if module.weight.is_meta and not allow_meta:
             raise ValueError(f"{name}: weight is on the meta device; load real weights before quantizing")
         if not module.weight.dtype.is_floating_point:
             raise TypeError(f"{name}: weight dtype {module.weight.dtype} is not floating point")
