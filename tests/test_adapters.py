@@ -211,3 +211,21 @@ def test_generic_fallback_warns_and_uses_frame_zero():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # TQE off: nothing per frame to warn about
         quantize_(nn.Sequential(nn.Linear(16, 8)), QuantConfig(w_bits=4, a_bits=8, tqe=False))
+
+
+def test_deepcopy_of_a_quantized_model_publishes_into_its_own_state(monkeypatch):
+    """The hooks find the FrameState through the module they run on, so a copy's QLinears get their ids."""
+    import copy
+
+    model = quantize_(tiny_wan(), QuantConfig(w_bits=4, a_bits=8))
+    with torch.no_grad():
+        for q in qvdit.qlinears(model).values():
+            q.beta.normal_()
+            q.gate = nn.Parameter(torch.tensor([0.5, 2.0, 1.0, 1.0]), requires_grad=False)  # 3 frames + text
+    twin = copy.deepcopy(model)
+    kw = dict(hidden_states=torch.randn(1, 4, 3, 8, 6), timestep=torch.tensor([10]),
+              encoder_hidden_states=torch.randn(1, 5, 16))
+    seen = run_recorded(twin, kw, monkeypatch)
+    assert seen["blocks.0.attn1.to_q"][1] is not None
+    with torch.no_grad():
+        assert torch.equal(twin(**kw, return_dict=False)[0], model(**kw, return_dict=False)[0])

@@ -34,20 +34,33 @@ class ModelAdapter:
         raise NotImplementedError
 
     def install(self, model: nn.Module, state: FrameState) -> None:
-        """Hooks that publish the layouts before the forward and clear them after it (once per model)."""
+        """Hooks that publish the layouts before the forward and clear them after it (once per model).
+
+        The hooks read `module._qvdit_frames` at call time (`state` is that object when quantize_ installs them),
+        so a deep copy of a quantized model publishes into its own state, not the original's.
+        """
         if getattr(model, "_qvdit_hooks", None):
             return
-
-        def pre_hook(module, args, kwargs):
-            state.publish(self.layouts(module, args, kwargs))
-
-        def post_hook(module, args, kwargs, output):
-            state.clear()
-
+        if getattr(model, "_qvdit_frames", None) is not state:
+            raise ValueError("install(model, state): state must be model._qvdit_frames")
         model._qvdit_hooks = (
-            model.register_forward_pre_hook(pre_hook, with_kwargs=True),
-            model.register_forward_hook(post_hook, with_kwargs=True),
+            model.register_forward_pre_hook(self._publish_hook, with_kwargs=True),
+            model.register_forward_hook(_clear_hook, with_kwargs=True),
         )
+
+    def _publish_hook(self, module, args, kwargs):
+        layouts = self.layouts(module, args, kwargs)
+        state = module._qvdit_frames
+        state.publish(layouts)
+        # Build the id tensors here, outside any compiled block: inside, each QLinear only reads them, so a
+        # compiled block neither traces their construction nor sees the cache change between blocks.
+        device = input_tensor(args, kwargs).device
+        for kind, layout in layouts.items():
+            state.lookup(kind, layout.rows, device)
+
+
+def _clear_hook(module, args, kwargs, output):
+    module._qvdit_frames.clear()
 
 
 def register_adapter(adapter: ModelAdapter) -> ModelAdapter:
