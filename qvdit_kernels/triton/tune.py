@@ -18,9 +18,13 @@ CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 DEFAULT_GPU = "h100"  # Hopper table; other GPUs use it until they get their own file
 INTERPRET_QGEMM = dict(BLOCK_M=32, BLOCK_N=32, GROUP_N=2, num_warps=4, num_stages=1)
 _BEST: dict[tuple, dict] = {}
+_TIMES: dict[tuple, list] = {}  # key -> [(config, median ms)] of every candidate timed
 
 
 def _gpu_key(device: torch.device) -> str:
+    """Which table a GPU uses: `QVDIT_TRITON_CONFIGS` (a JSON path, for config sweeps), else by device name."""
+    if os.environ.get("QVDIT_TRITON_CONFIGS"):
+        return os.environ["QVDIT_TRITON_CONFIGS"]
     name = torch.cuda.get_device_name(device).lower()
     for f in sorted(os.listdir(CONFIG_DIR)):
         stem = f[:-5]
@@ -31,7 +35,8 @@ def _gpu_key(device: torch.device) -> str:
 
 @lru_cache(maxsize=None)
 def load_table(gpu: str) -> dict:
-    with open(os.path.join(CONFIG_DIR, f"{gpu}.json")) as fh:
+    path = gpu if gpu.endswith(".json") else os.path.join(CONFIG_DIR, f"{gpu}.json")
+    with open(path) as fh:
         return json.load(fh)
 
 
@@ -73,9 +78,10 @@ def pick(op: str, key: tuple, candidates: list[dict], run, device: torch.device)
             times.append(float("inf"))
     best = candidates[min(range(len(candidates)), key=times.__getitem__)]
     _BEST[full_key] = best
+    _TIMES[full_key] = list(zip(candidates, times))
     return best
 
 
 def tuned_choices() -> dict:
-    """What the tuner picked so far (for benchmark reports)."""
-    return {"/".join(map(str, k)): v for k, v in _BEST.items()}
+    """What the tuner picked so far, and the time of every candidate (for benchmark reports)."""
+    return {"/".join(map(str, k)): {"best": v, "candidates_ms": _TIMES.get(k, [])} for k, v in _BEST.items()}
