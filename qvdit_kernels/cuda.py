@@ -1,13 +1,69 @@
 """Loader of the optional compiled CUDA extension `qvdit_kernels._C` (built from csrc/ by setup.py).
 
-Importing this module registers the extension's kernels in the backend registry. It raises ImportError
-with a clear message when the extension is not built; `backends.py` turns that into
-"backend='cuda' is not available: ..." only when someone asks for the CUDA backend.
+Importing this module registers the extension's kernels in the backend registry (`backend="cuda"`).
+It raises ImportError with a clear message when the extension is not built; `backends.py` turns that
+into "backend='cuda' is not available: ..." only when someone asks for the CUDA backend.
+
+Ops (schemas in csrc/bindings.cpp, with Meta kernels so they trace under torch.compile):
+`torch.ops.qvdit.cuda_act_quant` and `torch.ops.qvdit.cuda_qgemm`. The GEMM has two kernels: wgmma
+(sm_90a, csrc/gemm_sm90.cu) and mma.sync (sm_80+, csrc/gemm_sm80.cu); QVDIT_CUDA_GEMM_PATH=auto|sm80|sm90
+picks one (auto: wgmma where the GPU and the build have it).
 """
+from __future__ import annotations
+
+import os
+
+import torch
+
 try:
-    from . import _C  # noqa: F401  (the compiled extension)
+    from . import _C  # noqa: F401  (the compiled extension; registers torch.ops.qvdit.*)
 except ImportError as exc:  # not built: CPU torch, no toolkit, or QVDIT_BUILD_EXT=0
     raise ImportError(
         "the CUDA extension qvdit_kernels._C is not built (it needs a CUDA torch and a CUDA toolkit at "
-        "install time: pip install -e . with QVDIT_BUILD_EXT unset)"
+        "install time: pip install -e . --no-build-isolation with QVDIT_BUILD_EXT unset)"
     ) from exc
+
+from .backends import register
+from .formats import DEFAULT_FORMAT
+
+GEMM_PATHS = {"auto": 0, "sm80": 1, "sm90": 2}
+
+
+def gemm_path() -> int:
+    """The GEMM kernel QVDIT_CUDA_GEMM_PATH asks for (read per call, so tests can switch it)."""
+    name = os.environ.get("QVDIT_CUDA_GEMM_PATH", "auto")
+    if name not in GEMM_PATHS:
+        raise ValueError(f"QVDIT_CUDA_GEMM_PATH must be one of {sorted(GEMM_PATHS)}, got {name!r}")
+    return GEMM_PATHS[name]
+
+
+def _check_format(w_bits: int, format) -> None:
+    if format is not None and format != DEFAULT_FORMAT[w_bits]:
+        raise ValueError(f"backend='cuda' reads only the default {w_bits}-bit format "
+                         f"{DEFAULT_FORMAT[w_bits]!r}, got format={format!r}")
+
+
+@register("quantize_activation", "cuda")
+def quantize_activation(x, bits, alpha=None, gate=None, frame_id=None, want_rowsum=False):
+    xq, scale, u, rowsum = torch.ops.qvdit.cuda_act_quant(x, bits, alpha, gate, frame_id, want_rowsum)
+    u = u if alpha is not None else None
+    return (xq, scale, u, rowsum) if want_rowsum else (xq, scale, u)
+
+
+@register("qgemm", "cuda")
+def qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias=None, u=None, beta=None, x_rowsum=None,
+          out_dtype=torch.bfloat16, format=None):
+    _check_format(w_bits, format)
+    return torch.ops.qvdit.cuda_qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum,
+                                      out_dtype, gemm_path())
+
+
+@register("qlinear", "cuda")
+def qlinear(x2, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, gate, frame_id, out_dtype, format):
+    """act-quant (codes, scale, TQE u and the row sums in one pass) then the GEMM; TQE on when alpha/beta given."""
+    _check_format(w_bits, format)
+    xq, sx, u, rowsum = torch.ops.qvdit.cuda_act_quant(x2, a_bits, alpha, gate, frame_id, True)
+    if alpha is None:
+        u = None
+    return torch.ops.qvdit.cuda_qgemm(xq, sx, w_packed, w_bits, w_scale, w_zero, bias, u, beta, rowsum, out_dtype,
+                                      gemm_path())

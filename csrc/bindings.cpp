@@ -1,0 +1,241 @@
+// torch bindings of the CUDA kernels: TORCH_LIBRARY schemas, CUDA implementations and Meta (fake)
+// implementations, so the ops trace under torch.compile. The only file with torch headers; the kernels
+// behind qvdit_kernels.h compile with plain nvcc (csrc/compile_check.sh).
+//
+//   torch.ops.qvdit.cuda_act_quant(x, bits, alpha, gate, frame_id, want_rowsum) -> (xq, scale, u, rowsum)
+//       u is [M] when alpha is given, else [0]; rowsum is [M] when want_rowsum, else [0].
+//   torch.ops.qvdit.cuda_qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum,
+//                              out_dtype, path) -> [M, N]
+//       path 0 = sm90 wgmma where available else mma.sync, 1 = mma.sync, 2 = wgmma (error if absent).
+// Arguments are validated by qvdit_kernels.ops before they get here; the checks below guard direct calls.
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include <optional>
+
+#include "qvdit_kernels.h"
+
+namespace {
+
+using at::Tensor;
+using OptT = std::optional<Tensor>;
+
+constexpr int64_t round_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
+
+void check_cuda(const Tensor& t, const char* name, const Tensor& like) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.device() == like.device(), name, " is on ", t.device(), ", expected ", like.device());
+}
+
+void check_vec(const Tensor& t, const char* name, int64_t len, const Tensor& like) {
+  check_cuda(t, name, like);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == len, name, " must have shape [", len, "], got ", t.sizes());
+}
+
+// A float vector as contiguous float32 (bias, beta, alpha and gate may come in any float dtype).
+Tensor f32(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "qvdit CUDA ", what, " failed: ", cudaGetErrorString(err));
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> act_quant_cuda(const Tensor& x_in, int64_t bits, const OptT& alpha,
+                                                          const OptT& gate, const OptT& frame_id, bool want_rowsum) {
+  TORCH_CHECK(x_in.is_cuda() && x_in.dim() == 2, "x must be a 2-D CUDA tensor, got ", x_in.sizes(), " on ",
+              x_in.device());
+  TORCH_CHECK(bits == 6 || bits == 8, "bits must be 6 or 8, got ", bits);
+  const auto st = x_in.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, "x must be float32, bfloat16 or float16");
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
+  const int64_t m = x.size(0), k = x.size(1);
+  auto opts = x.options();
+  Tensor xq = at::empty({m, k}, opts.dtype(at::kChar));
+  Tensor scale = at::empty({m}, opts.dtype(at::kFloat));
+  Tensor u = at::empty({alpha ? m : 0}, opts.dtype(at::kFloat));
+  Tensor rowsum = at::empty({want_rowsum ? m : 0}, opts.dtype(at::kInt));
+  Tensor alpha32, gate32, fid;
+  qv::ActQuantArgs a{};
+  if (alpha) {
+    check_vec(*alpha, "alpha", k, x);
+    alpha32 = f32(*alpha);
+    a.alpha = alpha32.data_ptr<float>();
+    if (gate) {
+      check_cuda(*gate, "gate", x);
+      TORCH_CHECK(gate->dim() == 1 && gate->numel() > 0, "gate must be a non-empty 1-D tensor");
+      gate32 = f32(*gate);
+      a.gate = gate32.data_ptr<float>();
+      a.num_gates = (int)gate32.numel();
+    }
+    if (frame_id && gate) {
+      check_vec(*frame_id, "frame_id", m, x);
+      TORCH_CHECK(frame_id->scalar_type() == at::kInt || frame_id->scalar_type() == at::kLong,
+                  "frame_id must be int32 or int64");
+      fid = frame_id->contiguous();
+      a.frame_id = fid.data_ptr();
+      a.fid_is_64 = fid.scalar_type() == at::kLong;
+    }
+    a.u = u.data_ptr<float>();
+  }
+  a.x = x.data_ptr();
+  a.x_kind = st == at::kFloat ? 0 : (st == at::kBFloat16 ? 1 : 2);
+  a.ldx = x.stride(0);
+  a.m = (int)m;
+  a.k = (int)k;
+  a.bits = (int)bits;
+  a.xq = xq.data_ptr<int8_t>();
+  a.ldq = k;
+  a.scale = scale.data_ptr<float>();
+  a.rowsum = want_rowsum ? rowsum.data_ptr<int32_t>() : nullptr;
+  check_launch(qv::act_quant(a, c10::cuda::getCurrentCUDAStream()), "act_quant");
+  return {xq, scale, u, rowsum};
+}
+
+// Activation (or W8 weight) codes with a row length that is a multiple of 16 and a 16-byte aligned
+// base, as the cp.async loaders need; a zero-padded copy otherwise (odd K only).
+Tensor padded_rows(const Tensor& t, int64_t cols) {
+  if (t.size(1) == cols && t.is_contiguous() && aligned16(t)) return t;
+  Tensor p = at::zeros({t.size(0), cols}, t.options());
+  p.narrow(1, 0, t.size(1)).copy_(t);
+  return p;
+}
+
+Tensor qgemm_cuda(const Tensor& xq_in, const Tensor& x_scale, const Tensor& w_in, int64_t w_bits,
+                  const Tensor& w_scale, const Tensor& w_zero, const OptT& bias, const OptT& u, const OptT& beta,
+                  const OptT& x_rowsum, at::ScalarType out_dtype, int64_t path) {
+  TORCH_CHECK(xq_in.is_cuda() && xq_in.dim() == 2 && xq_in.scalar_type() == at::kChar,
+              "xq must be a 2-D int8 CUDA tensor");
+  TORCH_CHECK(w_bits == 3 || w_bits == 4 || w_bits == 8, "w_bits must be 3, 4 or 8, got ", w_bits);
+  TORCH_CHECK(path >= 0 && path <= 2, "path must be 0 (auto), 1 (sm80) or 2 (sm90), got ", path);
+  c10::cuda::CUDAGuard guard(xq_in.device());
+  const int64_t m = xq_in.size(0), k = xq_in.size(1), n = w_in.size(0);
+  const int64_t kp = round_up(k, 128);
+  const int64_t row_bytes = w_bits == 8 ? k : kp * w_bits / 8;
+  check_cuda(w_in, "w_packed", xq_in);
+  TORCH_CHECK(w_in.dim() == 2 && w_in.size(1) == row_bytes, "w_packed must have shape [N, ", row_bytes, "] for w_bits=",
+              w_bits, " and K=", k, ", got ", w_in.sizes());
+  TORCH_CHECK(w_in.scalar_type() == (w_bits == 8 ? at::kChar : at::kByte), "w_packed has the wrong dtype for w_bits=",
+              w_bits);
+  check_vec(x_scale, "x_scale", m, xq_in);
+  check_vec(w_scale, "w_scale", n, xq_in);
+  check_vec(w_zero, "w_zero", n, xq_in);
+  TORCH_CHECK(x_scale.scalar_type() == at::kFloat && w_scale.scalar_type() == at::kFloat &&
+                  w_zero.scalar_type() == at::kFloat,
+              "x_scale, w_scale and w_zero must be float32");
+  TORCH_CHECK(u.has_value() == beta.has_value(), "u and beta must be given together");
+  int out_kind = 0;
+  switch (out_dtype) {
+    case at::kBFloat16: out_kind = 0; break;
+    case at::kHalf: out_kind = 1; break;
+    case at::kFloat: out_kind = 2; break;
+    case at::kInt: out_kind = 3; break;
+    default: TORCH_CHECK(false, "out_dtype must be bfloat16, float16, float32 or int32, got ", out_dtype);
+  }
+  Tensor out = at::empty({m, n}, xq_in.options().dtype(out_dtype));
+  if (m == 0 || n == 0) return out;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+
+  qv::GemmArgs g{};
+  int ka = 0;
+  qv::gemm_geometry((int)w_bits, (int)k, g.steps, g.tail, ka);
+  const Tensor a = padded_rows(xq_in, ka);
+  const Tensor w = w_bits == 8 ? padded_rows(w_in, ka) : (w_in.is_contiguous() && aligned16(w_in) ? w_in : w_in.clone());
+  Tensor rowsum;
+  if (x_rowsum) {
+    check_vec(*x_rowsum, "x_rowsum", m, xq_in);
+    TORCH_CHECK(x_rowsum->scalar_type() == at::kInt, "x_rowsum must be int32");
+    rowsum = x_rowsum->contiguous();
+  } else {
+    rowsum = at::empty({m}, xq_in.options().dtype(at::kInt));
+    check_launch(qv::rowsum_s8(a.data_ptr<int8_t>(), ka, (int)m, (int)ka, rowsum.data_ptr<int32_t>(), stream), "rowsum");
+  }
+  const Tensor sx = x_scale.contiguous(), sw = w_scale.contiguous(), zw = w_zero.contiguous();
+  Tensor bias32, u32, beta32;
+  if (bias) {
+    check_vec(*bias, "bias", n, xq_in);
+    bias32 = f32(*bias);
+    g.epi.bias = bias32.data_ptr<float>();
+  }
+  if (u) {
+    check_vec(*u, "u", m, xq_in);
+    check_vec(*beta, "beta", n, xq_in);
+    u32 = f32(*u);
+    beta32 = f32(*beta);
+    g.epi.u = u32.data_ptr<float>();
+    g.epi.beta = beta32.data_ptr<float>();
+  }
+  g.a = a.data_ptr<int8_t>();
+  g.lda = ka;
+  g.ka = ka;
+  g.w = static_cast<const uint8_t*>(w.data_ptr());
+  g.ldw = w.size(1);
+  g.kw = w_bits == 8 ? ka : 0;
+  g.tiles_m = (int)((m + qv::kBM - 1) / qv::kBM);
+  g.tiles_n = (int)((n + qv::kBN - 1) / qv::kBN);
+  g.epi.sx = sx.data_ptr<float>();
+  g.epi.sw = sw.data_ptr<float>();
+  g.epi.zw = zw.data_ptr<float>();
+  g.epi.rowsum = rowsum.data_ptr<int32_t>();
+  g.epi.out = out.data_ptr();
+  g.epi.out_kind = out_kind;
+  g.epi.m = (int)m;
+  g.epi.n = (int)n;
+
+  const bool sm90 = qv::qgemm_sm90_available();
+  TORCH_CHECK(path != 2 || sm90, "qgemm path 2 (sm90 wgmma) needs an sm_90 GPU and an extension built for sm_90a");
+  if (path == 2 || (path == 0 && sm90)) {
+    check_launch(qv::qgemm_sm90(g, (int)w_bits, stream), "qgemm (sm90)");
+  } else {
+    int dev = xq_in.get_device(), major = 0, smem = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    TORCH_CHECK(major >= 8, "backend='cuda' needs compute capability >= 8.0 (int8 mma.sync), got ", major);
+    TORCH_CHECK(smem >= qv::qgemm_sm80_smem_bytes((int)w_bits), "qgemm W", w_bits, " (mma.sync path) needs ",
+                qv::qgemm_sm80_smem_bytes((int)w_bits), " bytes of shared memory per block; this GPU has ", smem);
+    check_launch(qv::qgemm_sm80(g, (int)w_bits, stream), "qgemm (sm80)");
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------- Meta (fake) implementations: shapes only
+std::tuple<Tensor, Tensor, Tensor, Tensor> act_quant_meta(const Tensor& x, int64_t, const OptT& alpha, const OptT&,
+                                                          const OptT&, bool want_rowsum) {
+  const auto m = x.sym_size(0), k = x.sym_size(1);
+  auto opts = x.options();
+  return {at::empty_symint({m, k}, opts.dtype(at::kChar)), at::empty_symint({m}, opts.dtype(at::kFloat)),
+          at::empty_symint({alpha ? m : c10::SymInt(0)}, opts.dtype(at::kFloat)),
+          at::empty_symint({want_rowsum ? m : c10::SymInt(0)}, opts.dtype(at::kInt))};
+}
+
+Tensor qgemm_meta(const Tensor& xq, const Tensor&, const Tensor& w, int64_t, const Tensor&, const Tensor&, const OptT&,
+                  const OptT&, const OptT&, const OptT&, at::ScalarType out_dtype, int64_t) {
+  return at::empty_symint({xq.sym_size(0), w.sym_size(0)}, xq.options().dtype(out_dtype));
+}
+
+}  // namespace
+
+TORCH_LIBRARY(qvdit, m) {
+  m.def("cuda_act_quant(Tensor x, int bits, Tensor? alpha, Tensor? gate, Tensor? frame_id, bool want_rowsum)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("cuda_qgemm(Tensor xq, Tensor x_scale, Tensor w_packed, int w_bits, Tensor w_scale, Tensor w_zero,"
+        " Tensor? bias, Tensor? u, Tensor? beta, Tensor? x_rowsum, ScalarType out_dtype, int path) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(qvdit, CUDA, m) {
+  m.impl("cuda_act_quant", &act_quant_cuda);
+  m.impl("cuda_qgemm", &qgemm_cuda);
+}
+
+TORCH_LIBRARY_IMPL(qvdit, Meta, m) {
+  m.impl("cuda_act_quant", &act_quant_meta);
+  m.impl("cuda_qgemm", &qgemm_meta);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "qvdit CUDA kernels; the ops are torch.ops.qvdit.cuda_act_quant and torch.ops.qvdit.cuda_qgemm";
+  m.def("sm90_available", &qv::qgemm_sm90_available,
+        "True when the current GPU is sm_90 and the extension holds the sm_90a wgmma kernels");
+}

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Compile every csrc/*.cu with plain nvcc (no torch headers) for sm_90a and sm_80, as CI does.
+# Fails loudly on a compile error or a missing nvcc. A run whose exact inputs (sources, this script,
+# nvcc version) already compiled cleanly on this machine is remembered in a stamp file and skipped,
+# so the CI step and tests/test_cuda_build.py pay for one compile.
+#   QVDIT_NVCC        nvcc to use (default: nvcc on PATH)
+#   QVDIT_CHECK_CACHE stamp directory (default: ${TMPDIR:-/tmp}/qvdit_compile_check); "off" disables it
+set -euo pipefail
+script="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
+cd "$(dirname "$script")"
+NVCC="${QVDIT_NVCC:-nvcc}"
+if ! command -v "$NVCC" >/dev/null 2>&1; then
+  echo "compile_check: nvcc not found (set QVDIT_NVCC or put nvcc on PATH)" >&2
+  exit 2
+fi
+sources=(*.cu)
+ARCH=(-gencode=arch=compute_90a,code=sm_90a -gencode=arch=compute_80,code=sm_80)
+# The half/bfloat16 macros are the ones torch's CUDAExtension adds: the extension build sees the same code.
+FLAGS=(-std=c++17 -O3 -Xptxas=-warn-spills,-warn-lmem-usage --Werror=all-warnings -I.
+       -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__
+       -D__CUDA_NO_HALF2_OPERATORS__)
+
+cache="${QVDIT_CHECK_CACHE:-${TMPDIR:-/tmp}/qvdit_compile_check}"
+key=$( { cat "$script" ./*.cu ./*.cuh ./*.h; "$NVCC" --version; } | sha256sum | cut -c1-32)
+if [[ "$cache" != off && -f "$cache/$key.ok" ]]; then
+  echo "compile_check: these exact sources already compiled cleanly ($cache/$key.ok)"
+  exit 0
+fi
+
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+pids=()
+for src in "${sources[@]}"; do
+  ( "$NVCC" "${FLAGS[@]}" "${ARCH[@]}" -c "$src" -o "$out/${src%.cu}.o" >"$out/${src%.cu}.log" 2>&1 \
+      || { echo "FAILED" >>"$out/${src%.cu}.log"; exit 1; } ) &
+  pids+=($!)
+done
+status=0
+for i in "${!pids[@]}"; do
+  if ! wait "${pids[$i]}"; then status=1; fi
+  src=${sources[$i]}
+  if grep -q FAILED "$out/${src%.cu}.log"; then
+    echo "compile_check: $src FAILED:" >&2
+    cat "$out/${src%.cu}.log" >&2
+  else
+    echo "compile_check: $src ok (sm_90a, sm_80)"
+  fi
+done
+if [[ $status -ne 0 ]]; then
+  echo "compile_check: nvcc failed (see above)" >&2
+  exit 1
+fi
+if [[ "$cache" != off ]]; then mkdir -p "$cache" && touch "$cache/$key.ok"; fi
+echo "compile_check: all ${#sources[@]} sources compiled"

@@ -1,0 +1,143 @@
+// Device helpers shared by the GEMM kernels: PTX wrappers (cp.async, ldmatrix, mma.sync, shared
+// loads/stores), the global->shared step loader, the unpack pass and the epilogue store. The index
+// and unpack math itself is in qvdit_layout.h (host-testable). No torch headers here.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "qvdit_layout.h"
+
+namespace qv {
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+// 16-byte global->shared copy; src_size 0 zero-fills the destination (rows/columns past the edge).
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ Vec16 lds128(uint32_t addr) {
+  Vec16 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.w[0]), "=r"(v.w[1]), "=r"(v.w[2]), "=r"(v.w[3])
+               : "r"(addr)
+               : "memory");
+  return v;
+}
+__device__ __forceinline__ void sts128(uint32_t addr, const Vec16& v) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.w[0]), "r"(v.w[1]), "r"(v.w[2]),
+               "r"(v.w[3])
+               : "memory");
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+
+// d += a (16x32 s8, row) * b (32x8 s8, col), int32 accumulate.
+__device__ __forceinline__ void mma_s8_16832(int32_t (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Dynamic shared memory base rounded up to 1024 bytes (the SW128 swizzle is on absolute address bits).
+__device__ __forceinline__ uint32_t aligned_smem_base(const void* raw) { return (smem_u32(raw) + 1023u) & ~1023u; }
+
+// Issue the cp.async copies of step t into ring slot `slot` (A at a_off, packed W at p_off).
+template <int BITS>
+__device__ __forceinline__ void load_step(const GemmArgs& g, uint32_t a_dst, uint32_t p_dst, int t, bool tail,
+                                          int m0, int n0) {
+  QV_UNROLL
+  for (int i = 0; i < a_chunks<BITS>() / kThreads; ++i) {
+    const Chunk c = a_chunk<BITS>(threadIdx.x + i * kThreads, t, m0, g.epi.m, g.ka, g.lda);
+    cp_async16(a_dst + c.dst, c.valid ? g.a + c.src : g.a, c.valid);
+  }
+  const int nw = w_chunks<BITS>(tail);
+  for (int ci = threadIdx.x; ci < nw; ci += kThreads) {
+    const Chunk c = w_chunk<BITS>(ci, t, tail, n0, g.epi.n, g.kw, g.ldw);
+    cp_async16(p_dst + c.dst, c.valid ? g.w + c.src : g.w, c.valid);
+  }
+}
+
+// Unpack the packed weights of one step (P at p_src) into whole int8 code chunks (U at u_dst).
+template <int BITS, bool TAIL>
+__device__ __forceinline__ void unpack_step_t(uint32_t p_src, uint32_t u_dst) {
+  auto ld = [p_src](uint32_t off) { return lds128(p_src + off); };
+  auto st = [u_dst](uint32_t off, const Vec16& v) { sts128(u_dst + off, v); };
+  constexpr int units = unpack_units<BITS, TAIL>();
+  QV_UNROLL
+  for (int i = 0; i < (units + kThreads - 1) / kThreads; ++i) {
+    const int unit = threadIdx.x + i * kThreads;
+    if (units % kThreads == 0 || unit < units) unpack_unit<BITS, TAIL>(unit, ld, st);
+  }
+}
+template <int BITS>
+__device__ __forceinline__ void unpack_step(uint32_t p_src, uint32_t u_dst, bool tail) {
+  if (BITS == 3 && tail)
+    unpack_step_t<BITS, true>(p_src, u_dst);
+  else
+    unpack_step_t<BITS, false>(p_src, u_dst);
+}
+
+// Store outputs (row, col) and (row, col + 1) from two raw accumulators (col is even).
+__device__ __forceinline__ void store_pair(const Epi& e, int row, int col, int32_t r0, int32_t r1) {
+  if (row >= e.m || col >= e.n) return;
+  const bool two = col + 1 < e.n;
+  const int32_t rs = e.rowsum[row];
+  const int32_t c0 = zero_corrected(r0, e.zw[col], rs);
+  const int32_t c1 = two ? zero_corrected(r1, e.zw[col + 1], rs) : 0;
+  const size_t idx = (size_t)row * e.n + col;
+  const bool vec = two && (idx % 2 == 0);  // 2-element aligned store
+  if (e.out_kind == 3) {
+    int32_t* o = static_cast<int32_t*>(e.out) + idx;
+    if (vec) {
+      *reinterpret_cast<int2*>(o) = make_int2(c0, c1);
+    } else {
+      o[0] = c0;
+      if (two) o[1] = c1;
+    }
+    return;
+  }
+  const float y0 = epilogue_value(c0, row, col, e);
+  const float y1 = two ? epilogue_value(c1, row, col + 1, e) : 0.f;
+  if (e.out_kind == 2) {
+    float* o = static_cast<float*>(e.out) + idx;
+    if (vec) {
+      *reinterpret_cast<float2*>(o) = make_float2(y0, y1);
+    } else {
+      o[0] = y0;
+      if (two) o[1] = y1;
+    }
+  } else if (e.out_kind == 0) {
+    __nv_bfloat16* o = static_cast<__nv_bfloat16*>(e.out) + idx;
+    if (vec) {
+      *reinterpret_cast<__nv_bfloat162*>(o) = __floats2bfloat162_rn(y0, y1);
+    } else {
+      o[0] = __float2bfloat16_rn(y0);
+      if (two) o[1] = __float2bfloat16_rn(y1);
+    }
+  } else {
+    __half* o = static_cast<__half*>(e.out) + idx;
+    if (vec) {
+      *reinterpret_cast<__half2*>(o) = __floats2half2_rn(y0, y1);
+    } else {
+      o[0] = __float2half_rn(y0);
+      if (two) o[1] = __float2half_rn(y1);
+    }
+  }
+}
+
+}  // namespace qv

@@ -1,0 +1,44 @@
+// Host API of the CUDA kernels (launchers in act_quant.cu, gemm_sm80.cu, gemm_sm90.cu). Raw device
+// pointers and a stream only: bindings.cpp (the one file with torch headers) validates and allocates.
+#pragma once
+#include <cuda_runtime_api.h>
+#include <stdint.h>
+
+#include "qvdit_layout.h"
+
+namespace qv {
+
+// Per-token activation quantization of x [m, k] (row stride ldx elements; x_kind 0 fp32, 1 bf16, 2 fp16)
+// into codes xq [m, k] (row stride ldq), scale [m], and optionally u [m] (alpha/gate/frame_id given;
+// gate or frame_id may be null) and rowsum [m]. alpha and gate are fp32; frame_id int32 or int64
+// (fid_is_64). Rows with a non-finite value get scale NaN and zero codes, as in reference.py.
+struct ActQuantArgs {
+  const void* x;
+  int x_kind;
+  int64_t ldx;
+  int m, k, bits;
+  const float* alpha;  // [k] or null (then no u)
+  const float* gate;   // [g] or null (ones)
+  int num_gates;
+  const void* frame_id;  // [m] or null (gate[0] everywhere)
+  bool fid_is_64;
+  int8_t* xq;
+  int64_t ldq;
+  float* scale;
+  float* u;         // null when alpha is null
+  int32_t* rowsum;  // may be null
+};
+cudaError_t act_quant(const ActQuantArgs& a, cudaStream_t stream);
+
+// rowsum[m] = sum_k xq[m, k] (int32), for a qgemm called without x_rowsum.
+cudaError_t rowsum_s8(const int8_t* xq, int64_t ldq, int m, int k, int32_t* rowsum, cudaStream_t stream);
+
+// GEMM paths (GemmArgs in qvdit_layout.h). bits in {3, 4, 8}.
+cudaError_t qgemm_sm80(const GemmArgs& g, int bits, cudaStream_t stream);
+cudaError_t qgemm_sm90(const GemmArgs& g, int bits, cudaStream_t stream);
+int qgemm_sm80_smem_bytes(int bits);
+int qgemm_sm90_smem_bytes(int bits);
+// True when the current device is sm_90 and the binary holds the sm_90a (wgmma) code of gemm_sm90.cu.
+bool qgemm_sm90_available();
+
+}  // namespace qv

@@ -1,0 +1,124 @@
+"""The CUDA backend's sources without a GPU: the nvcc compile check of csrc/ (sm_90a and sm_80), and the
+host emulator (csrc/host/emulate.cpp) that runs the kernels' index, copy, unpack, fragment and epilogue
+math (csrc/qvdit_layout.h) against the Python packer and the reference, bit for bit.
+
+On a GPU with the extension built, tests/test_gemm.py and tests/test_act_quant.py run backend "cuda".
+"""
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import qvdit_kernels as qk
+from qvdit_kernels import reference
+
+from conftest import gen, random_act_codes, random_codes, random_weight_qparams
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+NVCC = os.environ.get("QVDIT_NVCC") or shutil.which("nvcc")
+CXX = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
+def test_compile_check_sm90a_and_sm80():
+    """Every csrc/*.cu compiles with plain nvcc (no torch headers) for sm_90a and sm_80, warnings as errors."""
+    env = dict(os.environ, QVDIT_NVCC=NVCC)
+    res = subprocess.run(["bash", str(CSRC / "compile_check.sh")], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_kernel_sources_have_no_torch_headers():
+    for src in [*CSRC.glob("*.cu"), *CSRC.glob("*.cuh"), *CSRC.glob("*.h")]:
+        text = src.read_text()
+        assert "#include <torch" not in text and "#include <ATen" not in text and "#include <c10" not in text, src
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    if CXX is None:
+        pytest.skip("no host C++ compiler")
+    exe = tmp_path_factory.mktemp("emu") / "emulate"
+    res = subprocess.run([CXX, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(exe),
+                          str(CSRC / "host" / "emulate.cpp")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return exe
+
+
+def _write(d: Path, **arrays):
+    for name, t in arrays.items():
+        t.contiguous().numpy().tofile(d / f"{name}.bin")
+
+
+def _read(d: Path, name: str, dtype, shape):
+    return torch.from_numpy(np.fromfile(d / f"{name}.bin", dtype=dtype).reshape(shape))
+
+
+# M, K, N: one tile, edge tiles in both M and N, K tails of every kind (W3 128-code tail tile when
+# roundup(K, 128) is an odd multiple of 128; W8 K not a multiple of 16), tiny shapes.
+GEMM_SHAPES = [(1, 1, 1), (37, 200, 75), (130, 384, 129), (16, 1152, 40), (8, 256, 136), (5, 33, 9)]
+
+
+@pytest.mark.parametrize("w_bits", [3, 4, 8])
+@pytest.mark.parametrize("m,k,n", GEMM_SHAPES)
+def test_emulated_gemm_paths_bit_exact(emulator, tmp_path, w_bits, m, k, n):
+    """Both GEMM data paths (mma.sync and wgmma) give the exact int32 accumulator, and the epilogue
+    function gives the reference float32 epilogue bit for bit (same operations in the same order)."""
+    g = gen(m * 7 + k * 3 + n + w_bits)
+    qw = random_codes(n, k, w_bits, g)
+    sw, zw = random_weight_qparams(n, w_bits, g)
+    xq = random_act_codes(m, k, 8 if w_bits == 8 else 6, g)
+    sx = torch.exp(torch.empty(m).uniform_(-7, 2.3, generator=g))
+    bias, u, beta = torch.randn(n, generator=g), torch.randn(m, generator=g), torch.randn(n, generator=g)
+    packed = qk.pack_weight(qw, w_bits)
+    _write(tmp_path, xq=xq, w=packed, sx=sx, sw=sw, zw=zw, bias=bias, u=u, beta=beta)
+    res = subprocess.run([str(emulator), "gemm", str(w_bits), str(m), str(k), str(n), str(tmp_path)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    want = xq.long() @ (qw.long() - zw.long()[:, None]).T
+    for path in ("acc80", "acc90"):
+        got = _read(tmp_path, path, np.int32, (m, n))
+        assert torch.equal(got.long(), want), f"{path}: {(got.long() != want).sum().item()} of {m * n} wrong"
+    y = _read(tmp_path, "y90", np.float32, (m, n))
+    ref = reference.epilogue(want.int(), sx, sw, bias, u, beta, torch.float32)
+    assert torch.equal(y, ref)
+
+
+def _act_input(m, k, seed):
+    g = gen(seed)
+    x = torch.randn(m, k, generator=g) * torch.exp(torch.randn(m, 1, generator=g))
+    x[1, k // 2] = 1e4  # outlier
+    x[2] = 0.0  # all-zero row
+    x[3, 5] = float("inf")  # non-finite row
+    x[4, :8] = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, 3.5, 4.5, -2.5]) * 0.25  # ties
+    x[4, 8] = 127 * 0.25
+    return x
+
+
+@pytest.mark.parametrize("bits", [6, 8])
+def test_emulated_act_quant_math(emulator, tmp_path, bits):
+    """The kernel's per-row math (row_qparams, act_code; float32 IEEE, round half to even) gives the
+    reference codes, scales and row sums exactly, NaN scale and zero codes on a non-finite row."""
+    m, k = 9, 77
+    x = _act_input(m, k, bits)
+    alpha = torch.randn(k, generator=gen(1))
+    gate = torch.tensor([0.5, 1.5, 1.0])
+    fid = (torch.arange(m) % 3).int()
+    _write(tmp_path, x=x, alpha=alpha, gate=gate, fid=fid)
+    res = subprocess.run([str(emulator), "actq", str(bits), str(m), str(k), "3", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    xq, scale, u, rowsum = reference.quantize_activation(x, bits, alpha, gate, fid, want_rowsum=True)
+    assert torch.equal(_read(tmp_path, "xq", np.int8, (m, k)), xq)
+    got_scale = _read(tmp_path, "scale", np.float32, (m,))
+    assert torch.equal(torch.isnan(got_scale), torch.isnan(scale))
+    assert torch.equal(got_scale[~torch.isnan(scale)], scale[~torch.isnan(scale)])
+    assert torch.equal(_read(tmp_path, "rowsum", np.int32, (m,)), rowsum)
+    got_u = _read(tmp_path, "u", np.float32, (m,))
+    ok = ~torch.isnan(u)
+    assert torch.equal(torch.isnan(got_u), ~ok)
+    assert torch.allclose(got_u[ok].double(), u[ok].double(), rtol=2**-22, atol=0)
