@@ -11,6 +11,8 @@ import sys
 
 SUBCOMMANDS = [
     "qvdit.demo",
+    "qvdit.cli_quantize",
+    "qvdit.cli_bench",
 ]
 
 

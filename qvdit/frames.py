@@ -121,19 +121,22 @@ class FrameState:
     def layout(self, kind: str) -> FrameLayout | None:
         return self._layouts.get(kind)
 
-    def lookup(self, kind: str, rows: int, device, module_name: str = "?"):
+    def lookup(self, kind: str, rows: int, device, module_name="?"):
         """(frame_id int32 [rows], num_frames) for a linear of row kind `kind`, or (None, None) when
-        nothing is published (generic models: every row uses gate[0])."""
+        nothing is published (generic models: every row uses gate[0]).
+
+        `module_name`: a str, or the calling module (its `.name` is read only to raise: a compiled block then
+        does not specialize, i.e. recompile, on each layer's name)."""
         if not self._layouts:
             return None, None
         layout = self._layouts.get(kind)
         if layout is None:
             raise ValueError(
-                f"{module_name}: row kind {kind!r} has no published frame layout (published: {sorted(self._layouts)})"
+                f"{getattr(module_name, 'name', module_name) or '?'}: row kind {kind!r} has no published frame layout (published: {sorted(self._layouts)})"
             )
         if rows != layout.rows:
             raise ValueError(
-                f"{module_name}: input has {rows} rows but the published {kind!r} layout has {layout.rows} "
+                f"{getattr(module_name, 'name', module_name) or '?'}: input has {rows} rows but the published {kind!r} layout has {layout.rows} "
                 f"(batch {layout.batch} x ({layout.num_frames} frames x {layout.tokens_per_frame} tokens + "
                 f"{layout.text_len} text))"
             )

@@ -117,7 +117,7 @@ class QLinear(nn.Module):
             return self.alpha, self.beta, None, None
         gate, frame_id = self.gate, None
         if self._frames is not None:
-            frame_id, num_frames = self._frames.lookup(self.row_kind, rows, device, self.name or "QLinear")
+            frame_id, num_frames = self._frames.lookup(self.row_kind, rows, device, self)  # self, not self.name: see lookup
             if frame_id is not None:
                 gate = resample_gate(self.gate, num_frames)
         return self.alpha, self.beta, gate, frame_id

@@ -17,13 +17,13 @@ from qvdit.models import find_adapter
 FRAME, SAMPLE = 1, 1  # the latent frame and the batch sample that get the planted signal
 
 
-def tiny_wan(**kw):
+def tiny_wan(num_layers=1):
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(0)
     return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
-                                 out_channels=4, text_dim=16, freq_dim=32, ffn_dim=64, num_layers=1,
-                                 rope_max_seq_len=32, **kw).eval()
+                                 out_channels=4, text_dim=16, freq_dim=32, ffn_dim=64, num_layers=num_layers,
+                                 rope_max_seq_len=32).eval()
 
 
 def tiny_cogvideox(patch_size_t=None):

@@ -1,0 +1,356 @@
+"""End to end: one transformer forward of video-DiT configs with random weights, bf16 vs W4A8 vs W3A6 (TQE on),
+eager and compiled, side by side in one process (issue 6, SPEC 4).
+
+    python benchmarks/bench_e2e.py                                   # Wan2.1-1.3B and 14B, 480x832x81, batch 1
+    python benchmarks/bench_e2e.py --models wan1.3b --modes eager --deadline 120
+    python benchmarks/bench_e2e.py --tiny                            # CPU smoke run of the same code path
+
+Per (model, setting, mode): latency of one forward (median of --reps timed calls after a warm-up, CUDA events),
+peak GPU memory of that forward (weights included) and the weights alone, and, eager only, a profile of one
+forward: device time in attention (the SDPA op), in the transformer-block linears (bf16 GEMMs or our act-quant +
+packed GEMM, each wrapped in a record_function range) and in the rest. Each setting is built fresh from the same
+seed (the previous model freed first), so the memory figures are the quantized model's alone. The quantized
+output is compared with the bf16 output on the same input (relative L2 error: random weights, a sanity check).
+"Compiled" is diffusers' regional compile (`compile_repeated_blocks(fullgraph=True)`: one graph per block
+class, reused by every block); its warm-up time (compilation) is recorded.
+
+Writes benchmarks/results/e2e_<tag>.json (device, versions, date, command), e2e_<tag>.png and e2e_<tag>.md.
+Models are built in bf16 throughout (the pipelines keep norms and time embeddings in fp32; negligible here).
+CogVideoX-5B runs without image_rotary_emb (the pipeline computes RoPE outside the model; same FLOPs).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import REPO, environment  # noqa: E402
+
+import qvdit  # noqa: E402
+from qvdit_kernels import backends  # noqa: E402
+
+WAN = dict(patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
+           freq_dim=256, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+MODELS = {  # published configs (diffusers conversion scripts); inputs at the pipelines' default resolution
+    "wan1.3b": dict(cls="WanTransformer3DModel", config=dict(WAN, num_attention_heads=12, ffn_dim=8960, num_layers=30),
+                    frames=81, height=480, width=832, text=512),
+    "wan14b": dict(cls="WanTransformer3DModel", config=dict(WAN, num_attention_heads=40, ffn_dim=13824, num_layers=40),
+                   frames=81, height=480, width=832, text=512),
+    "cogvideox5b": dict(cls="CogVideoXTransformer3DModel",
+                        config=dict(num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16,
+                                    time_embed_dim=512, text_embed_dim=4096, num_layers=42, sample_width=90,
+                                    sample_height=60, sample_frames=49, patch_size=2, max_text_seq_length=226,
+                                    use_rotary_positional_embeddings=True),
+                        frames=49, height=480, width=720, text=226),
+    "tiny": dict(cls="WanTransformer3DModel", config=None, frames=5, height=32, width=32, text=8),  # qvdit.demo's
+}
+SETTINGS = {"bf16": None, "w4a8": (4, 8), "w3a6": (3, 6)}
+VAE = (4, 8)  # temporal, spatial compression of the Wan/CogVideoX VAEs
+TARGETS = {"wan14b": 1.15, "wan1.3b": 1.08}  # SPEC 4: whole forward vs bf16
+
+
+def model_config(name: str) -> dict:
+    spec = MODELS[name]
+    if spec["config"] is None:
+        from qvdit.demo import TINY_WAN
+
+        return dict(TINY_WAN, text_dim=32)
+    return spec["config"]
+
+
+def build(name: str, device, dtype, seed: int = 0):
+    import diffusers
+
+    torch.manual_seed(seed)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters born in bf16: a 14B model never exists in fp32
+    try:
+        with torch.device(device):
+            model = getattr(diffusers, MODELS[name]["cls"])(**model_config(name))
+    finally:
+        torch.set_default_dtype(prev)
+    return model.eval().requires_grad_(False)
+
+
+def make_inputs(name: str, model, device, dtype, args) -> dict:
+    spec, cfg = MODELS[name], model.config
+    frames, height, width = (args.frames or spec["frames"], args.height or spec["height"], args.width or spec["width"])
+    f, h, w = (frames - 1) // VAE[0] + 1, height // VAE[1], width // VAE[1]
+    g = torch.Generator(device="cpu").manual_seed(1)
+    text_dim = cfg.text_dim if hasattr(cfg, "text_dim") else cfg.text_embed_dim
+    text = torch.randn(1, spec["text"], text_dim, generator=g).to(device, dtype)
+    if spec["cls"].startswith("CogVideoX"):
+        x = torch.randn(1, f, cfg.in_channels, h, w, generator=g)
+        kw = dict(hidden_states=x.to(device, dtype), encoder_hidden_states=text, timestep=torch.tensor([500], device=device))
+    else:
+        x = torch.randn(1, cfg.in_channels, f, h, w, generator=g)
+        kw = dict(hidden_states=x.to(device, dtype), encoder_hidden_states=text, timestep=torch.tensor([500], device=device))
+    return kw, dict(frames=frames, height=height, width=width, latent=[f, h, w])
+
+
+def block_linears(model) -> dict:
+    adapter = qvdit.models.find_adapter(model)
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, qvdit.QLinear) or (adapter is not None and adapter.default_filter(n, m))}
+
+
+def weights_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_forward(fn, reps: int, device) -> list[float]:
+    """Wall times (ms) of `reps` calls: CUDA events on a GPU, the host clock on CPU."""
+    out = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            out.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def profile_shares(model, call, device) -> dict:
+    """Device time (CPU time on CPU) of one forward split into attention, block linears and the rest."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    wrapped = []
+    for m in block_linears(model).values():
+        def fwd(x, _orig=m.forward):
+            with record_function("e2e::block_linear"):
+                return _orig(x)
+        m.forward = fwd  # instance attribute: removed below
+        wrapped.append(m)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    try:
+        with profile(activities=acts) as prof:
+            call()
+            sync(device)
+    finally:
+        for m in wrapped:
+            del m.forward
+    cuda = device.type == "cuda"
+    events = prof.key_averages()
+    total_of = (lambda e: e.device_time_total) if cuda else (lambda e: e.cpu_time_total)
+    self_of = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    total = sum(self_of(e) for e in events)
+    if not cuda:  # CPU: the forward's own range is the total
+        total = max((e.cpu_time_total for e in events if e.key.startswith("nn.Module") or e.key == "e2e::forward"),
+                    default=total)
+    attn = sum(total_of(e) for e in events if e.key in ("aten::scaled_dot_product_attention",))
+    lin = sum(total_of(e) for e in events if e.key == "e2e::block_linear")
+    kernels = {}
+    if cuda:
+        for e in events:
+            if e.self_device_time_total and e.device_type == torch.autograd.DeviceType.CUDA:
+                kernels[e.key[:90]] = round(e.self_device_time_total / 1e3, 3)
+    top = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:12])
+    return {"total_ms": total / 1e3, "attention_ms": attn / 1e3, "block_linears_ms": lin / 1e3,
+            "other_ms": (total - attn - lin) / 1e3, "attention_share": attn / total if total else None,
+            "block_linears_share": lin / total if total else None, "top_kernels_ms": top}
+
+
+def run_one(name, setting, mode, args, device, ref_out, log) -> tuple[dict, torch.Tensor | None]:
+    dtype = torch.bfloat16
+    row = {"model": name, "setting": setting, "mode": mode}
+    model = build(name, device, dtype)
+    kw, shape = make_inputs(name, model, device, dtype, args)
+    row.update(shape)
+    bits = SETTINGS[setting]
+    if bits is not None:
+        t0 = time.perf_counter()
+        qvdit.quantize_(model, qvdit.QuantConfig(w_bits=bits[0], a_bits=bits[1], tqe=True, backend=args.backend),
+                        show_progress=False)
+        row["quantize_s"] = round(time.perf_counter() - t0, 2)
+        row["linear_bytes"], row["linear_bytes_bf16"] = qvdit.weight_bytes(model)
+        row["linear_ratio_vs_bf16"] = row["linear_bytes"] / row["linear_bytes_bf16"]
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    row["weights_bytes"] = weights_bytes(model)
+    if mode == "compiled":
+        model.compile_repeated_blocks(fullgraph=True, backend=args.compile_backend)
+
+    def call():
+        with torch.no_grad():
+            return model(**kw, return_dict=False)[0]
+
+    t0 = time.perf_counter()
+    out = call()  # warm-up: kernel launch configs, and compilation for mode "compiled"
+    sync(device)
+    row["warmup_s"] = round(time.perf_counter() - t0, 2)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        out = call()
+        torch.cuda.synchronize()
+        row["peak_bytes"] = torch.cuda.max_memory_allocated()
+    times = time_forward(call, args.reps, device)
+    row["times_ms"] = [round(t, 3) for t in times]
+    row["latency_ms"] = statistics.median(times)
+    out = out.float().cpu()
+    if ref_out is not None:
+        row["rel_err_vs_bf16"] = float((out - ref_out).norm() / ref_out.norm())
+    if mode == "eager" and not args.no_profile:
+        row["profile"] = profile_shares(model, call, device)
+    log(f"{name:<12}{setting:<6}{mode:<9}{row['latency_ms']:>10.1f} ms  warm-up {row['warmup_s']:.1f} s")
+    del model, kw
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row, out
+
+
+def add_ratios(rows: list[dict]) -> None:
+    base = {(r["model"], r["mode"]): r for r in rows if r["setting"] == "bf16" and "latency_ms" in r}
+    for r in rows:
+        b = base.get((r["model"], r["mode"]))
+        if b is None or "latency_ms" not in r:
+            continue
+        r["speedup_vs_bf16"] = b["latency_ms"] / r["latency_ms"]
+        if "peak_bytes" in r and "peak_bytes" in b:
+            r["peak_saving_bytes"] = b["peak_bytes"] - r["peak_bytes"]
+            r["weight_saving_bytes"] = b["weights_bytes"] - r["weights_bytes"]
+        if "profile" in r and "profile" in b and r["profile"]["block_linears_ms"]:
+            r["block_linears_speedup_vs_bf16"] = b["profile"]["block_linears_ms"] / r["profile"]["block_linears_ms"]
+
+
+def markdown(rows: list[dict], env: dict) -> str:
+    lines = [f"Device: {env.get('device', 'cpu')}, torch {env['torch']}, triton {env['triton']}, {env['date']}, "
+             f"`{env['command']}`", "",
+             "| model | setting | mode | latency ms | vs bf16 | peak GiB | weights GiB | linears vs bf16 | "
+             "attention share | block linears share | block linears vs bf16 | rel. err vs bf16 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    gib = lambda b: f"{b / 2**30:.2f}" if b is not None else "-"  # noqa: E731
+    fmt = lambda v, f: f.format(v) if v is not None else "-"  # noqa: E731
+    for r in rows:
+        if "latency_ms" not in r:
+            lines.append(f"| {r['model']} | {r['setting']} | {r['mode']} | not run: {r.get('skipped')} |" + " |" * 8)
+            continue
+        p = r.get("profile", {})
+        lines.append(
+            f"| {r['model']} | {r['setting']} | {r['mode']} | {r['latency_ms']:.1f} | "
+            f"{fmt(r.get('speedup_vs_bf16'), '{:.3f}x')} | {gib(r.get('peak_bytes'))} | {gib(r['weights_bytes'])} | "
+            f"{fmt(r.get('linear_ratio_vs_bf16'), '{:.3f}x')} | {fmt(p.get('attention_share'), '{:.1%}')} | "
+            f"{fmt(p.get('block_linears_share'), '{:.1%}')} | {fmt(r.get('block_linears_speedup_vs_bf16'), '{:.3f}x')} | "
+            f"{fmt(r.get('rel_err_vs_bf16'), '{:.4f}')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if "latency_ms" in r]
+    groups = sorted({(r["model"], r["mode"]) for r in done})
+    fig, ax = plt.subplots(figsize=(max(4, 2.2 * len(groups)), 3.6))
+    width = 0.8 / len(SETTINGS)
+    for i, s in enumerate(SETTINGS):
+        vals = [next((r["latency_ms"] for r in done if (r["model"], r["mode"], r["setting"]) == (*g, s)), 0)
+                for g in groups]
+        ax.bar([j + i * width for j in range(len(groups))], vals, width, label=s)
+    ax.set_xticks([j + width for j in range(len(groups))], [f"{m}\n{mode}" for m, mode in groups])
+    ax.set_ylabel("ms per transformer forward")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="wan1.3b,wan14b", help=f"comma list of {list(MODELS)}")
+    p.add_argument("--settings", default="bf16,w4a8,w3a6", help=f"comma list of {list(SETTINGS)}")
+    p.add_argument("--modes", default="eager,compiled", help="comma list of eager, compiled")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke run: the tiny Wan config, small latent")
+    p.add_argument("--frames", type=int, default=None, help="video frames (default: the model's pipeline default)")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--reps", type=int, default=5, help="timed forwards after the warm-up (median reported)")
+    p.add_argument("--deadline", type=float, default=None, help="seconds; later items are skipped and recorded")
+    p.add_argument("--backend", default="auto", help="qvdit kernel backend for the quantized linears")
+    p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; aot_eager on CPU)")
+    p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/e2e_<tag>.json)")
+    args = p.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    models = ["tiny"] if args.tiny else [m.strip() for m in args.models.split(",") if m.strip()]
+    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for label, vals, allowed in (("--models", models, MODELS), ("--settings", settings, SETTINGS),
+                                 ("--modes", modes, ("eager", "compiled"))):
+        bad = [v for v in vals if v not in allowed]
+        if bad:
+            p.error(f"{label}: unknown {bad} (choose from {list(allowed)})")
+    if device.type == "cpu":
+        args.compile_backend = args.compile_backend or "aot_eager"
+        if not args.tiny:
+            p.error("no GPU: full-size configs need one (use --tiny for the CPU smoke run)")
+        if "compiled" in modes and not backends.availability("triton", device)[0]:
+            p.error("compiled mode on CPU needs the Triton kernels (TRITON_INTERPRET=1); the torch reference "
+                    "backend is not a compile target")
+        if "compiled" in modes:
+            args.backend = "triton"
+    elif not backends.availability("triton", device)[0]:
+        p.error(f"the Triton backend is not available: {backends.availability('triton', device)[1]}")
+    args.compile_backend = args.compile_backend or "inductor"
+    from diffusers.utils import logging as dlogging
+
+    dlogging.set_verbosity_error()
+    tag = "tiny_cpu" if args.tiny else torch.cuda.get_device_name(0).replace(" ", "_").replace("/", "_")
+    out_json = args.out or os.path.join(REPO, "benchmarks", "results", f"e2e_{tag}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
+    env = environment()
+    start = time.perf_counter()
+    rows = []
+    # order: every eager setting of a model first (so a deadline cuts compiled runs, not the baseline table)
+    items = [(m, s, mode) for m in models for mode in modes for s in settings]
+    refs = {}
+    for name, setting, mode in items:
+        if args.deadline is not None and time.perf_counter() - start > args.deadline:
+            rows.append({"model": name, "setting": setting, "mode": mode, "skipped": "deadline"})
+            print(f"{name:<12}{setting:<6}{mode:<9}   skipped (deadline {args.deadline:.0f} s)", flush=True)
+            continue
+        try:
+            row, out = run_one(name, setting, mode, args, device, refs.get((name, mode)), lambda s: print(s, flush=True))
+            if setting == "bf16":
+                refs[(name, mode)] = out
+        except torch.cuda.OutOfMemoryError as exc:
+            row = {"model": name, "setting": setting, "mode": mode, "skipped": f"out of memory: {str(exc)[:120]}"}
+            print(f"{name:<12}{setting:<6}{mode:<9}   out of memory", flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+        rows.append(row)
+        add_ratios(rows)
+        with open(out_json, "w") as fh:  # after every item: a killed run keeps what it measured
+            json.dump({"environment": env, "targets_vs_bf16": TARGETS, "results": rows}, fh, indent=1)
+    md = markdown(rows, env)
+    with open(out_json[:-5] + ".md", "w") as fh:
+        fh.write(md)
+    plot(rows, out_json[:-5] + ".png")
+    print(md)
+    print(f"wrote {out_json} (+ .md, .png) in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""`qvdit quantize` (diffusers folder -> quantized folder) and `qvdit bench` (runs benchmarks/bench_*.py)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import qvdit
+from qvdit.cli import main
+
+from test_adapters import tiny_wan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def wan_folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("wan_fp")
+    tiny_wan().save_pretrained(path)
+    return str(path)
+
+
+def test_quantize_folder_and_reload(wan_folder, tmp_path, capsys):
+    from diffusers import WanTransformer3DModel
+
+    dst = str(tmp_path / "w3a6")
+    assert main(["quantize", wan_folder, dst, "--w-bits", "3", "--a-bits", "6", "--dtype", "float32",
+                 "--skip", "blocks.0.ffn.*"]) == 0
+    out = capsys.readouterr().out
+    assert "linears quantized" in out and "WanTransformer3DModel.from_pretrained" in out
+    model = WanTransformer3DModel.from_pretrained(dst)
+    layers = qvdit.qlinears(model)
+    assert layers and all((q.w_bits, q.a_bits, q.tqe) == (3, 6, True) for q in layers.values())
+    assert "blocks.0.ffn.net.2" not in layers and "blocks.0.attn1.to_q" in layers
+
+
+def test_quantize_a_pipeline_folder_takes_its_transformer(tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    src = tmp_path / "pipe"
+    WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=FlowMatchEulerDiscreteScheduler(),
+                transformer=tiny_wan()).save_pretrained(src)
+    assert main(["quantize", str(src), str(tmp_path / "q"), "--dtype", "float32"]) == 0
+    assert qvdit.qlinears(WanTransformer3DModel.from_pretrained(tmp_path / "q"))
+
+
+def test_quantize_errors_name_the_problem(wan_folder, tmp_path, capsys):
+    def error(*argv):
+        assert main(["quantize", *argv]) == 2
+        return capsys.readouterr().err
+
+    assert "does not exist" in error(str(tmp_path / "missing"), str(tmp_path / "out"))
+    (tmp_path / "file.bin").write_text("x")
+    assert "is a file" in error(str(tmp_path / "file.bin"), str(tmp_path / "out"))
+    (tmp_path / "empty").mkdir()
+    assert "has no config.json" in error(str(tmp_path / "empty"), str(tmp_path / "out"))
+    (tmp_path / "noclass").mkdir()
+    (tmp_path / "noclass" / "config.json").write_text("{}")
+    assert "has no _class_name" in error(str(tmp_path / "noclass"), str(tmp_path / "out"))
+    (tmp_path / "badclass").mkdir()
+    (tmp_path / "badclass" / "config.json").write_text(json.dumps({"_class_name": "NoSuchModel"}))
+    assert "'NoSuchModel' is not a model class" in error(str(tmp_path / "badclass"), str(tmp_path / "out"))
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "config.json").write_text(json.dumps({"_class_name": "WanTransformer3DModel"}))
+    assert "no weights" in error(str(tmp_path / "noweights"), str(tmp_path / "out"))
+    assert "has no subfolder 'transformer'" in error(wan_folder, str(tmp_path / "out"), "--subfolder", "transformer")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    assert "exists and is not empty" in error(wan_folder, str(tmp_path / "full"))
+    assert "w_bits must be one of" in error(wan_folder, str(tmp_path / "out"), "--w-bits", "5")
+    assert main(["quantize", wan_folder, str(tmp_path / "q"), "--dtype", "float32"]) == 0
+    capsys.readouterr()
+    assert "already quantized (quant_method 'qvdit')" in error(str(tmp_path / "q"), str(tmp_path / "again"))
+
+
+def test_bench_lists_runs_and_rejects(capsys):
+    assert main(["bench", "list"]) == 0
+    assert "e2e" in capsys.readouterr().out
+    assert main(["bench", "nonsense"]) == 2
+    assert "unknown benchmark 'nonsense'" in capsys.readouterr().err
+
+
+def test_bench_e2e_tiny_through_the_cli(tmp_path):
+    """The e2e script's CPU smoke path: every field the GPU run reports, on the tiny config."""
+    out = tmp_path / "e2e.json"
+    res = subprocess.run([sys.executable, "-m", "qvdit", "bench", "e2e", "--tiny", "--modes", "eager", "--settings",
+                          "bf16,w3a6", "--reps", "1", "--out", str(out)], capture_output=True, text=True, timeout=300,
+                         cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["setting"], r["mode"]) for r in rows] == [("bf16", "eager"), ("w3a6", "eager")]
+    bf16, w3 = rows
+    assert w3["linear_ratio_vs_bf16"] < 0.3 and w3["weights_bytes"] < bf16["weights_bytes"]
+    assert 0 < w3["rel_err_vs_bf16"] < 0.2
+    for r in rows:
+        p = r["profile"]
+        assert r["latency_ms"] > 0 and 0 < p["block_linears_share"] < 1 and 0 < p["attention_share"] < 1
+    assert os.path.exists(str(out)[:-5] + ".md") and os.path.exists(str(out)[:-5] + ".png")
