@@ -217,7 +217,7 @@ Tensor qgemm_meta(const Tensor& xq, const Tensor&, const Tensor& w, int64_t, con
 
 }  // namespace
 
-TORCH_LIBRARY(qvdit, m) {
+TORCH_LIBRARY_FRAGMENT(qvdit, m) {  // a fragment: the Triton ops (triton/library.py) share the namespace
   m.def("cuda_act_quant(Tensor x, int bits, Tensor? alpha, Tensor? gate, Tensor? frame_id, bool want_rowsum)"
         " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("cuda_qgemm(Tensor xq, Tensor x_scale, Tensor w_packed, int w_bits, Tensor w_scale, Tensor w_zero,"

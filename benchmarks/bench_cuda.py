@@ -1,0 +1,210 @@
+"""CUDA backend rows (issue 7): backend "cuda" (wgmma sm90 and mma.sync sm80 kernels) beside backend
+"triton" and cuBLAS bf16 `F.linear`, side by side in one process, on the M >= 8192 shapes of
+bench_shapes.json. For each weight/activation variant: the GEMM alone (pre-quantized input, TQE on) and
+the full linear (bf16 in -> bf16 out, act-quant and TQE included), plus the act-quant pass alone.
+Every kernel is validated before it is timed (int32 accumulator bit-exact and epilogue within SPEC 1.4
+on sampled rows); a failing one is recorded, not timed. Also writes the per-shape table of the faster
+backend ("auto_table") that backend="auto" is to read.
+
+    python benchmarks/bench_cuda.py [--shapes PATH] [--only NAME ...] [--variants W3A6,W4A8] [--tag TAG]
+    python benchmarks/bench_cuda.py --profile SHAPE --variants W3A6   # a few sm90 GEMM calls, for ncu
+
+Writes benchmarks/results/cuda_<tag>.json (device, versions, date, command) and a markdown table.
+Problem set-up, timing and validation helpers are bench_linear.py's and common.py's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.bench_linear import BIG_M, Problem, record  # noqa: E402
+from benchmarks.common import REPO, bench_ms, environment, load_shapes, spec_violation  # noqa: E402
+
+import qvdit_kernels as qk  # noqa: E402
+from qvdit_kernels import reference as ref  # noqa: E402
+
+# (label, backend, QVDIT_CUDA_GEMM_PATH)
+KERNELS = [("triton", "triton", None), ("cuda sm90", "cuda", "sm90"), ("cuda sm80", "cuda", "sm80")]
+TARGETS = {"cuda_over_triton_median": 1.15, "cuda_over_triton_min": 1.0, "w3a6_gemm_over_bf16_median": 1.8}
+
+
+def set_path(path):
+    if path is None:
+        os.environ.pop("QVDIT_CUDA_GEMM_PATH", None)
+    else:
+        os.environ["QVDIT_CUDA_GEMM_PATH"] = path
+
+
+def kernels_here():
+    from qvdit_kernels import _C
+
+    return [k for k in KERNELS if k[2] != "sm90" or _C.sm90_available()]
+
+
+def run_variant(p, wb, ab, shape, t_bf16, rows, do_aq):
+    q, sw, zw = qk.quantize_weight(p.w, wb)
+    wp = qk.pack_weight(q, wb)
+    name = f"W{wb}A{ab}"
+    aq_kw = dict(alpha=p.alpha, gate=p.gate, frame_id=p.fid)
+    idx = p.rows
+    rq, rsx, ru, rrs = ref.quantize_activation(p.x[idx], ab, p.alpha, p.gate, p.fid[idx], want_rowsum=True)
+    ref_y = ref.qgemm(rq, rsx, wp, wb, sw, zw, p.bias, ru, p.beta, out_dtype=torch.float32).to(torch.bfloat16)
+    ref_acc = ref.qgemm(rq, rsx, wp, wb, sw, zw, out_dtype=torch.int32)
+    for label, backend, path in kernels_here():
+        set_path(path)
+        try:
+            xq, sx, u, rs = qk.quantize_activation_rowsum(p.x, ab, backend=backend, **aq_kw)
+            aq_ok = bool(torch.equal(xq[idx], rq) and torch.equal(sx[idx], rsx) and torch.equal(rs[idx], rrs)
+                         and torch.allclose(u[idx], ru, rtol=1e-6, atol=0))
+            acc = qk.qgemm(xq, sx, wp, wb, sw, zw, x_rowsum=rs, out_dtype=torch.int32, backend=backend)
+            acc_ok = bool(torch.equal(acc[idx], ref_acc))
+            del acc
+            fns = {
+                "gemm": lambda: qk.qgemm(xq, sx, wp, wb, sw, zw, p.bias, u, p.beta, rs, backend=backend),
+                "full": lambda: qk.qlinear(p.x, wp, wb, sw, zw, ab, bias=p.bias, beta=p.beta, backend=backend,
+                                           **aq_kw),
+            }
+            for mode, fn in fns.items():
+                viol = spec_violation(fn()[idx], ref_y)
+                ok = viol <= 1 and aq_ok and acc_ok
+                ms = bench_ms(fn) if ok else None
+                record(rows, p, shape, f"{label} {name} +TQE", mode, ms, t_bf16, variant=name, kernel=label,
+                       valid=dict(spec_ratio=viol, act_quant_exact=aq_ok, acc_exact=acc_ok), ok=ok)
+            if do_aq:
+                ms = bench_ms(lambda: qk.quantize_activation_rowsum(p.x, ab, backend=backend, **aq_kw))
+                nbytes = p.m * p.k * (p.x.element_size() + 1) + p.m * 12
+                record(rows, p, shape, f"{label} act_quant A{ab} +TQE", "act_quant", ms, None, variant=f"A{ab}",
+                       kernel=label, gbs=nbytes / ms / 1e6, ok=aq_ok)
+        except Exception:
+            traceback.print_exc(limit=4)
+            rows.append(dict(shape=shape, M=p.m, K=p.k, N=p.n, method=f"{label} {name} +TQE", mode="-", ms=None,
+                             kernel=label, variant=name, error=traceback.format_exc(limit=4)))
+        finally:
+            set_path(None)
+
+
+def summarize(rows):
+    """Medians over the M >= 8192 shapes: ratio to bf16 per (method, mode), cuda over triton per variant."""
+    big = [r for r in rows if r["M"] >= BIG_M and r.get("ms")]
+    out = {"ratio_bf16": {}, "cuda_over_triton": {}, "auto_table": {}}
+    for key in sorted({(r["method"], r["mode"]) for r in big if r.get("ratio_bf16")}):
+        rs = [r["ratio_bf16"] for r in big if (r["method"], r["mode"]) == key and r.get("ratio_bf16")]
+        out["ratio_bf16"][f"{key[0]} | {key[1]}"] = dict(median=statistics.median(rs), min=min(rs), n=len(rs))
+    for label in ("cuda sm90", "cuda sm80"):
+        for v in sorted({r["variant"] for r in big if r.get("kernel") == label}):
+            for mode in ("gemm", "full", "act_quant"):
+                tri = {r["shape"]: r["ms"] for r in big if r.get("kernel") == "triton" and r["variant"] == v
+                       and r["mode"] == mode}
+                cu = {r["shape"]: r["ms"] for r in big if r.get("kernel") == label and r["variant"] == v
+                      and r["mode"] == mode}
+                ratios = {s: tri[s] / cu[s] for s in cu if s in tri}
+                if ratios:
+                    out["cuda_over_triton"][f"{label} {v} {mode}"] = dict(
+                        median=statistics.median(ratios.values()), min=min(ratios.values()),
+                        slowest_shape=min(ratios, key=ratios.get), per_shape=ratios)
+    for r in big:  # fastest backend per (variant, mode, K, N): what backend="auto" should pick
+        key = f"{r.get('variant')} {r['mode']} K={r['K']} N={r['N']}"
+        best = out["auto_table"].get(key)
+        if r.get("kernel") and (best is None or r["ms"] < best["ms"]):
+            out["auto_table"][key] = dict(kernel=r["kernel"], ms=r["ms"])
+    return out
+
+
+def markdown(rows, summary, env):
+    big = [r for r in rows if r["M"] >= BIG_M]
+    shapes = list(dict.fromkeys(r["shape"] for r in big))
+    cols = [(f"{k} {v}", mode) for v in sorted({r["variant"] for r in big if r.get("variant")} - {"A6", "A8"})
+            for mode in ("gemm", "full") for k, _, _ in KERNELS]
+
+    def cell(shape, label, mode):
+        r = next((r for r in big if r["shape"] == shape and r["method"] == f"{label} +TQE" and r["mode"] == mode), None)
+        return f"{r['ratio_bf16']:.2f}x" if r and r.get("ratio_bf16") else ("fail" if r else "-")
+
+    lines = [f"Device: {env.get('device')}, torch {env['torch']}, triton {env['triton']}; {env['date']}. "
+             "Speed-up over cuBLAS bf16 F.linear in the same process (TQE on).", "",
+             "| shape (M, K, N) | " + " | ".join(f"{c} {m}" for c, m in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for s in shapes:
+        r0 = next(r for r in big if r["shape"] == s)
+        lines.append(f"| {s} ({r0['M']}, {r0['K']}, {r0['N']}) | " + " | ".join(cell(s, c, m) for c, m in cols) + " |")
+    lines += ["", "CUDA over Triton (time ratio, > 1 is faster):", ""]
+    for key, v in summary["cuda_over_triton"].items():
+        lines.append(f"- {key}: median {v['median']:.3f}x, min {v['min']:.3f}x ({v['slowest_shape']})")
+    return "\n".join(lines)
+
+
+def profile(shape, wb, ab, shapes):
+    """A few sm90 GEMM calls on one shape (for ncu --kernel-name regex:qgemm_sm90)."""
+    m, k, n = shapes[shape]
+    p = Problem(m, k, n)
+    q, sw, zw = qk.quantize_weight(p.w, wb)
+    wp = qk.pack_weight(q, wb)
+    xq, sx, u, rs = qk.quantize_activation_rowsum(p.x, ab, alpha=p.alpha, backend="cuda")
+    set_path("sm90")
+    for _ in range(3):
+        qk.qgemm(xq, sx, wp, wb, sw, zw, p.bias, u, p.beta, rs, backend="cuda")
+    torch.cuda.synchronize()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default=None)
+    ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--variants", default="W3A6,W4A8")
+    ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
+    ap.add_argument("--tag", default=None)
+    ap.add_argument("--profile", default=None, metavar="SHAPE")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_cuda.py needs a CUDA GPU")
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = True  # cuBLAS default
+    shapes = load_shapes(args.shapes)
+    variants = [(int(v[1]), int(v[3])) for v in args.variants.split(",")]
+    if args.profile:
+        profile(args.profile, *variants[0], shapes)
+        return
+    env = environment()
+    from qvdit_kernels import _C
+
+    env["cuda_sm90_available"] = bool(_C.sm90_available())
+    tag = args.tag or env["date"][:10]
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"cuda_{tag}")
+    todo = {k: v for k, v in shapes.items() if v[0] >= BIG_M and (not args.only or k in args.only)}
+    rows: list[dict] = []
+    result = dict(env=env, targets=TARGETS, rows=rows)
+    for name, (m, k, n) in todo.items():
+        t0 = time.time()
+        print(f"{name}: M={m} K={k} N={n}", flush=True)
+        p = Problem(m, k, n)
+        fn = lambda: F.linear(p.x, p.w, p.bias)  # noqa: E731
+        t_bf16 = bench_ms(fn)
+        record(rows, p, name, "cuBLAS bf16", "full", t_bf16, t_bf16, ok=True)
+        seen_ab = set()
+        for wb, ab in variants:
+            run_variant(p, wb, ab, name, t_bf16, rows, do_aq=ab not in seen_ab)
+            seen_ab.add(ab)
+        del p
+        torch.cuda.empty_cache()
+        print(f"  ({time.time() - t0:.1f} s)", flush=True)
+        with open(stem + ".json", "w") as fh:  # after every shape: a cut-off run keeps what it measured
+            json.dump(result, fh, indent=1, default=str)
+    result["summary"] = summarize(rows)
+    with open(stem + ".json", "w") as fh:
+        json.dump(result, fh, indent=1, default=str)
+    md = markdown(rows, result["summary"], env)
+    with open(stem + ".md", "w") as fh:
+        fh.write(md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The CUDA backend on a GPU machine, in one command: build the extension in place, run its tests on both
+# GEMM kernels, compute-sanitizer memcheck + racecheck on small shapes, the benchmark, and an ncu view.
+#
+#   bash csrc/gpu_check.sh [build] [test] [sanitize] [bench] [ncu]     (no stage named: build test sanitize)
+#
+# Logs and results go to $OUT (the device tool's folder; default /tmp/qvdit_gpu_check). Through the device
+# tool, from the repo root (bench_shapes.json travels in .work/, which is git-ignored and carried):
+#   mkdir -p .work && cp ../shared/bench_shapes.json .work/
+#   run(command="bash csrc/gpu_check.sh build test sanitize bench 2>&1 | tee $OUT/log.txt", carry=[".work"])
+# QVDIT_CUDA_ARCH picks the targets (default here: sm_90a only, which also runs the mma.sync kernel).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/qvdit_gpu_check}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+stages=("$@")
+[[ ${#stages[@]} -eq 0 ]] && stages=(build test sanitize)
+fails=()
+step() {  # step NAME CMD...: run, log to $OUT/NAME.txt (16 log files at most come back: keep them few)
+  local name=$1; shift
+  echo "=== $name: $*"
+  local t0=$SECONDS
+  if "$@" >"$OUT/$name.txt" 2>&1; then echo "=== $name ok ($((SECONDS - t0)) s)"; tail -n 3 "$OUT/$name.txt"
+  else echo "=== $name FAILED ($((SECONDS - t0)) s)"; tail -n 40 "$OUT/$name.txt"; fails+=("$name"); fi
+}
+has() { [[ " ${stages[*]} " == *" $1 "* ]]; }
+
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv,noheader || true
+python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+if has build; then
+  export QVDIT_CUDA_ARCH="${QVDIT_CUDA_ARCH:--gencode=arch=compute_90a,code=sm_90a}" MAX_JOBS="${MAX_JOBS:-16}"
+  step build python3 setup.py build_ext --inplace
+  python3 -c "import qvdit_kernels._C as C; print('extension loaded; sm90 wgmma path available:', C.sm90_available())" \
+    || fails+=(load)
+fi
+if has test; then
+  step test_cuda_kernels python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_kernels.py
+  step test_shared_auto python3 -m pytest -q -p no:cacheprovider tests/test_gemm.py tests/test_act_quant.py -k cuda
+  step test_backends python3 -m pytest -q -p no:cacheprovider tests/test_backends.py tests/test_cuda_build.py
+  QVDIT_CUDA_GEMM_PATH=sm80 step test_shared_sm80 python3 -m pytest -q -p no:cacheprovider tests/test_gemm.py -k cuda
+fi
+if has sanitize; then
+  for tool in memcheck racecheck; do
+    step "sanitize_$tool" compute-sanitizer --tool "$tool" --error-exitcode 1 \
+      python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py -k sanitizer_smoke
+  done
+fi
+if has bench; then
+  step bench python3 benchmarks/bench_cuda.py --out "$OUT" --tag gpu_check
+fi
+if has ncu; then
+  step ncu ncu --kernel-name regex:qgemm_sm90 -c 1 --section SpeedOfLight --section ComputeWorkloadAnalysis \
+    --section WarpStateStats --section LaunchStats --section Occupancy \
+    python3 benchmarks/bench_cuda.py --profile wan1.3b_fc1 --variants W3A6
+fi
+echo "=== summary: stages ${stages[*]}; failed: ${fails[*]:-none}"
+[[ ${#fails[@]} -eq 0 ]]

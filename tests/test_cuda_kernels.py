@@ -1,0 +1,259 @@
+"""CUDA-backend-only tests (csrc/, qvdit_kernels/cuda.py), GPU only: both GEMM kernels (wgmma sm90 and
+mma.sync sm80) at real shapes against exact integer math, the two paths against each other, NaN-prefilled
+outputs, odd strides and alignments, the ops under opcheck / torch.compile / CUDA graphs, and a small run
+for compute-sanitizer (see docs/DEVELOPING.md "CUDA backend").
+
+Skipped where the extension is not built or there is no GPU (CI: tests/test_cuda_build.py covers the
+sources there). The shared assertions for every backend live in test_gemm.py and test_act_quant.py.
+"""
+import pytest
+import torch
+
+import qvdit_kernels as qk
+from qvdit_kernels import reference as ref
+
+from conftest import KERNEL_BACKENDS, assert_within_spec, gen
+from test_gemm import make_problem
+
+pytestmark = pytest.mark.skipif("cuda" not in KERNEL_BACKENDS, reason="needs a GPU and the built CUDA extension")
+DEV = torch.device("cuda")
+PATHS = ["sm80", "sm90"]
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    """Run a test on one GEMM kernel (QVDIT_CUDA_GEMM_PATH); sm90 only where the GPU and build have it."""
+    from qvdit_kernels import _C
+
+    if request.param == "sm90" and not _C.sm90_available():
+        pytest.skip("wgmma path needs an sm_90 GPU and an sm_90a build")
+    monkeypatch.setenv("QVDIT_CUDA_GEMM_PATH", request.param)
+    return request.param
+
+
+def problem(m, k, n, w_bits, a_bits, seed):
+    """test_gemm.make_problem's data (bias and TQE on) on the GPU, with the weight codes."""
+    args, qw = make_problem(m, k, n, w_bits, a_bits, seed)
+    return {key: (v.to(DEV) if isinstance(v, torch.Tensor) else v) for key, v in args.items()}, qw.to(DEV)
+
+
+def exact_acc(xq, qw, zw):
+    """xq @ (qw - zw)^T in float64 on the GPU: exact, every partial sum is an integer below 2^53."""
+    return xq.double() @ (qw.double() - zw.double()[:, None]).T
+
+
+REAL_KN = [(1152, 3456), (4608, 1152), (1536, 8960), (8960, 1536), (5120, 13824), (13824, 5120)]
+
+
+def available_paths():
+    from qvdit_kernels import _C
+
+    return PATHS if _C.sm90_available() else ["sm80"]
+
+
+def gpu_problem(m, k, n, w_bits, a_bits, seed):
+    """Like problem() but generated and packed on the GPU (real shapes are too big for the CPU)."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    lim = 127 if a_bits == 8 else 63
+    xq = torch.randint(-lim, lim + 1, (m, k), generator=g, device=DEV, dtype=torch.int8)
+    lo, hi = (0, 2**w_bits) if w_bits < 8 else (-127, 128)
+    qw = torch.randint(lo, hi, (n, k), generator=g, device=DEV).to(torch.uint8 if w_bits < 8 else torch.int8)
+    zw = torch.randint(0, 2**w_bits, (n,), generator=g, device=DEV).float() if w_bits < 8 else torch.zeros(n, device=DEV)
+    a = dict(xq=xq, x_scale=torch.rand(m, generator=g, device=DEV) * 1e-2 + 1e-4, w_packed=qk.pack_weight(qw, w_bits),
+             w_bits=w_bits, w_scale=torch.rand(n, generator=g, device=DEV) * 1e-2 + 1e-4, w_zero=zw,
+             bias=torch.randn(n, generator=g, device=DEV), u=torch.randn(m, generator=g, device=DEV),
+             beta=torch.randn(n, generator=g, device=DEV))
+    return a, qw
+
+
+@pytest.mark.parametrize("w_bits,a_bits", [(3, 6), (4, 8), (3, 8), (4, 6), (8, 8)])
+def test_real_shapes_bit_exact(w_bits, a_bits, monkeypatch):
+    """Real (K, N) at M = 1000 (7.8 row tiles), both kernels: exact int32 acc, bf16 within SPEC, repeat
+    calls identical, the two kernels' bf16 outputs identical."""
+    m = 1000
+    for k, n in REAL_KN:
+        a, qw = gpu_problem(m, k, n, w_bits, a_bits, seed=k + n)
+        want = exact_acc(a["xq"], qw, a["w_zero"])
+        yref = ref.epilogue(want.to(torch.int32), a["x_scale"], a["w_scale"], a["bias"], a["u"], a["beta"],
+                            torch.float32).to(torch.bfloat16).double()
+        ys = []
+        for p in available_paths():
+            monkeypatch.setenv("QVDIT_CUDA_GEMM_PATH", p)
+            acc = qk.qgemm(**a, out_dtype=torch.int32, backend="cuda")
+            assert torch.equal(acc.double(), want), (p, k, n)
+            y = qk.qgemm(**a, out_dtype=torch.bfloat16, backend="cuda")
+            assert_within_spec(y, yref)
+            assert torch.equal(y, qk.qgemm(**a, out_dtype=torch.bfloat16, backend="cuda"))
+            ys.append(y)
+        assert all(torch.equal(ys[0], y) for y in ys[1:])
+
+
+@pytest.mark.parametrize("w_bits", [3, 4, 8])
+def test_acc_beyond_2_24_exact(path, w_bits):
+    """Extreme codes at K = 13824 (|acc| > 2^24, where a float accumulator would round): exact."""
+    m, n, k = 256, 256, 13824
+    xq = torch.full((m, k), 127, dtype=torch.int8, device=DEV)
+    xq[1::2] = -127
+    top = 2**w_bits - 1 if w_bits < 8 else 127
+    qw = torch.full((n, k), top, dtype=torch.uint8 if w_bits < 8 else torch.int8, device=DEV)
+    qw[:, ::3] = 0 if w_bits < 8 else -127
+    zw = torch.zeros(n, device=DEV)
+    wp = qk.pack_weight(qw.cpu(), w_bits).to(DEV)
+    want = exact_acc(xq, qw, zw)
+    assert want.abs().max() > 2**24
+    acc = qk.qgemm(xq, torch.ones(m, device=DEV), wp, w_bits, torch.ones(n, device=DEV), zw, out_dtype=torch.int32,
+                   backend="cuda")
+    assert torch.equal(acc.double(), want)
+
+
+@pytest.mark.parametrize("w_bits", [3, 4, 8])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.int32])
+def test_nan_prefilled_outputs(path, w_bits, out_dtype):
+    """The output (> 1 MB, so from the allocator's large pool) lands in memory just filled with 0xFF bytes
+    (NaN as float, -1 as int32): every element must be written."""
+    m, k, n = 1500, 1152, 387
+    a, qw = problem(m, k, n, w_bits, 8, seed=3)
+    a["x_scale"] = a["x_scale"].clamp(max=1e-2)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # the 0xFF block below is then the only cached large block
+    junk = torch.full((64 << 20,), 0xFF, dtype=torch.uint8, device=DEV)
+    del junk
+    out = qk.qgemm(**a, out_dtype=out_dtype, backend="cuda")
+    want = exact_acc(a["xq"], qw, a["w_zero"])
+    if out_dtype == torch.int32:
+        assert torch.equal(out.double(), want)
+    else:
+        yref = ref.epilogue(want.to(torch.int32), a["x_scale"], a["w_scale"], a["bias"], a["u"], a["beta"],
+                            torch.float32)
+        assert_within_spec(out, yref.to(out_dtype).double() if out_dtype != torch.float32 else yref)
+
+
+def test_path_selection(monkeypatch):
+    """On an sm_90 GPU the build has the wgmma kernels and "auto" uses them; a bad path name is an error."""
+    from qvdit_kernels import _C
+
+    assert _C.sm90_available() == (torch.cuda.get_device_capability() == (9, 0))
+    monkeypatch.setenv("QVDIT_CUDA_GEMM_PATH", "cutlass")
+    a, _ = problem(4, 128, 8, 4, 8, seed=0)
+    with pytest.raises(ValueError, match="QVDIT_CUDA_GEMM_PATH"):
+        qk.qgemm(**a, backend="cuda")
+
+
+@pytest.mark.parametrize("w_bits", [3, 4, 8])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_paths_agree_bitwise(w_bits, out_dtype, monkeypatch):
+    """The two kernels share the epilogue: identical outputs, not just within bounds."""
+    if len(available_paths()) < 2:
+        pytest.skip("needs the wgmma path")
+    a, _ = problem(517, 1408, 391, w_bits, 6, seed=4)
+    a["x_scale"] = a["x_scale"].clamp(max=1e-2)
+    outs = []
+    for p in PATHS:
+        monkeypatch.setenv("QVDIT_CUDA_GEMM_PATH", p)
+        outs.append(qk.qgemm(**a, out_dtype=out_dtype, backend="cuda"))
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("w_bits", [3, 4, 8])
+def test_odd_strides_and_alignment(path, w_bits):
+    """Activation and weights as misaligned views (K not a multiple of 16, storage offset 1): same result."""
+    m, k, n = 70, 200, 90
+    a, qw = problem(m, k, n, w_bits, 8, seed=5)
+    big = torch.zeros(m * k + 1, dtype=torch.int8, device=DEV)
+    big[1:].copy_(a["xq"].reshape(-1))
+    wbig = torch.zeros(a["w_packed"].numel() + 1, dtype=a["w_packed"].dtype, device=DEV)
+    wbig[1:].copy_(a["w_packed"].reshape(-1))
+    views = dict(a, xq=big[1:].view(m, k), w_packed=wbig[1:].view(a["w_packed"].shape))
+    acc = qk.qgemm(**views, out_dtype=torch.int32, backend="cuda")
+    assert torch.equal(acc.double(), exact_acc(a["xq"], qw, a["w_zero"]))
+
+
+@pytest.mark.parametrize("k", [1, 77, 1152, 5120, 13824, 65536])
+@pytest.mark.parametrize("bits", [6, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_act_quant_real_k_bit_exact(k, bits, dtype):
+    """Codes, scales and row sums equal the reference bit for bit (vector and scalar paths), u within 1e-6."""
+    m = 300 if k <= 20000 else 40
+    x = (torch.randn(m, k, device=DEV) * torch.exp(torch.randn(m, 1, device=DEV))).to(dtype)
+    if k > 11:
+        x[3, 11] = 3e3
+    x[5] = 0
+    alpha = torch.randn(k, device=DEV) / k**0.5
+    gate, fid = torch.tensor([0.5, 1.5, 1.0], device=DEV), (torch.arange(m, device=DEV) % 3).int()
+    for xin in (x, x[:, : max(k - 1, 1)]):  # a strided view with an odd row length takes the scalar path
+        kk = xin.shape[1]
+        got = qk.quantize_activation_rowsum(xin, bits, alpha=alpha[:kk], gate=gate, frame_id=fid, backend="cuda")
+        want = ref.quantize_activation(xin, bits, alpha[:kk], gate, fid, want_rowsum=True)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and torch.equal(got[3], want[3])
+        assert torch.allclose(got[2], want[2], rtol=1e-6, atol=0)
+
+
+def test_bad_frame_id_gives_nan_u_not_a_crash():
+    x = torch.randn(4, 64, device=DEV)
+    fid = torch.tensor([0, 1, 5, -1], dtype=torch.int32, device=DEV)
+    _, _, u = qk.quantize_activation(x, 8, alpha=torch.randn(64, device=DEV), gate=torch.ones(2, device=DEV),
+                                     frame_id=fid, backend="cuda")
+    assert torch.isfinite(u[:2]).all() and torch.isnan(u[2:]).all()
+
+
+def test_opcheck_ops():
+    a, _ = problem(5, 130, 12, 3, 6, seed=7)
+    args = (a["xq"], a["x_scale"], a["w_packed"], 3, a["w_scale"], a["w_zero"], a["bias"], a["u"], a["beta"], None,
+            torch.bfloat16, 0)
+    torch.library.opcheck(torch.ops.qvdit.cuda_qgemm.default, args)
+    x = torch.randn(5, 130, generator=gen(2)).to(DEV)
+    alpha, gate, fid = torch.randn(130).to(DEV), torch.ones(2).to(DEV), torch.zeros(5, dtype=torch.int32).to(DEV)
+    torch.library.opcheck(torch.ops.qvdit.cuda_act_quant.default, (x, 6, alpha, gate, fid, True))
+    torch.library.opcheck(torch.ops.qvdit.cuda_act_quant.default, (x, 8, None, None, None, False))
+
+
+def test_torch_compile_fullgraph_qlinear():
+    a, _ = problem(5, 130, 12, 4, 8, seed=8)
+    x = torch.randn(2, 5, 130, generator=gen(3)).to(DEV)
+    alpha = torch.randn(130, generator=gen(4)).to(DEV)
+
+    def f(x):
+        return qk.qlinear(x, a["w_packed"], 4, a["w_scale"], a["w_zero"], 8, bias=a["bias"], alpha=alpha,
+                          beta=a["beta"], backend="cuda")
+
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(f, fullgraph=True)(x), f(x))
+
+
+def test_cuda_graph_replay_equals_eager():
+    a, _ = problem(300, 1152, 256, 3, 6, seed=9)
+    x = torch.randn(300, 1152, generator=gen(5)).to(DEV)
+    alpha, gate = torch.randn(1152).to(DEV), torch.tensor([0.5, 1.5], device=DEV)
+    fid = (torch.arange(300, device=DEV) % 2).int()
+
+    def f():
+        return qk.qlinear(x, a["w_packed"], 3, a["w_scale"], a["w_zero"], 6, bias=a["bias"], alpha=alpha,
+                          beta=a["beta"], gate=gate, frame_id=fid, out_dtype=torch.bfloat16, backend="cuda")
+
+    eager = f()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        f()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = f()
+    x.normal_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, f()) and not torch.equal(out, eager)
+
+
+def test_sanitizer_smoke(path):
+    """Small shapes through every kernel (W3 tail tile, ragged M/N/K, every output dtype): the run that
+    compute-sanitizer memcheck / racecheck watch (docs/DEVELOPING.md). Also checked here for exactness."""
+    for w_bits, (m, k, n) in [(3, (37, 384, 75)), (4, (130, 200, 129)), (8, (9, 77, 140)), (3, (1, 1, 1))]:
+        a, qw = problem(m, k, n, w_bits, 8, seed=m + n)
+        want = exact_acc(a["xq"], qw, a["w_zero"])
+        assert torch.equal(qk.qgemm(**a, out_dtype=torch.int32, backend="cuda").double(), want)
+        for dt in (torch.bfloat16, torch.float16, torch.float32):
+            qk.qgemm(**dict(a, x_scale=a["x_scale"].clamp(max=1e-2)), out_dtype=dt, backend="cuda")
+        x = torch.randn(m, k, device=DEV)
+        qk.quantize_activation_rowsum(x, 6, alpha=torch.randn(k, device=DEV), backend="cuda")
+    torch.cuda.synchronize()
