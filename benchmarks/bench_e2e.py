@@ -86,12 +86,9 @@ def make_inputs(name: str, model, device, dtype, args) -> dict:
     g = torch.Generator(device="cpu").manual_seed(1)
     text_dim = cfg.text_dim if hasattr(cfg, "text_dim") else cfg.text_embed_dim
     text = torch.randn(1, spec["text"], text_dim, generator=g).to(device, dtype)
-    if spec["cls"].startswith("CogVideoX"):
-        x = torch.randn(1, f, cfg.in_channels, h, w, generator=g)
-        kw = dict(hidden_states=x.to(device, dtype), encoder_hidden_states=text, timestep=torch.tensor([500], device=device))
-    else:
-        x = torch.randn(1, cfg.in_channels, f, h, w, generator=g)
-        kw = dict(hidden_states=x.to(device, dtype), encoder_hidden_states=text, timestep=torch.tensor([500], device=device))
+    layout = (1, f, cfg.in_channels, h, w) if spec["cls"].startswith("CogVideoX") else (1, cfg.in_channels, f, h, w)
+    x = torch.randn(*layout, generator=g).to(device, dtype)
+    kw = dict(hidden_states=x, encoder_hidden_states=text, timestep=torch.tensor([500], device=device))
     return kw, dict(frames=frames, height=height, width=width, latent=[f, h, w])
 
 
