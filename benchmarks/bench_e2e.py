@@ -167,7 +167,7 @@ def profile_shares(model, call, device) -> dict:
 
 def run_one(name, setting, mode, args, device, ref_out, log) -> tuple[dict, torch.Tensor | None]:
     dtype = torch.bfloat16
-    row = {"model": name, "setting": setting, "mode": mode}
+    row = {"model": name, "setting": setting, "mode": mode, "backend": args.backend if setting != "bf16" else "cuBLAS"}
     model = build(name, device, dtype)
     kw, shape = make_inputs(name, model, device, dtype, args)
     row.update(shape)
