@@ -89,9 +89,7 @@ __global__ void __launch_bounds__(kThreads, 1) qgemm_sm80_kernel(const GemmArgs 
 template <int BITS>
 cudaError_t launch(const GemmArgs& g, cudaStream_t stream) {
   constexpr int kSmem = PlanSm80<BITS>::kAllocBytes;
-  // Per call (cheap, host only): the attribute belongs to the current device.
-  const cudaError_t attr =
-      cudaFuncSetAttribute(qgemm_sm80_kernel<BITS>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  const cudaError_t attr = allow_smem(reinterpret_cast<const void*>(qgemm_sm80_kernel<BITS>), kSmem);
   if (attr != cudaSuccess) return attr;
   qgemm_sm80_kernel<BITS><<<g.tiles_m * g.tiles_n, kThreads, kSmem, stream>>>(g);
   return cudaGetLastError();

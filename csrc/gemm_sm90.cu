@@ -10,6 +10,8 @@
 #include "qvdit_kernels.cuh"
 #include "qvdit_kernels.h"
 
+#include <map>
+
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define QV_SM90A 1
 #endif
@@ -70,7 +72,7 @@ __device__ __forceinline__ void issue_step(int32_t (&acc)[64], uint32_t a_tile, 
 #endif  // QV_SM90A
 
 template <int BITS>
-__global__ void __launch_bounds__(kThreads, 1) qgemm_sm90_kernel(const GemmArgs g) {
+__global__ void __launch_bounds__(kThreads, Fmt<BITS>::kCtas) qgemm_sm90_kernel(const GemmArgs g) {
 #ifdef QV_SM90A
   using Plan = PlanSm90<BITS>;
   constexpr int S = Plan::kStages;
@@ -132,8 +134,7 @@ __global__ void __launch_bounds__(kThreads, 1) qgemm_sm90_kernel(const GemmArgs 
 template <int BITS>
 cudaError_t launch(const GemmArgs& g, cudaStream_t stream) {
   constexpr int kSmem = PlanSm90<BITS>::kAllocBytes;
-  const cudaError_t attr =
-      cudaFuncSetAttribute(qgemm_sm90_kernel<BITS>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  const cudaError_t attr = allow_smem(reinterpret_cast<const void*>(qgemm_sm90_kernel<BITS>), kSmem);
   if (attr != cudaSuccess) return attr;
   qgemm_sm90_kernel<BITS><<<g.tiles_m * g.tiles_n, kThreads, kSmem, stream>>>(g);
   return cudaGetLastError();
@@ -146,14 +147,21 @@ int qgemm_sm90_smem_bytes(int bits) {
 }
 
 bool qgemm_sm90_available() {
-  int dev = 0, major = 0, minor = 0;
+  static std::mutex mu;
+  static std::map<int, bool> known;  // per device
+  int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = known.find(dev);
+  if (it != known.end()) return it->second;
+  int major = 0, minor = 0;
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
   cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
-  if (major != 9 || minor != 0) return false;
   cudaFuncAttributes fa;
-  if (cudaFuncGetAttributes(&fa, qgemm_sm90_kernel<4>) != cudaSuccess) return false;
-  return fa.binaryVersion == 90;  // the sm_90a cubin, not PTX or an sm_80 cubin
+  const bool ok = major == 9 && minor == 0 && cudaFuncGetAttributes(&fa, qgemm_sm90_kernel<4>) == cudaSuccess &&
+                  fa.binaryVersion == 90;  // the sm_90a cubin, not PTX or an sm_80 cubin
+  known[dev] = ok;
+  return ok;
 }
 
 cudaError_t qgemm_sm90(const GemmArgs& g, int bits, cudaStream_t stream) {

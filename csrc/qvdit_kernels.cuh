@@ -6,6 +6,10 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <mutex>
+#include <set>
+#include <utility>
+
 #include "qvdit_layout.h"
 
 namespace qv {
@@ -55,6 +59,20 @@ __device__ __forceinline__ void mma_s8_16832(int32_t (&d)[4], const uint32_t (&a
 
 // Dynamic shared memory base rounded up to 1024 bytes (the SW128 swizzle is on absolute address bits).
 __device__ __forceinline__ uint32_t aligned_smem_base(const void* raw) { return (smem_u32(raw) + 1023u) & ~1023u; }
+
+// Raise a kernel's dynamic shared-memory limit once per device (host side; not during graph capture).
+inline cudaError_t allow_smem(const void* kernel, int bytes) {
+  static std::mutex mu;
+  static std::set<std::pair<const void*, int>> done;  // (kernel, device)
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  std::lock_guard<std::mutex> lock(mu);
+  if (done.count({kernel, dev})) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err == cudaSuccess) done.insert({kernel, dev});
+  return err;
+}
 
 // Issue the cp.async copies of step t into ring slot `slot` (A at a_off, packed W at p_off).
 template <int BITS>

@@ -34,17 +34,19 @@ constexpr int kBN = 128;       // weight rows (output features) per CTA
 // Per weight width: codes per mainloop step (KS), packed bytes per row per step, pipeline depth.
 template <int BITS>
 struct Fmt;
+// kStages / kCtas: pipeline depth and CTAs per SM of the sm90 kernel (W4/W8 fit two CTAs in the 228 KB of
+// an SM, so one CTA's epilogue and barriers overlap the other's MMAs; a W3 step is twice as large).
 template <>
 struct Fmt<3> {
-  static constexpr int KS = 256, kTileBytes = 96, kTailBytes = 48, kStages = 3;
+  static constexpr int KS = 256, kTileBytes = 96, kTailBytes = 48, kStages = 3, kCtas = 1;
 };
 template <>
 struct Fmt<4> {
-  static constexpr int KS = 128, kTileBytes = 64, kTailBytes = 64, kStages = 4;
+  static constexpr int KS = 128, kTileBytes = 64, kTailBytes = 64, kStages = 3, kCtas = 2;
 };
 template <>
 struct Fmt<8> {
-  static constexpr int KS = 128, kTileBytes = 128, kTailBytes = 128, kStages = 4;
+  static constexpr int KS = 128, kTileBytes = 128, kTailBytes = 128, kStages = 3, kCtas = 2;
 };
 
 // Byte offset of code (row, k) inside an SW128 K-major operand tile of `rows` rows.
@@ -73,6 +75,8 @@ struct SmemPlan {
   QV_HD static uint32_t u(int buf) { return (uint32_t)(STAGES * kSlotBytes + buf * kUBytes); }
   static_assert(kABytes % 1024 == 0 && kPBytes % 1024 == 0 && kUBytes % 1024 == 0, "1024-aligned buffers");
   static_assert(kAllocBytes <= 227 * 1024, "shared memory of one CTA");
+  static_assert(STAGES != Fmt<BITS>::kStages || Fmt<BITS>::kCtas * (kAllocBytes + 1024) <= 228 * 1024,
+                "sm90 plan: kCtas CTAs per SM (1 KB per CTA is reserved by the system)");
 };
 template <int BITS>
 using PlanSm90 = SmemPlan<BITS, Fmt<BITS>::kStages, 2>;

@@ -32,6 +32,27 @@ def test_compile_check_sm90a_and_sm80():
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+@pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
+def test_compile_check_fails_loudly(tmp_path):
+    """A source that does not compile makes the script exit non-zero and print nvcc's error."""
+    shutil.copy(CSRC / "compile_check.sh", tmp_path)
+    (tmp_path / "broken.cu").write_text("__global__ void k() { undeclared_name(); }\n")
+    env = dict(os.environ, QVDIT_NVCC=NVCC, QVDIT_CHECK_CACHE="off")
+    res = subprocess.run(["bash", str(tmp_path / "compile_check.sh")], capture_output=True, text=True, env=env)
+    assert res.returncode != 0 and "broken.cu FAILED" in res.stderr and "undeclared_name" in res.stderr
+
+
+def test_cuda_module_import_error_is_clear():
+    """Without the built extension, importing qvdit_kernels.cuda fails with the one clear ImportError."""
+    try:
+        import qvdit_kernels._C  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="CUDA extension qvdit_kernels._C is not built"):
+            import qvdit_kernels.cuda  # noqa: F401
+    else:
+        pytest.skip("the extension is built here")
+
+
 def test_kernel_sources_have_no_torch_headers():
     for src in [*CSRC.glob("*.cu"), *CSRC.glob("*.cuh"), *CSRC.glob("*.h")]:
         text = src.read_text()
