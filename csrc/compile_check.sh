@@ -3,14 +3,17 @@
 # Fails loudly on a compile error or a missing nvcc. A run whose exact inputs (sources, this script,
 # nvcc version) already compiled cleanly on this machine is remembered in a stamp file and skipped,
 # so the CI step and tests/test_cuda_build.py pay for one compile.
-#   QVDIT_NVCC        nvcc to use (default: nvcc on PATH)
+#   QVDIT_NVCC        nvcc to use (default: nvcc on PATH, else $CUDA_HOME/bin, /usr/local/cuda/bin)
 #   QVDIT_CHECK_CACHE stamp directory (default: ${TMPDIR:-/tmp}/qvdit_compile_check); "off" disables it
 set -euo pipefail
 script="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$script")"
 NVCC="${QVDIT_NVCC:-nvcc}"
+for cand in "$NVCC" "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" /usr/local/cuda/bin/nvcc; do
+  if command -v "$cand" >/dev/null 2>&1; then NVCC="$cand"; break; fi
+done
 if ! command -v "$NVCC" >/dev/null 2>&1; then
-  echo "compile_check: nvcc not found (set QVDIT_NVCC or put nvcc on PATH)" >&2
+  echo "compile_check: nvcc not found (set QVDIT_NVCC, CUDA_HOME or put nvcc on PATH)" >&2
   exit 2
 fi
 sources=(*.cu)

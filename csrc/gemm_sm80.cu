@@ -86,15 +86,6 @@ __global__ void __launch_bounds__(kThreads, 1) qgemm_sm80_kernel(const GemmArgs 
   }
 }
 
-template <int BITS>
-cudaError_t launch(const GemmArgs& g, cudaStream_t stream) {
-  constexpr int kSmem = PlanSm80<BITS>::kAllocBytes;
-  const cudaError_t attr = allow_smem(reinterpret_cast<const void*>(qgemm_sm80_kernel<BITS>), kSmem);
-  if (attr != cudaSuccess) return attr;
-  qgemm_sm80_kernel<BITS><<<g.tiles_m * g.tiles_n, kThreads, kSmem, stream>>>(g);
-  return cudaGetLastError();
-}
-
 }  // namespace
 
 int qgemm_sm80_smem_bytes(int bits) {
@@ -103,9 +94,9 @@ int qgemm_sm80_smem_bytes(int bits) {
 
 cudaError_t qgemm_sm80(const GemmArgs& g, int bits, cudaStream_t stream) {
   switch (bits) {
-    case 3: return launch<3>(g, stream);
-    case 4: return launch<4>(g, stream);
-    case 8: return launch<8>(g, stream);
+    case 3: return launch_gemm(qgemm_sm80_kernel<3>, PlanSm80<3>::kAllocBytes, g, stream);
+    case 4: return launch_gemm(qgemm_sm80_kernel<4>, PlanSm80<4>::kAllocBytes, g, stream);
+    case 8: return launch_gemm(qgemm_sm80_kernel<8>, PlanSm80<8>::kAllocBytes, g, stream);
     default: return cudaErrorInvalidValue;
   }
 }

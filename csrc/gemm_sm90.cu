@@ -131,15 +131,6 @@ __global__ void __launch_bounds__(kThreads, Fmt<BITS>::kCtas) qgemm_sm90_kernel(
 #endif
 }
 
-template <int BITS>
-cudaError_t launch(const GemmArgs& g, cudaStream_t stream) {
-  constexpr int kSmem = PlanSm90<BITS>::kAllocBytes;
-  const cudaError_t attr = allow_smem(reinterpret_cast<const void*>(qgemm_sm90_kernel<BITS>), kSmem);
-  if (attr != cudaSuccess) return attr;
-  qgemm_sm90_kernel<BITS><<<g.tiles_m * g.tiles_n, kThreads, kSmem, stream>>>(g);
-  return cudaGetLastError();
-}
-
 }  // namespace
 
 int qgemm_sm90_smem_bytes(int bits) {
@@ -166,9 +157,9 @@ bool qgemm_sm90_available() {
 
 cudaError_t qgemm_sm90(const GemmArgs& g, int bits, cudaStream_t stream) {
   switch (bits) {
-    case 3: return launch<3>(g, stream);
-    case 4: return launch<4>(g, stream);
-    case 8: return launch<8>(g, stream);
+    case 3: return launch_gemm(qgemm_sm90_kernel<3>, PlanSm90<3>::kAllocBytes, g, stream);
+    case 4: return launch_gemm(qgemm_sm90_kernel<4>, PlanSm90<4>::kAllocBytes, g, stream);
+    case 8: return launch_gemm(qgemm_sm90_kernel<8>, PlanSm90<8>::kAllocBytes, g, stream);
     default: return cudaErrorInvalidValue;
   }
 }

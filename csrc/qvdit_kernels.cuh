@@ -110,6 +110,18 @@ __device__ __forceinline__ void unpack_step(uint32_t p_src, uint32_t u_dst, bool
     unpack_step_t<BITS, false>(p_src, u_dst);
 }
 
+// Two adjacent outputs: one 2-element store when aligned, else one or two scalar stores.
+template <typename T, typename T2, class Cvt, class Cvt2>
+__device__ __forceinline__ void store2(void* base, size_t idx, bool two, float y0, float y1, Cvt cvt, Cvt2 cvt2) {
+  T* o = static_cast<T*>(base) + idx;
+  if (two && idx % 2 == 0) {
+    *reinterpret_cast<T2*>(o) = cvt2(y0, y1);
+  } else {
+    o[0] = cvt(y0);
+    if (two) o[1] = cvt(y1);
+  }
+}
+
 // Store outputs (row, col) and (row, col + 1) from two raw accumulators (col is even).
 __device__ __forceinline__ void store_pair(const Epi& e, int row, int col, int32_t r0, int32_t r1) {
   if (row >= e.m || col >= e.n) return;
@@ -118,10 +130,9 @@ __device__ __forceinline__ void store_pair(const Epi& e, int row, int col, int32
   const int32_t c0 = zero_corrected(r0, e.zw[col], rs);
   const int32_t c1 = two ? zero_corrected(r1, e.zw[col + 1], rs) : 0;
   const size_t idx = (size_t)row * e.n + col;
-  const bool vec = two && (idx % 2 == 0);  // 2-element aligned store
   if (e.out_kind == 3) {
     int32_t* o = static_cast<int32_t*>(e.out) + idx;
-    if (vec) {
+    if (two && idx % 2 == 0) {
       *reinterpret_cast<int2*>(o) = make_int2(c0, c1);
     } else {
       o[0] = c0;
@@ -131,31 +142,24 @@ __device__ __forceinline__ void store_pair(const Epi& e, int row, int col, int32
   }
   const float y0 = epilogue_value(c0, row, col, e);
   const float y1 = two ? epilogue_value(c1, row, col + 1, e) : 0.f;
-  if (e.out_kind == 2) {
-    float* o = static_cast<float*>(e.out) + idx;
-    if (vec) {
-      *reinterpret_cast<float2*>(o) = make_float2(y0, y1);
-    } else {
-      o[0] = y0;
-      if (two) o[1] = y1;
-    }
-  } else if (e.out_kind == 0) {
-    __nv_bfloat16* o = static_cast<__nv_bfloat16*>(e.out) + idx;
-    if (vec) {
-      *reinterpret_cast<__nv_bfloat162*>(o) = __floats2bfloat162_rn(y0, y1);
-    } else {
-      o[0] = __float2bfloat16_rn(y0);
-      if (two) o[1] = __float2bfloat16_rn(y1);
-    }
-  } else {
-    __half* o = static_cast<__half*>(e.out) + idx;
-    if (vec) {
-      *reinterpret_cast<__half2*>(o) = __floats2half2_rn(y0, y1);
-    } else {
-      o[0] = __float2half_rn(y0);
-      if (two) o[1] = __float2half_rn(y1);
-    }
-  }
+  if (e.out_kind == 2)
+    store2<float, float2>(e.out, idx, two, y0, y1, [](float v) { return v; },
+                          [](float a, float b) { return make_float2(a, b); });
+  else if (e.out_kind == 0)
+    store2<__nv_bfloat16, __nv_bfloat162>(e.out, idx, two, y0, y1, [](float v) { return __float2bfloat16_rn(v); },
+                                          [](float a, float b) { return __floats2bfloat162_rn(a, b); });
+  else
+    store2<__half, __half2>(e.out, idx, two, y0, y1, [](float v) { return __float2half_rn(v); },
+                            [](float a, float b) { return __floats2half2_rn(a, b); });
+}
+
+// Launch one GEMM kernel instantiation with its dynamic shared memory (one CTA per output tile).
+template <class Kernel>
+cudaError_t launch_gemm(Kernel kernel, int smem_bytes, const GemmArgs& g, cudaStream_t stream) {
+  const cudaError_t attr = allow_smem(reinterpret_cast<const void*>(kernel), smem_bytes);
+  if (attr != cudaSuccess) return attr;
+  kernel<<<g.tiles_m * g.tiles_n, kThreads, smem_bytes, stream>>>(g);
+  return cudaGetLastError();
 }
 
 }  // namespace qv
