@@ -4,7 +4,8 @@
 #
 #   bash csrc/gpu_check.sh [build] [test] [sanitize] [bench] [ncu]     (no stage named: build test sanitize)
 #
-# Logs and results go to $OUT (the device tool's folder; default /tmp/qvdit_gpu_check). Through the device
+# $OUT (the device tool's folder; default /tmp/qvdit_gpu_check) gets steps.txt (all step output) and the
+# benchmark's cuda_gpu_check.{json,md}. Through the device
 # tool, from the repo root (bench_shapes.json travels in .work/, which is git-ignored and carried):
 #   mkdir -p .work && cp ../shared/bench_shapes.json .work/
 #   run(command="bash csrc/gpu_check.sh build test sanitize bench 2>&1 | tee $OUT/log.txt", carry=[".work"])
@@ -17,12 +18,17 @@ export PYTHONUNBUFFERED=1
 stages=("$@")
 [[ ${#stages[@]} -eq 0 ]] && stages=(build test sanitize)
 fails=()
-step() {  # step NAME CMD...: run, log to $OUT/NAME.txt (16 log files at most come back: keep them few)
+LOG="$OUT/steps.txt"  # every step's full output in one file (the device tool returns at most 8 files)
+: >"$LOG"
+step() {  # step NAME CMD...: run it, append its output to $LOG, print its tail
   local name=$1; shift
-  echo "=== $name: $*"
-  local t0=$SECONDS
-  if "$@" >"$OUT/$name.txt" 2>&1; then echo "=== $name ok ($((SECONDS - t0)) s)"; tail -n 3 "$OUT/$name.txt"
-  else echo "=== $name FAILED ($((SECONDS - t0)) s)"; tail -n 40 "$OUT/$name.txt"; fails+=("$name"); fi
+  echo "=== $name: $*" | tee -a "$LOG"
+  local t0=$SECONDS tmp
+  tmp=$(mktemp)
+  if "$@" >"$tmp" 2>&1; then echo "=== $name ok ($((SECONDS - t0)) s)"; tail -n 3 "$tmp"
+  else echo "=== $name FAILED ($((SECONDS - t0)) s)"; tail -n 40 "$tmp"; fails+=("$name"); fi
+  cat "$tmp" >>"$LOG"
+  rm -f "$tmp"
 }
 has() { [[ " ${stages[*]} " == *" $1 "* ]]; }
 
