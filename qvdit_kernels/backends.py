@@ -4,8 +4,8 @@
 - "triton": kernels registered by `qvdit_kernels.triton` (imported lazily, on first use), for CUDA
   tensors, or for CPU tensors under `TRITON_INTERPRET=1` (how CI tests them).
 - "cuda": kernels of the compiled extension `qvdit_kernels._C`, loaded by `qvdit_kernels.cuda`.
-- "auto": for CUDA tensors the fastest available backend that implements the op (a per-shape chooser
-  may be registered by a backend), otherwise "torch".
+- "auto": for CUDA tensors the first available backend implementing the op, in the order triton, cuda
+  (a per-shape chooser from device measurements will replace the fixed order), otherwise "torch".
 
 An op with no kernel in a named backend that is *offline* (weight quantization, packing) runs its
 reference; any other op raises `BackendUnavailableError` naming the backend and the reason.
@@ -87,7 +87,9 @@ def resolve(op: str, backend: str, device: torch.device, fallback: bool = True) 
         return ref
     if backend == "auto":
         if device.type == "cuda":
-            for name in ("cuda", "triton"):
+            # Triton first: the CUDA kernels are compile-checked but not yet measured on a GPU (issue 7);
+            # a per-shape chooser replaces this order once they are.
+            for name in ("triton", "cuda"):
                 if availability(name, device)[0] and (op, name) in _IMPLS:
                     return _IMPLS[(op, name)]
         return ref
