@@ -160,7 +160,11 @@ def profile_shares(model, call, device) -> dict:
             if e.self_device_time_total and e.device_type == torch.autograd.DeviceType.CUDA:
                 kernels[e.key[:90]] = round(e.self_device_time_total / 1e3, 3)
     top = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:12])
+    # the separate act-quant pass (what fusing it into the producing op, issue 6 item 5, would remove)
+    act_quant = sum(ms for k, ms in kernels.items() if "act_quant" in k)
+    qgemm = sum(ms for k, ms in kernels.items() if "qgemm" in k)
     return {"total_ms": total / 1e3, "attention_ms": attn / 1e3, "block_linears_ms": lin / 1e3,
+            "act_quant_kernels_ms": act_quant, "qgemm_kernels_ms": qgemm,
             "other_ms": (total - attn - lin) / 1e3, "attention_share": attn / total if total else None,
             "block_linears_share": lin / total if total else None, "top_kernels_ms": top}
 
