@@ -12,6 +12,7 @@ from .config import LayerQuant, QuantConfig
 from .frames import FrameLayout, FrameState, publish, resample_gate
 from .qlinear import QLinear
 from .quantize import qlinears, quantize_, weight_bytes
+from .calibration import calibrate  # noqa: E402  (after quantize: it builds on it)
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,6 @@ def __getattr__(name):  # QVDiTConfig imports diffusers: only on first use
     raise AttributeError(f"module 'qvdit' has no attribute {name!r}")
 
 __all__ = [
-    "CheckpointError", "FrameLayout", "FrameState", "LayerQuant", "QLinear", "QuantConfig", "load_quantized",
+    "CheckpointError", "FrameLayout", "FrameState", "LayerQuant", "QLinear", "QuantConfig", "calibrate", "load_quantized",
     "publish", "qlinears", "quantize_", "resample_gate", "save_quantized", "weight_bytes", "__version__",
 ]

@@ -13,6 +13,7 @@ SUBCOMMANDS = [
     "qvdit.demo",
     "qvdit.cli_quantize",
     "qvdit.cli_bench",
+    "qvdit.calibration.cli",
 ]
 
 
