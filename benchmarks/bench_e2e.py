@@ -144,22 +144,31 @@ def profile_shares(model, call, device) -> dict:
     finally:
         for m in wrapped:
             del m.forward
+    # Walk the CPU events: each kernel is attributed once, to the op that launched it; a CPU event's
+    # device_time_total is its subtree's kernels. (key_averages would merge the record_function range with its
+    # GPU-side annotation of the same name and double count.)
     cuda = device.type == "cuda"
-    events = prof.key_averages()
-    total_of = (lambda e: e.device_time_total) if cuda else (lambda e: e.cpu_time_total)
-    self_of = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
-    total = sum(self_of(e) for e in events)
-    if not cuda:  # CPU: the forward's own range is the total
-        total = max((e.cpu_time_total for e in events if e.key.startswith("nn.Module") or e.key == "e2e::forward"),
-                    default=total)
-    attn = sum(total_of(e) for e in events if e.key in ("aten::scaled_dot_product_attention",))
-    lin = sum(total_of(e) for e in events if e.key == "e2e::block_linear")
-    kernels = {}
-    if cuda:
-        for e in events:
-            if e.self_device_time_total and e.device_type == torch.autograd.DeviceType.CUDA:
-                kernels[e.key[:90]] = round(e.self_device_time_total / 1e3, 3)
-    top = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:12])
+    cpu_events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
+
+    def outermost(name):
+        def nested(e):
+            p = e.cpu_parent
+            while p is not None:
+                if p.name == name:
+                    return True
+                p = p.cpu_parent
+            return False
+        return [e for e in cpu_events if e.name == name and not nested(e)]
+
+    span = (lambda e: e.device_time_total) if cuda else (lambda e: e.cpu_time_total)
+    kernels: dict[str, float] = {}
+    for e in cpu_events:
+        for k in e.kernels:
+            kernels[k.name[:90]] = kernels.get(k.name[:90], 0.0) + k.duration / 1e3
+    total = sum(kernels.values()) * 1e3 if cuda else sum(e.cpu_time_total for e in cpu_events if e.cpu_parent is None)
+    attn = sum(span(e) for e in outermost("aten::scaled_dot_product_attention"))
+    lin = sum(span(e) for e in outermost("e2e::block_linear"))
+    top = {k: round(v, 3) for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:12]}
     # the separate act-quant pass (what fusing it into the producing op, issue 6 item 5, would remove)
     act_quant = sum(ms for k, ms in kernels.items() if "act_quant" in k)
     qgemm = sum(ms for k, ms in kernels.items() if "qgemm" in k)
