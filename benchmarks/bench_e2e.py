@@ -219,7 +219,10 @@ def run_one(name, setting, mode, args, device, ref_out, log) -> tuple[dict, torc
     if ref_out is not None:
         row["rel_err_vs_bf16"] = float((out - ref_out).norm() / ref_out.norm())
     if mode == "eager" and not args.no_profile:
-        row["profile"] = profile_shares(model, call, device)
+        try:  # a profiler problem must not cost the latency and memory figures of the run
+            row["profile"] = profile_shares(model, call, device)
+        except Exception as exc:
+            row["profile_error"] = f"{type(exc).__name__}: {exc}"
     log(f"{name:<12}{setting:<6}{mode:<9}{row['latency_ms']:>10.1f} ms  warm-up {row['warmup_s']:.1f} s")
     del model, kw
     gc.collect()
