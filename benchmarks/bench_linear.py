@@ -93,12 +93,15 @@ def ours(prob, wb, ab, rows, shape, t_bf16, graph, modes):
                                                     + p.gate.numel())
     wratio = wbytes / (2 * p.n * p.k)
     idx = p.rows
-    # reference on the sampled rows (each row's quantization depends only on that row)
-    rq, rs_, ru, rrs = ref.quantize_activation(p.x[idx], ab, p.alpha, p.gate, p.fid[idx], want_rowsum=True)
+    # reference on the sampled rows (each row's quantization depends only on that row); the act-quant
+    # reference runs on the CPU: PyTorch's CUDA division by a Python scalar is a reciprocal multiply
+    cpu = [t.cpu() for t in (p.x[idx], p.alpha, p.gate, p.fid[idx])]
+    rq, rs_, ru, rrs = (t.to(DEV) for t in ref.quantize_activation(cpu[0], ab, *cpu[1:], want_rowsum=True))
     ref_tqe = ref.qgemm(rq, rs_, wp, wb, sw, zw, p.bias, ru, p.beta, out_dtype=torch.float32)
     ref_plain = ref.qgemm(rq, rs_, wp, wb, sw, zw, p.bias, out_dtype=torch.float32)
     ref_acc = ref.qgemm(rq, rs_, wp, wb, sw, zw, out_dtype=torch.int32)
 
+    qk.qlinear(p.x, wp, wb, sw, zw, ab, bias=p.bias, backend="triton", **tqe_kw)  # tunes with bf16 output
     xq, sx, u, rsum = qk.quantize_activation_rowsum(p.x, ab, backend="triton", **aq_kw)
     aq_ok = bool(torch.equal(xq[idx], rq) and torch.equal(sx[idx], rs_) and torch.equal(rsum[idx], rrs)
                  and torch.allclose(u[idx], ru, rtol=1e-6, atol=0))
@@ -313,9 +316,14 @@ def main(argv=None):
     ap.add_argument("--modes", default="full,gemm,act_quant")
     ap.add_argument("--small-m", action="store_true", help="also M in {1, 16, 256} (full linear, CUDA-graph timing)")
     ap.add_argument("--peers", default="torchao,gemlite", help="comma list of torchao, gemlite (empty: none)")
+    ap.add_argument("--peer-shapes", default=None,
+                    help="name:peer1+peer2,... shapes that run peers (default: every shape runs every peer)")
+    ap.add_argument("--small-shapes", default=None, help="comma list of shapes whose (K, N) also run small M")
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
     ap.add_argument("--tag", default=None)
     ap.add_argument("--aq-sweep", action="store_true", help="also time act-quant launch parameters per K")
+    ap.add_argument("--deadline-s", type=float, default=None,
+                    help="start no new shape after this many seconds (the summary is still written)")
     ap.add_argument("--smoke", action="store_true", help="CPU dry run of the script (TRITON_INTERPRET=1, tiny shapes)")
     args = ap.parse_args(argv)
     global DEV, BIG_M
@@ -342,12 +350,24 @@ def main(argv=None):
     rows: list[dict] = []
     todo = [(name, m, k, n, False) for name, (m, k, n) in shapes.items()]
     if args.small_m:
-        todo += [(f"{name}@M{m}", m, k, n, True) for name, (_, k, n) in shapes.items() for m in (1, 16, 256)]
-    result = dict(env=env, copy_gbs=copy_gbs, targets=TARGETS, rows=rows, skipped_peers=skipped)
+        small_names = args.small_shapes.split(",") if args.small_shapes else list(shapes)
+        todo += [(f"{name}@M{m}", m, k, n, True) for name, (_, k, n) in shapes.items() if name in small_names
+                 for m in (1, 16, 256)]
+    peer_plan = None
+    if args.peer_shapes:  # e.g. "wan1.3b_fc1:fp8+int8+gemlite,wan14b_fc1:fp8"
+        peer_plan = {item.split(":")[0]: item.split(":")[1].split("+") for item in args.peer_shapes.split(",")}
+    short = {"fp8": "torchao W8A8 fp8-rowwise", "int8": "torchao W8A8 int8", "gemlite": "gemlite A8W4"}
+    result = dict(env=env, copy_gbs=copy_gbs, targets=TARGETS, rows=rows, skipped_peers=skipped,
+                  peer_plan=peer_plan or "every shape")
     if args.aq_sweep:
         result["act_quant_sweep"] = aq_sweep(shapes, copy_gbs)
+    t_start = time.time()
     for name, m, k, n, small in todo:
         t0 = time.time()
+        if args.deadline_s and t0 - t_start > args.deadline_s:
+            print(f"{name}: not run (deadline of {args.deadline_s:.0f} s reached)", flush=True)
+            result.setdefault("not_run", []).append(name)
+            continue
         print(f"{name}: M={m} K={k} N={n}", flush=True)
         try:
             prob = Problem(m, k, n)
@@ -361,7 +381,9 @@ def main(argv=None):
                 seen_ab.add(ab)
                 ours(prob, wb, ab, rows, name, t_bf16, small, ms_)
             if not small:
-                run_peers(prob, peer_names, rows, name, t_bf16, skipped, small)
+                names = peer_names if peer_plan is None else \
+                    [n_ for n_ in peer_names if n_ in [short[p_] for p_ in peer_plan.get(name, [])]]
+                run_peers(prob, names, rows, name, t_bf16, skipped, small)
             del prob
         except Exception:
             traceback.print_exc()

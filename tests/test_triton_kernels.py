@@ -7,6 +7,7 @@ The shared assertions for every backend live in test_gemm.py and test_act_quant.
 """
 import json
 import os
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -117,6 +118,39 @@ def test_asm_formulas_emulated_equal_formats(grouping):
                   emulate_ptx(up.ASM_C6.value, a, b), emulate_ptx(up.ASM_C7.value, b, c)]
         codes = np.concatenate([_unwords(p, o) for p in pieces], 1)
         assert np.array_equal(codes, q3.numpy())
+
+
+def _rn32(v: Fraction) -> Fraction:
+    """A rational rounded to the nearest float32, ties to even (normal range), exactly."""
+    if v == 0:
+        return v
+    a = abs(v)
+    e = a.numerator.bit_length() - a.denominator.bit_length()
+    while Fraction(2) ** e > a:
+        e -= 1
+    while Fraction(2) ** (e + 1) <= a:
+        e += 1
+    step = Fraction(2) ** (e - 23)
+    return (1 if v > 0 else -1) * round(a / step) * step  # round() on a Fraction: half to even
+
+
+def test_division_formula_is_ieee_exact():
+    """The GPU act-quant divides as q0 = x*r, e = fma(-q0, s, x), t = fma(e, r, q0) with r = RN(1/s): in exact
+    rational arithmetic (one rounding per op, as FFMA does) t = RN(x/s), also at exact ties and next to them."""
+    rng = np.random.default_rng(0)
+    for i in range(3000):
+        if i % 3 == 0:  # exact ties (k + 1/2) s: s with a short significand
+            s = float(np.float32(rng.integers(1, 2**14) * 2.0 ** rng.integers(-40, 1)))
+            x = float(np.float32((rng.integers(-127, 127) + 0.5) * s))
+        else:
+            s = float(np.float32(np.exp(rng.uniform(np.log(1e-8), np.log(1e4)))))
+            x = np.float32((rng.integers(-127, 127) + (0.5 if i % 3 == 1 else rng.uniform())) * s)
+            x = float(np.nextafter(x, np.float32(np.inf if rng.random() < 0.5 else -np.inf)) if i % 2 else x)
+        fx, fs = Fraction(x), Fraction(s)
+        r = _rn32(1 / fs)
+        q0 = _rn32(fx * r)
+        t = _rn32(q0 + _rn32(fx - q0 * fs) * r)
+        assert t == _rn32(fx / fs), (x, s)
 
 
 # ----------------------------------------------------------------------------- pure-Triton (and asm) unpack
@@ -237,6 +271,25 @@ def test_act_quant_one_and_two_pass_equal_reference(bits, one_pass):
     assert torch.allclose(got[2].cpu(), u, rtol=1e-6, atol=0)
 
 
+@needs_triton
+@pytest.mark.parametrize("k", [200, 1152, 2100])
+def test_act_quant_every_tuner_candidate(k):
+    """Each launch config the tuner may pick for this K gives the reference's codes, scales, sums and u."""
+    m = 6
+    x = torch.randn(m, k, generator=gen(k)) * 2
+    x[1, 3] = float("nan")
+    x[2] = 0.0
+    alpha = torch.randn(k, generator=gen(1))
+    xq, s, u, rs = ref.quantize_activation(x, 8, alpha, want_rowsum=True)
+    for prm in aq.candidates(k):
+        got = [t.cpu() for t in aq.act_quant(x.to(DEVICE), 8, alpha.to(DEVICE), None, None, True,
+                                               interpret=INTERPRET, params=prm)]
+        assert torch.equal(got[0], xq) and torch.equal(got[3], rs), prm
+        assert torch.equal(got[1].isnan(), s.isnan()) and torch.equal(got[1][~s.isnan()], s[~s.isnan()]), prm
+        ok = ~s.isnan()
+        assert torch.allclose(got[2][ok], u[ok], rtol=1e-6, atol=0), prm
+
+
 # ----------------------------------------------------------------------------- custom ops
 def _op_args(m=5, k=130, n=12, w_bits=3, a_bits=6):
     d, _, _ = _problem(m, k, n, w_bits, a_bits, seed=7)
@@ -352,8 +405,8 @@ def test_gpu_real_shapes_bit_exact(w_bits, a_bits):
 @needs_triton
 @pytest.mark.parametrize("w_bits", [3, 4, 8])
 def test_gpu_acc_beyond_2_24_exact(w_bits):
-    """|acc| > 2^24 (where a float accumulator would round): extreme codes at K = 13824, exact int32."""
-    m, n, k = 256, 256, 13824
+    """|acc| > 2^24 (where a float accumulator would round): extreme codes at K = 32768, exact int32."""
+    m, n, k = 256, 256, 32768
     xq = torch.full((m, k), 127, dtype=torch.int8, device=DEVICE)
     xq[1::2] = -127
     top = 2**w_bits - 1 if w_bits < 8 else 127
@@ -373,13 +426,16 @@ def test_gpu_acc_beyond_2_24_exact(w_bits):
 @pytest.mark.parametrize("k", [1152, 5120, 8960, 13824, 20000, 65536])
 @pytest.mark.parametrize("bits", [6, 8])
 def test_gpu_act_quant_real_k_bit_exact(k, bits):
-    """Codes, scales and row sums equal the reference bit for bit at real K (and the two-pass K > 16384)."""
+    """Codes, scales and row sums equal the reference bit for bit at real K (and the two-pass K > 16384).
+
+    The reference runs on the CPU: PyTorch's CUDA division by a Python scalar multiplies by the
+    reciprocal (one bit less exact), while SPEC 1.1 and the kernel divide per IEEE."""
     m = 300 if k <= 20000 else 40
     x = (torch.randn(m, k, device=DEVICE) * torch.exp(torch.randn(m, 1, device=DEVICE))).to(torch.bfloat16)
     x[3, 11] = 3e3
     x[5] = 0
     alpha = torch.randn(k, device=DEVICE) / k**0.5
     xq, s, u, rs = qk.quantize_activation_rowsum(x, bits, alpha=alpha, backend="triton")
-    rq, rsc, ru, rrs = ref.quantize_activation(x, bits, alpha, want_rowsum=True)
-    assert torch.equal(xq, rq) and torch.equal(s, rsc) and torch.equal(rs, rrs)
-    assert torch.allclose(u, ru, rtol=1e-6, atol=0)
+    rq, rsc, ru, rrs = ref.quantize_activation(x.cpu(), bits, alpha.cpu(), want_rowsum=True)
+    assert torch.equal(xq.cpu(), rq) and torch.equal(s.cpu(), rsc) and torch.equal(rs.cpu(), rrs)
+    assert torch.allclose(u.cpu(), ru, rtol=1e-6, atol=0)

@@ -33,6 +33,15 @@ def _vec(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.contiguous()
 
 
+def _aq_tuner(x: Tensor):
+    """Picks the act-quant launch config per (GPU, K, M bucket); None in the interpreter."""
+    if _interpret(x):
+        return None
+    gpu = tune._gpu_key(x.device)
+    key = (gpu, x.shape[1], tune.m_bucket(x.shape[0]))
+    return lambda cands, run: tune.pick("act_quant", key, cands, run, x.device)
+
+
 def _rows(t: Tensor) -> Tensor:
     """Row-major with unit column stride (what the kernels index)."""
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -44,7 +53,7 @@ def act_quant_op(x: Tensor, bits: int, alpha: Optional[Tensor], gate: Optional[T
                  want_rowsum: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     with _on(x):
         xq, s, u, rs = _aq.act_quant(_rows(x), bits, _vec(alpha), _vec(gate), _vec(frame_id), want_rowsum,
-                                     interpret=_interpret(x))
+                                     interpret=_interpret(x), tuner=_aq_tuner(x))
     m = x.shape[0]
     u = u if u is not None else x.new_empty(0, dtype=torch.float32)
     rs = rs if rs is not None else x.new_empty(0, dtype=torch.int32)
@@ -107,7 +116,7 @@ def qlinear_op(x: Tensor, w_packed: Tensor, w_bits: int, w_scale: Tensor, w_zero
     with _on(x):
         xq, sx, u, rs = _aq.act_quant(_rows(x), a_bits, _vec(alpha) if tqe else None, _vec(gate) if tqe else None,
                                       _vec(frame_id) if tqe else None, want_rowsum=w_bits != 8,
-                                      interpret=_interpret(x))
+                                      interpret=_interpret(x), tuner=_aq_tuner(x))
     return _gemm_run(xq, sx, w_packed, w_bits, w_scale, w_zero, bias, u, beta if tqe else None, rs, out_dtype)
 
 
