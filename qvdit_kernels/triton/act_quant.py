@@ -126,7 +126,7 @@ def act_quant_kernel(
     M, K, stride_xm, stride_qm,
     BITS: tl.constexpr, HAS_TQE: tl.constexpr, HAS_GATE: tl.constexpr, HAS_FID: tl.constexpr,
     WANT_RS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    INTERPRET: tl.constexpr, LOOP_STAGES: tl.constexpr = 1,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
@@ -143,8 +143,8 @@ def act_quant_kernel(
     else:
         hi = tl.zeros([BLOCK_M], tl.float32)
         lo = tl.zeros([BLOCK_M], tl.float32)
-        if not INTERPRET:
-            for k0 in range(0, K, BLOCK_K):
+        if not INTERPRET:  # LOOP_STAGES > 1: Triton keeps the next chunks' loads in flight
+            for k0 in tl.range(0, K, BLOCK_K, num_stages=LOOP_STAGES):
                 hi, lo = _stats_step(xrow, k0, cols, rmask, K, hi, lo, BITS, INTERPRET)
         else:  # the interpreter (numpy >= 2.3) cannot take a run-time bound in range()
             k0 = 0
@@ -155,7 +155,7 @@ def act_quant_kernel(
         rsum = tl.zeros([BLOCK_M], tl.int32)
         dot = tl.zeros([BLOCK_M], tl.float64)
         if not INTERPRET:
-            for k0 in range(0, K, BLOCK_K):
+            for k0 in tl.range(0, K, BLOCK_K, num_stages=LOOP_STAGES):
                 rsum, dot = _codes_step(xrow, qrow, alpha_ptr, k0, cols, rmask, K, s, r, z, good, rsum, dot,
                                         BITS, HAS_TQE, WANT_RS, INTERPRET)
         else:
@@ -211,9 +211,9 @@ def candidates(k: int) -> list[dict]:
                     out.append(dict(BLOCK_M=bm, BLOCK_K=bk, ONE_PASS=True, num_warps=warps))
         if bk == MAX_ONE_PASS_K:  # the longest rows in one tile need 32 values per thread
             out.append(dict(BLOCK_M=1, BLOCK_K=bk, ONE_PASS=True, num_warps=16))
-    for chunk, bm in ((1024, 1), (1024, 2), (2048, 1)):  # <= 16 values per thread (4 x 2048 spills)
-        if chunk < k:
-            out.append(dict(BLOCK_M=bm, BLOCK_K=chunk, ONE_PASS=False, num_warps=4))
+    for chunk, bm, stages in ((1024, 1, 1), (1024, 2, 1), (2048, 1, 1), (1024, 2, 3), (1024, 4, 3)):
+        if chunk < k:  # <= 32 values per thread (4 x 2048 spills); stages 3: software-pipelined loads
+            out.append(dict(BLOCK_M=bm, BLOCK_K=chunk, ONE_PASS=False, num_warps=4, LOOP_STAGES=stages))
     return out or [default_params(k, False)]
 
 

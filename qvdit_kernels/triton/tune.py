@@ -23,9 +23,13 @@ _TIMES: dict[tuple, list] = {}  # key -> [(config, median ms)] of every candidat
 
 def _gpu_key(device: torch.device) -> str:
     """Which table a GPU uses: `QVDIT_TRITON_CONFIGS` (a JSON path, for config sweeps), else by device name."""
-    if os.environ.get("QVDIT_TRITON_CONFIGS"):
-        return os.environ["QVDIT_TRITON_CONFIGS"]
-    name = torch.cuda.get_device_name(device).lower()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return os.environ.get("QVDIT_TRITON_CONFIGS") or _gpu_key_by_name(index)
+
+
+@lru_cache(maxsize=None)
+def _gpu_key_by_name(index) -> str:  # cached: this runs on every call, and launches are microseconds
+    name = torch.cuda.get_device_name(index).lower()
     for f in sorted(os.listdir(CONFIG_DIR)):
         stem = f[:-5]
         if f.endswith(".json") and stem in name:
