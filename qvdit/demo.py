@@ -27,16 +27,12 @@ TINY_WAN = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=
 DEMO_LABELS = ((0, 0, 0), (1, 2, 1), (0, 3, 2), (1, 1, 3))
 
 
-def _metrics(q: torch.Tensor, ref: torch.Tensor) -> tuple[float, float | None]:
-    """Mean PSNR (dB) and SSIM over the clips' frames; SSIM None without torchmetrics (the eval extra)."""
-    try:
-        from .testbed.metrics import psnr_ssim
+def _metrics(q: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """Mean PSNR (dB) and SSIM over the clips' frames (torchmetrics, the eval extra)."""
+    from .testbed.metrics import psnr_ssim
 
-        psnr, ssim = psnr_ssim(q, ref)
-        return float(psnr.mean()), float(ssim.mean())
-    except ImportError:  # README's install has no torchmetrics: PSNR from the per-frame MSE, data range [0, 1]
-        mse = (((q - ref) / 2) ** 2).mean(dim=(1, 3, 4)).clamp(min=1e-10)
-        return float((10 * torch.log10(1 / mse)).mean()), None
+    psnr, ssim = psnr_ssim(q, ref)
+    return float(psnr.mean()), float(ssim.mean())
 
 
 def run_demo(steps: int | None = None, seed: int = 0, out: str | None = "qvdit_demo.gif", backend: str = "torch",
