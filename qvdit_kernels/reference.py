@@ -33,13 +33,15 @@ EPS = 1e-8  # lower clamp of every scale (applied in float32)
 def rowwise_qparams(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Min-max scale and zero point of every row (last dim) of `x`, in float32 (SPEC 1.1)."""
     x = x.float()
+    # Divide by a 0-dim tensor on x's device, not a Python number: CUDA turns division by a host scalar
+    # into multiplication by its reciprocal, which is 1 ulp off IEEE division and moves codes at ties.
     if bits == 8:
-        scale = (x.abs().amax(dim=-1) / 127.0).clamp(min=EPS)
+        scale = (x.abs().amax(dim=-1) / torch.full((), 127.0, device=x.device)).clamp(min=EPS)
         return scale, torch.zeros_like(scale)
     qmax = float(2**bits - 1)
     hi = x.amax(dim=-1).clamp(min=0.0)
     lo = x.amin(dim=-1).clamp(max=0.0)
-    scale = ((hi - lo) / qmax).clamp(min=EPS)
+    scale = ((hi - lo) / torch.full((), qmax, device=x.device)).clamp(min=EPS)
     zero = torch.round(-lo / scale).clamp(0.0, qmax)
     return scale, zero
 
