@@ -9,6 +9,10 @@ import argparse
 import importlib
 import sys
 
+class CLIError(Exception):
+    """A wrong argument or folder: `main` prints it as one line ("qvdit CMD: error: ...") and exits with 2."""
+
+
 SUBCOMMANDS = [
     "qvdit.demo",
     "qvdit.cli_quantize",
@@ -27,7 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args) or 0
+    try:
+        return args.func(args) or 0
+    except CLIError as exc:
+        print(f"qvdit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import torch
 
+from .cli import CLIError
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
-
-
-class CLIError(Exception):
-    """A wrong argument or folder; printed as one line, exit status 2."""
 
 
 def _read_json(path: str) -> dict:
@@ -103,15 +100,10 @@ def quantize_folder(src, dst, *, subfolder=None, w_bits=4, a_bits=8, tqe=True, s
     return summary
 
 
-def _run(args) -> int:
-    try:
-        quantize_folder(args.src, args.dst, subfolder=args.subfolder, w_bits=args.w_bits, a_bits=args.a_bits,
-                        tqe=not args.no_tqe, skip=args.skip, include=args.include, dtype=args.dtype,
-                        device=args.device, overwrite=args.overwrite)
-    except CLIError as exc:
-        print(f"qvdit quantize: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+def _run(args) -> None:
+    quantize_folder(args.src, args.dst, subfolder=args.subfolder, w_bits=args.w_bits, a_bits=args.a_bits,
+                    tqe=not args.no_tqe, skip=args.skip, include=args.include, dtype=args.dtype,
+                    device=args.device, overwrite=args.overwrite)
 
 
 def add_parser(sub) -> None:

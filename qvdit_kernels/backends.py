@@ -103,6 +103,22 @@ def resolve(op: str, backend: str, device: torch.device, fallback: bool = True) 
     raise BackendUnavailableError(f"backend={backend!r} has no kernel for {op}")
 
 
+# ----------------------------------------------------------------------------- helpers for kernel backends
+def require_default_format(backend: str, w_bits: int, format) -> None:
+    """Fast kernels read only the default packed format of each width (formats.DEFAULT_FORMAT)."""
+    from .formats import DEFAULT_FORMAT
+
+    if format is not None and format != DEFAULT_FORMAT[w_bits]:
+        raise ValueError(f"backend={backend!r} reads only the default {w_bits}-bit format "
+                         f"{DEFAULT_FORMAT[w_bits]!r}, got format={format!r}")
+
+
+def act_quant_results(xq, scale, u, rowsum, alpha, want_rowsum):
+    """A kernel's 4 outputs as the op returns them: u None without alpha, rowsum only when asked for."""
+    u = u if alpha is not None else None
+    return (xq, scale, u, rowsum) if want_rowsum else (xq, scale, u)
+
+
 def implemented(op: str) -> list[str]:
     """Backends that currently have an implementation of `op` registered (after loading what loads)."""
     for b in _MODULES:

@@ -23,8 +23,7 @@ except ImportError as exc:  # not built: CPU torch, no toolkit, or QVDIT_BUILD_E
         "install time: pip install -e . --no-build-isolation with QVDIT_BUILD_EXT unset)"
     ) from exc
 
-from .backends import register
-from .formats import DEFAULT_FORMAT
+from .backends import act_quant_results, register, require_default_format
 
 GEMM_PATHS = {"auto": 0, "sm80": 1, "sm90": 2}
 
@@ -37,23 +36,16 @@ def gemm_path() -> int:
     return GEMM_PATHS[name]
 
 
-def _check_format(w_bits: int, format) -> None:
-    if format is not None and format != DEFAULT_FORMAT[w_bits]:
-        raise ValueError(f"backend='cuda' reads only the default {w_bits}-bit format "
-                         f"{DEFAULT_FORMAT[w_bits]!r}, got format={format!r}")
-
-
 @register("quantize_activation", "cuda")
 def quantize_activation(x, bits, alpha=None, gate=None, frame_id=None, want_rowsum=False):
-    xq, scale, u, rowsum = torch.ops.qvdit.cuda_act_quant(x, bits, alpha, gate, frame_id, want_rowsum)
-    u = u if alpha is not None else None
-    return (xq, scale, u, rowsum) if want_rowsum else (xq, scale, u)
+    out = torch.ops.qvdit.cuda_act_quant(x, bits, alpha, gate, frame_id, want_rowsum)
+    return act_quant_results(*out, alpha, want_rowsum)
 
 
 @register("qgemm", "cuda")
 def qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias=None, u=None, beta=None, x_rowsum=None,
           out_dtype=torch.bfloat16, format=None):
-    _check_format(w_bits, format)
+    require_default_format("cuda", w_bits, format)
     return torch.ops.qvdit.cuda_qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum,
                                       out_dtype, gemm_path())
 
@@ -61,7 +53,7 @@ def qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias=None, u=None, bet
 @register("qlinear", "cuda")
 def qlinear(x2, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, gate, frame_id, out_dtype, format):
     """act-quant (codes, scale, TQE u and the row sums in one pass) then the GEMM; TQE on when alpha/beta given."""
-    _check_format(w_bits, format)
+    require_default_format("cuda", w_bits, format)
     xq, sx, u, rowsum = torch.ops.qvdit.cuda_act_quant(x2, a_bits, alpha, gate, frame_id, True)
     if alpha is None:
         u = None

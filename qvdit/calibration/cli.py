@@ -13,12 +13,12 @@ safetensors file with x (x_t [N,C,F,H,W]), t (the model's timestep values [N]), 
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 import torch
 
-from ..cli_quantize import CLIError, resolve_model_folder
+from ..cli import CLIError
+from ..cli_quantize import resolve_model_folder
 
 
 def _is_testbed(path: str | None) -> bool:
@@ -88,16 +88,11 @@ def calibrate_folder(model_path, out, *, items_path=None, subfolder=None, w_bits
     return summary
 
 
-def _run(args) -> int:
-    try:
-        calibrate_folder(args.model, args.out, items_path=args.items, subfolder=args.subfolder, w_bits=args.w_bits,
-                         a_bits=args.a_bits, recipe=args.recipe, iters=args.iters, batch_size=args.batch_size,
-                         gamma=args.gamma, seed=args.seed, checkpoint=args.checkpoint, resume=not args.no_resume,
-                         device=args.device, clips=args.clips, progress=not args.quiet)
-    except CLIError as exc:
-        print(f"qvdit calibrate: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+def _run(args) -> None:
+    calibrate_folder(args.model, args.out, items_path=args.items, subfolder=args.subfolder, w_bits=args.w_bits,
+                     a_bits=args.a_bits, recipe=args.recipe, iters=args.iters, batch_size=args.batch_size,
+                     gamma=args.gamma, seed=args.seed, checkpoint=args.checkpoint, resume=not args.no_resume,
+                     device=args.device, clips=args.clips, progress=not args.quiet)
 
 
 def add_parser(sub) -> None:

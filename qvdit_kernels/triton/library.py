@@ -14,8 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..backends import register
-from ..formats import DEFAULT_FORMAT
+from ..backends import act_quant_results, register, require_default_format
 from . import act_quant as _aq
 from . import gemm as _gemm
 from . import tune
@@ -126,28 +125,22 @@ def _(x, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, gate, fra
 
 
 # ----------------------------------------------------------------------------- backend "triton"
-def _check_format(w_bits, format):
-    if format is not None and format != DEFAULT_FORMAT[w_bits]:
-        raise ValueError(f"format {format!r}: the Triton kernels read only {DEFAULT_FORMAT[w_bits]!r} for {w_bits}-bit weights")
-
-
 @register("quantize_activation", "triton")
 def quantize_activation(x, bits, alpha=None, gate=None, frame_id=None, want_rowsum=False):
-    xq, s, u, rs = torch.ops.qvdit.triton_act_quant(x, bits, alpha, gate, frame_id, want_rowsum)
-    u = u if alpha is not None else None
-    return (xq, s, u, rs) if want_rowsum else (xq, s, u)
+    out = torch.ops.qvdit.triton_act_quant(x, bits, alpha, gate, frame_id, want_rowsum)
+    return act_quant_results(*out, alpha, want_rowsum)
 
 
 @register("qgemm", "triton")
 def qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias=None, u=None, beta=None, x_rowsum=None,
           out_dtype=torch.bfloat16, format=None):
-    _check_format(w_bits, format)
+    require_default_format("triton", w_bits, format)
     return torch.ops.qvdit.triton_qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum,
                                         out_dtype)
 
 
 @register("qlinear", "triton")
 def qlinear(x2, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, gate, frame_id, out_dtype, format):
-    _check_format(w_bits, format)
+    require_default_format("triton", w_bits, format)
     return torch.ops.qvdit.triton_qlinear(x2, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, gate,
                                           frame_id, out_dtype)
