@@ -121,22 +121,22 @@ class FrameState:
     def layout(self, kind: str) -> FrameLayout | None:
         return self._layouts.get(kind)
 
-    def lookup(self, kind: str, rows: int, device, module_name="?"):
+    def lookup(self, kind: str, rows: int, device, caller=None):
         """(frame_id int32 [rows], num_frames) for a linear of row kind `kind`, or (None, None) when
         nothing is published (generic models: every row uses gate[0]).
 
-        `module_name`: a str, or the calling module (its `.name` is read only to raise: a compiled block then
-        does not specialize, i.e. recompile, on each layer's name)."""
+        `caller`: the calling module, or a name, for error messages only. A module (not its name) is passed so
+        that a compiled block does not specialize, i.e. recompile, on each layer's name string."""
         if not self._layouts:
             return None, None
         layout = self._layouts.get(kind)
         if layout is None:
             raise ValueError(
-                f"{getattr(module_name, 'name', module_name) or '?'}: row kind {kind!r} has no published frame layout (published: {sorted(self._layouts)})"
+                f"{_caller_name(caller)}: row kind {kind!r} has no published frame layout (published: {sorted(self._layouts)})"
             )
         if rows != layout.rows:
             raise ValueError(
-                f"{getattr(module_name, 'name', module_name) or '?'}: input has {rows} rows but the published {kind!r} layout has {layout.rows} "
+                f"{_caller_name(caller)}: input has {rows} rows but the published {kind!r} layout has {layout.rows} "
                 f"(batch {layout.batch} x ({layout.num_frames} frames x {layout.tokens_per_frame} tokens + "
                 f"{layout.text_len} text))"
             )
@@ -145,6 +145,10 @@ class FrameState:
         if ids is None:
             ids = self._ids[key] = layout.frame_ids(device)
         return ids, layout.num_frames
+
+
+def _caller_name(caller) -> str:
+    return (getattr(caller, "name", caller) if caller is not None else None) or "?"
 
 
 def resample_gate(gate: torch.Tensor, num_frames: int) -> torch.Tensor:
