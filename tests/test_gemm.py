@@ -47,6 +47,27 @@ def float64_epilogue(acc, a):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("w_bits", [3, 4, 8])
+def test_acc_beyond_2_24_exact(backend, w_bits):
+    """Extreme codes at K = 32768: |acc| > 2^24, where a float accumulator would round (at K = 13824 the W3
+    maximum 127 * 7 * 9216 stays below 2^24). Fast backends only on a GPU (too slow for the interpreter)."""
+    dev = device_for(backend)
+    if backend != "torch" and dev.type != "cuda":
+        pytest.skip("K = 32768 needs a GPU for the fast kernels")
+    m, n, k = 64 if dev.type == "cpu" else 256, 64 if dev.type == "cpu" else 256, 32768
+    xq = torch.full((m, k), 127, dtype=torch.int8)
+    xq[1::2] = -127
+    top = 2**w_bits - 1 if w_bits < 8 else 127
+    qw = torch.full((n, k), top, dtype=torch.uint8 if w_bits < 8 else torch.int8)
+    qw[:, ::3] = 0 if w_bits < 8 else -127
+    args = dict(xq=xq, x_scale=torch.ones(m), w_packed=qk.pack_weight(qw, w_bits), w_bits=w_bits,
+                w_scale=torch.ones(n), w_zero=torch.zeros(n))
+    want = int64_acc(xq, qw, args["w_zero"])
+    assert want.abs().max() > 2**24
+    assert torch.equal(run_qgemm(backend, args, torch.int32).long(), want)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("w_bits,a_bits", [(3, 6), (4, 8), (3, 8), (4, 6), (8, 8)])
 @pytest.mark.parametrize("m,k,n", SHAPES)
 def test_int32_acc_bit_exact(backend, w_bits, a_bits, m, k, n):

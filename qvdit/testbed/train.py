@@ -177,7 +177,7 @@ def main(argv=None) -> int:
         print(f"resumed {workdir} at step {step} ({elapsed:.0f} s trained before)", flush=True)
     autocast = None if (args.no_autocast or dev.type != "cuda") else torch.bfloat16
     params, ema_params = list(model.parameters()), list(ema.parameters())
-    start, last_log, clips_seen, losses = time.perf_counter(), time.perf_counter(), 0, []
+    start, clips_seen, losses = time.perf_counter(), 0, []
     start_step = step
     while step < args.max_steps and time.perf_counter() - start < args.time_budget:
         lr = args.lr * min(1.0, (step + 1) / args.warmup)
