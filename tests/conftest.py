@@ -68,3 +68,19 @@ def assert_within_spec(out: torch.Tensor, ref: torch.Tensor):
     err = (out - ref).abs()
     worst = (err / bound).max().item() if err.numel() else 0.0
     assert (err <= bound).all(), f"max error is {worst:.2f}x the SPEC 1.4 bound"
+
+
+def capture_cuda_graph(fn):
+    """Warm `fn` up on a side stream, then capture one call into a CUDA graph: -> (graph, captured output).
+
+    The tests then change the captured input in place, replay, and compare with an eager call.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out

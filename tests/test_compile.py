@@ -17,7 +17,7 @@ from qvdit import QuantConfig, quantize_
 from qvdit.models import find_adapter
 from qvdit_kernels import backends
 
-from conftest import DEVICE, requires_gpu
+from conftest import DEVICE, capture_cuda_graph, requires_gpu
 from test_adapters import tiny_wan
 
 needs_triton = pytest.mark.skipif(not backends.availability("triton", DEVICE)[0],
@@ -96,14 +96,7 @@ def test_cuda_graph_capture_of_a_quantized_block():
             return block(*args, **kwargs)
 
     eager = run()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
+    graph, out = capture_cuda_graph(run)
     args[0].normal_()  # a new input in the captured buffer: the replay must follow it
     graph.replay()
     torch.cuda.synchronize()

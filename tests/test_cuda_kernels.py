@@ -12,7 +12,7 @@ import torch
 import qvdit_kernels as qk
 from qvdit_kernels import reference as ref
 
-from conftest import KERNEL_BACKENDS, assert_within_spec, gen
+from conftest import KERNEL_BACKENDS, assert_within_spec, capture_cuda_graph, gen
 from test_gemm import make_problem
 
 pytestmark = pytest.mark.skipif("cuda" not in KERNEL_BACKENDS, reason="needs a GPU and the built CUDA extension")
@@ -213,14 +213,7 @@ def test_cuda_graph_replay_equals_eager():
                           beta=a["beta"], gate=gate, frame_id=fid, out_dtype=torch.bfloat16, backend="cuda")
 
     eager = f()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        f()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = f()
+    graph, out = capture_cuda_graph(f)
     x.normal_()
     graph.replay()
     torch.cuda.synchronize()

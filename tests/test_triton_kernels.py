@@ -17,8 +17,8 @@ import qvdit_kernels as qk
 from qvdit_kernels import reference as ref
 from qvdit_kernels.formats import W3Planes, W4SplitHalves
 
-from conftest import (DEVICE, KERNEL_BACKENDS, assert_within_spec, gen, random_act_codes, random_codes,
-                      random_weight_qparams, requires_gpu)
+from conftest import (DEVICE, KERNEL_BACKENDS, assert_within_spec, capture_cuda_graph, gen, random_act_codes,
+                      random_codes, random_weight_qparams, requires_gpu)
 
 needs_triton = pytest.mark.skipif("triton" not in KERNEL_BACKENDS,
                                   reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
@@ -341,14 +341,7 @@ def test_cuda_graph_replay_equals_eager():
                           out_dtype=torch.bfloat16, backend="triton")
 
     eager = f()  # also tunes before capture
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        f()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = f()
+    graph, out = capture_cuda_graph(f)
     x.normal_()  # new input, same buffer: the replay must follow it
     graph.replay()
     torch.cuda.synchronize()

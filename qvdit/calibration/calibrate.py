@@ -44,7 +44,7 @@ from qvdit.quantize import _parent, attach_frames, select_linears
 from .deploy import deploy_
 from .fakequant import FakeQuantLinear
 from .tmd import tmd_loss
-from .tqe_init import init_gates
+from .tqe_init import init_gates, run_with_hooks
 
 SEED_STRIDE = 1_000_003
 
@@ -175,7 +175,7 @@ def trainable_groups(fakes: dict[str, FakeQuantLinear], recipe: Recipe, lr: dict
 @torch.no_grad()
 def bias_correct(model, fakes: dict[str, FakeQuantLinear], run_batches) -> None:
     """bias_corr[n] = mean over the tokens the layer sees of (X W^T + b - layer(X))[:, n], all layers in one pass."""
-    sums, counts, hooks = {}, {}, []
+    sums, counts = {}, {}
 
     def make_hook(name, f):
         def hook(module, args, output):
@@ -186,14 +186,9 @@ def bias_correct(model, fakes: dict[str, FakeQuantLinear], run_batches) -> None:
             counts[name] = counts.get(name, 0) + x.shape[0]
         return hook
 
-    for name, f in fakes.items():
+    for f in fakes.values():
         f.bias_corr.zero_()
-        hooks.append(f.register_forward_hook(make_hook(name, f)))
-    try:
-        run_batches()
-    finally:
-        for h in hooks:
-            h.remove()
+    run_with_hooks(run_batches, [f.register_forward_hook(make_hook(name, f)) for name, f in fakes.items()])
     for name, f in fakes.items():
         if name in sums:
             f.bias_corr.copy_((sums[name] / counts[name]).float())

@@ -29,6 +29,15 @@ def frame_stats(x: torch.Tensor, frame_id: torch.Tensor, num_frames: int, bits: 
     return out
 
 
+def run_with_hooks(run_batches, hooks) -> None:
+    """Run the model forward with the given hook handles installed, and remove them however it ends."""
+    try:
+        run_batches()
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def eq9_gates(stats: torch.Tensor) -> torch.Tensor:
     """M [num_frames] from accumulated `frame_stats` (float32)."""
     dot, xx, qq, l1 = stats.unbind(1)
@@ -50,7 +59,6 @@ def init_gates(model: torch.nn.Module, run_batches, num_frames: int) -> dict[str
     Returns name -> gates. Layers without a gate (text rows) or without frame ids are left at 1."""
     layers = {n: m for n, m in model.named_modules() if isinstance(m, FakeQuantLinear) and m.tqe}
     stats: dict[str, torch.Tensor] = {}
-    hooks = []
 
     def make_hook(name, layer):
         def hook(module, args):
@@ -64,13 +72,7 @@ def init_gates(model: torch.nn.Module, run_batches, num_frames: int) -> dict[str
             stats[name] = stats[name] + s if name in stats else s
         return hook
 
-    for name, layer in layers.items():
-        hooks.append(layer.register_forward_pre_hook(make_hook(name, layer)))
-    try:
-        run_batches()
-    finally:
-        for h in hooks:
-            h.remove()
+    run_with_hooks(run_batches, [layer.register_forward_pre_hook(make_hook(name, layer)) for name, layer in layers.items()])
     gates = {}
     for name, s in stats.items():
         m = eq9_gates(s)
