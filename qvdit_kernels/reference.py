@@ -92,7 +92,8 @@ def frame_gate(m: int, gate, frame_id) -> torch.Tensor | None:
 def quantize_activation(x, bits, alpha=None, gate=None, frame_id=None, want_rowsum=False):
     """Per-token dynamic quantization of x [M, K] -> (xq int8, scale f32 [M], u f32 [M] | None[, rowsum int32 [M]]).
 
-    `u` (the TQE term) is computed in float64 from the exact integer codes and rounded once to float32.
+    `u` (the TQE term) is computed in float64 from the exact integer codes and rounded once to float32;
+    fast kernels sum in float32 and meet `tqe_u_bound`.
     """
     scale, zero = rowwise_qparams(x, bits)
     q = quantize_rows(x, scale, zero, bits) - zero[:, None]
@@ -112,6 +113,31 @@ def quantize_activation(x, bits, alpha=None, gate=None, frame_id=None, want_rows
     if want_rowsum:
         return xq, scale, u, act_rowsum(xq)
     return xq, scale, u
+
+
+def tqe_u_bound(xq, scale, alpha, gate=None, frame_id=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (u in float64, tolerance) that a fast kernel's float32 `u` must meet: |u - u64| <= tolerance.
+
+    Kernels may sum `xq . alpha` in float32 in any order (exact products, K - 1 roundings, plus a few
+    for the scale, gate and final rounding), so the bound is (K + 4) * 2^-23 * |g| * s * sum|xq * alpha|.
+    Rows with a non-finite scale have u NaN in every backend.
+    """
+    terms = xq.double() * alpha.double()
+    g = frame_gate(xq.shape[0], gate, frame_id)
+    g = torch.ones(xq.shape[0], dtype=torch.float64, device=xq.device) if g is None else g.double()
+    s = scale.double()
+    u64 = g * s * terms.sum(dim=1)
+    tol = (xq.shape[1] + 4) * 2.0**-23 * (g * s).abs() * terms.abs().sum(dim=1) + 2.0**-126
+    return u64, tol
+
+
+def u_within_bound(u, xq, scale, alpha, gate=None, frame_id=None) -> bool:
+    """True when a kernel's `u` meets `tqe_u_bound` on every row (NaN exactly where the scale is NaN)."""
+    u64, tol = tqe_u_bound(xq, scale, alpha, gate, frame_id)
+    bad = torch.isnan(scale)
+    if not torch.equal(torch.isnan(u), bad):
+        return False
+    return bool(((u.double() - u64).abs()[~bad] <= tol[~bad]).all())
 
 
 def act_rowsum(xq: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,14 @@
 """Per-token activation quantization in one Triton kernel (SPEC 1.1-1.2): scale, int8 codes `q - z`,
 the TQE term `u[m] = gate[frame_id[m]] * sx[m] * (xq[m, :] . alpha)` and `rowsum(xq)[m]`.
 
-One program handles BLOCK_M rows. When a whole row fits one register tile (ONE_PASS) it is read from
-memory once; otherwise two passes over K chunks (the second mostly from L2).
+One program handles BLOCK_M rows. Rows up to MAX_ONE_PASS_K are read from memory once: the row is held
+in registers as up to four power-of-two "pieces" P0 > P1 > P2 > P3 (K = 1536 is 1024 + 512, K = 8960 is
+8192 + 512 + 256), so no lane is spent on padding to the next power of two, and every piece is loaded
+before the first reduction, so the loads are all in flight at once. Longer rows take two passes over
+P0-wide chunks (the second mostly from L2).
 
-Bit-exact with `reference.quantize_activation` at memory speed, so the per-element work is kept small:
+Bit-exact with `reference.quantize_activation` in the codes, scales and row sums, with little work per
+element (the pass must run at memory speed):
 - `t = RN(x / s)`: IEEE division, but per element only `q0 = x*r; e = fma(-q0, s, x); t = fma(e, r, q0)`
   with `r = RN(1/s)` once per row (Markstein's correction: exactly the IEEE quotient; the interpreter,
   whose fma is not fused, divides with `div_rn` instead; tests check the formula on the host exactly).
@@ -13,16 +17,17 @@ Bit-exact with `reference.quantize_activation` at memory speed, so the per-eleme
   float->int conversion per element; its low byte is the int8 code, its sum the row sum.
 - a row holding inf/NaN is found by NaN-propagating min/max (no extra per-element test); it gets scale
   NaN and zero codes, as in the reference.
-- the TQE dot runs in float64 over the exact codes (alpha arrives as float64), as in the reference,
-  and is rounded once; rowsum and dot share one reduction.
+- the TQE dot `xq . alpha` runs in float32 (one FMA per element; products of exact codes, summed in the
+  reduction's order), so `u` is within K * 2^-23 * gate * s * sum|xq * alpha| of the reference's float64
+  value (the tests check that bound); rowsum and dot share one reduction.
 """
 import torch
 import triton
 import triton.language as tl
 
-MAX_ONE_PASS_K = 16384  # longest row held in registers in one tile
-MAGIC = 12582912.0  # 1.5 * 2^23: v + MAGIC rounds v half to even, exactly, for |v| < 2^22
-MAGIC_BITS = 0x4B400000  # its bit pattern; bits(MAGIC + n) = MAGIC_BITS + n for integer |n| < 2^22
+MAX_ONE_PASS_K = 16384  # longest row held in registers
+MAX_PIECES = 4
+MIN_PIECE = 64  # K is rounded up to a multiple of this before it is split into pieces
 
 
 @triton.jit
@@ -58,6 +63,12 @@ def _tile_stats(x, BITS: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _merge_stats(hi, lo, x, BITS: tl.constexpr, INTERPRET: tl.constexpr):
+    h, lw = _tile_stats(x, BITS, INTERPRET)
+    return _max_nan(hi, h), _min_nan(lo, lw)
+
+
+@triton.jit
 def _row_params(hi, lo, BITS: tl.constexpr):
     """Per row: scale s (NaN for a non-finite row), its reciprocal r = RN(1/s), zero z (float), good."""
     good = (tl.abs(hi) < float("inf")) & (tl.abs(lo) < float("inf"))
@@ -77,8 +88,19 @@ def _row_params(hi, lo, BITS: tl.constexpr):
 
 
 @triton.jit
-def _codes(x, s, r, z, good, BITS: tl.constexpr, INTERPRET: tl.constexpr):
-    """-> (xq as int32, xq as float32) of a tile: clamp(RN(x / s) rounded + z, 0, qmax) - z (8 bits: +-127)."""
+def _load(xrow, rmask, K, OFF, W: tl.constexpr):
+    """One piece (or chunk) [BLOCK_M, W] of the rows, columns OFF.., as float32 (0 outside the row)."""
+    cols = OFF + tl.arange(0, W)
+    return tl.load(xrow + cols[None, :], mask=rmask[:, None] & (cols[None, :] < K), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _quantize_store(x, qrow, alpha_ptr, rmask, K, OFF, s, r, z, good, W: tl.constexpr, BITS: tl.constexpr,
+                    HAS_TQE: tl.constexpr, WANT_RS: tl.constexpr, INTERPRET: tl.constexpr):
+    """Codes of one piece: clamp(RN(x / s) + z, 0, qmax) - z (8 bits: +-127), stored as int8;
+    -> (row sums int32, alpha dots float32) of the piece."""
+    cols = OFF + tl.arange(0, W)
+    mask = rmask[:, None] & (cols[None, :] < K)
     if INTERPRET:
         t = tl.math.div_rn(x, s[:, None])  # the interpreter's fma rounds twice: divide directly
     else:
@@ -88,27 +110,19 @@ def _codes(x, s, r, z, good, BITS: tl.constexpr, INTERPRET: tl.constexpr):
     y = t + 12582912.0  # round half to even: y = MAGIC + rint(t), exact
     if BITS == 8:
         y = tl.minimum(tl.maximum(y, 12582912.0 - 127.0), 12582912.0 + 127.0)
-        off = tl.zeros_like(z)
+        base = tl.full(z.shape, 12582912.0, tl.float32)
     else:
         qmax: tl.constexpr = (1 << BITS) - 1
         y = tl.minimum(tl.maximum(y + z[:, None], 12582912.0), 12582912.0 + qmax)
-        off = z
-    base = 12582912.0 + off  # per row: MAGIC + z, exact
+        base = 12582912.0 + z  # per row: MAGIC + z, exact
     y = tl.where(good[:, None], y, base[:, None])  # non-finite row: all codes 0
     xq_i = y.to(tl.int32, bitcast=True) - base.to(tl.int32, bitcast=True)[:, None]
-    return xq_i, y - base[:, None]
-
-
-@triton.jit
-def _store_and_sums(qrow, cols, mask, xq_i, xq_f, alpha_ptr, K, HAS_TQE: tl.constexpr, WANT_RS: tl.constexpr,
-                    INTERPRET: tl.constexpr):
-    """Store the int8 codes of a tile; -> (row sums int32, alpha dots float64) of the tile."""
     tl.store(qrow + cols[None, :], xq_i.to(tl.int8), mask=mask)
     if HAS_TQE:
-        a = tl.load(alpha_ptr + cols, mask=cols < K, other=0.0)  # float64
-        prod = xq_f.to(tl.float64) * a[None, :]
+        a = tl.load(alpha_ptr + cols, mask=cols < K, other=0.0)
+        prod = (y - base[:, None]) * a[None, :]  # y - base: the exact code as float32
     else:
-        prod = tl.zeros(xq_f.shape, tl.float64)
+        prod = tl.zeros(x.shape, tl.float32)
     if WANT_RS and not INTERPRET:
         rsum, dot = tl.reduce((xq_i, prod), 1, _sum2_combine)  # one reduction pass for both
     elif WANT_RS:
@@ -125,109 +139,120 @@ def act_quant_kernel(
     x_ptr, xq_ptr, s_ptr, u_ptr, rs_ptr, alpha_ptr, gate_ptr, fid_ptr,
     M, K, stride_xm, stride_qm,
     BITS: tl.constexpr, HAS_TQE: tl.constexpr, HAS_GATE: tl.constexpr, HAS_FID: tl.constexpr,
-    WANT_RS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr,
-    INTERPRET: tl.constexpr, LOOP_STAGES: tl.constexpr = 1,
+    WANT_RS: tl.constexpr, BLOCK_M: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+    P3: tl.constexpr, ONE_PASS: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     xrow = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
     qrow = xq_ptr + rows.to(tl.int64)[:, None] * stride_qm
-    cols = tl.arange(0, BLOCK_K)
-    if ONE_PASS:
-        mask = rmask[:, None] & (cols[None, :] < K)
-        x = tl.load(xrow + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        hi, lo = _tile_stats(x, BITS, INTERPRET)
+    if ONE_PASS:  # the row is the pieces P0..P3 (0 = absent), all loaded before any reduction
+        x0 = _load(xrow, rmask, K, 0, P0)
+        if P1 > 0:
+            x1 = _load(xrow, rmask, K, P0, P1)
+        if P2 > 0:
+            x2 = _load(xrow, rmask, K, P0 + P1, P2)
+        if P3 > 0:
+            x3 = _load(xrow, rmask, K, P0 + P1 + P2, P3)
+        hi, lo = _tile_stats(x0, BITS, INTERPRET)
+        if P1 > 0:
+            hi, lo = _merge_stats(hi, lo, x1, BITS, INTERPRET)
+        if P2 > 0:
+            hi, lo = _merge_stats(hi, lo, x2, BITS, INTERPRET)
+        if P3 > 0:
+            hi, lo = _merge_stats(hi, lo, x3, BITS, INTERPRET)
         s, r, z, good = _row_params(hi, lo, BITS)
-        xq_i, xq_f = _codes(x, s, r, z, good, BITS, INTERPRET)
-        rsum, dot = _store_and_sums(qrow, cols, mask, xq_i, xq_f, alpha_ptr, K, HAS_TQE, WANT_RS, INTERPRET)
-    else:
+        rsum, dot = _quantize_store(x0, qrow, alpha_ptr, rmask, K, 0, s, r, z, good, P0, BITS, HAS_TQE, WANT_RS,
+                                    INTERPRET)
+        if P1 > 0:
+            rs, d = _quantize_store(x1, qrow, alpha_ptr, rmask, K, P0, s, r, z, good, P1, BITS, HAS_TQE, WANT_RS,
+                                    INTERPRET)
+            rsum, dot = rsum + rs, dot + d
+        if P2 > 0:
+            rs, d = _quantize_store(x2, qrow, alpha_ptr, rmask, K, P0 + P1, s, r, z, good, P2, BITS, HAS_TQE,
+                                    WANT_RS, INTERPRET)
+            rsum, dot = rsum + rs, dot + d
+        if P3 > 0:
+            rs, d = _quantize_store(x3, qrow, alpha_ptr, rmask, K, P0 + P1 + P2, s, r, z, good, P3, BITS, HAS_TQE,
+                                    WANT_RS, INTERPRET)
+            rsum, dot = rsum + rs, dot + d
+    else:  # two passes over P0-wide chunks: statistics, then codes (the chunks mostly come from L2)
         hi = tl.zeros([BLOCK_M], tl.float32)
         lo = tl.zeros([BLOCK_M], tl.float32)
-        if not INTERPRET:  # LOOP_STAGES > 1: Triton keeps the next chunks' loads in flight
-            for k0 in tl.range(0, K, BLOCK_K, num_stages=LOOP_STAGES):
-                hi, lo = _stats_step(xrow, k0, cols, rmask, K, hi, lo, BITS, INTERPRET)
-        else:  # the interpreter (numpy >= 2.3) cannot take a run-time bound in range()
-            k0 = 0
-            while k0 < K:
-                hi, lo = _stats_step(xrow, k0, cols, rmask, K, hi, lo, BITS, INTERPRET)
-                k0 += BLOCK_K
+        k0 = 0
+        while k0 < K:  # a while loop: the interpreter (numpy >= 2.3) cannot take a run-time bound in range()
+            hi, lo = _merge_stats(hi, lo, _load(xrow, rmask, K, k0, P0), BITS, INTERPRET)
+            k0 += P0
         s, r, z, good = _row_params(hi, lo, BITS)
         rsum = tl.zeros([BLOCK_M], tl.int32)
-        dot = tl.zeros([BLOCK_M], tl.float64)
-        if not INTERPRET:
-            for k0 in tl.range(0, K, BLOCK_K, num_stages=LOOP_STAGES):
-                rsum, dot = _codes_step(xrow, qrow, alpha_ptr, k0, cols, rmask, K, s, r, z, good, rsum, dot,
-                                        BITS, HAS_TQE, WANT_RS, INTERPRET)
-        else:
-            k0 = 0
-            while k0 < K:
-                rsum, dot = _codes_step(xrow, qrow, alpha_ptr, k0, cols, rmask, K, s, r, z, good, rsum, dot,
-                                        BITS, HAS_TQE, WANT_RS, INTERPRET)
-                k0 += BLOCK_K
+        dot = tl.zeros([BLOCK_M], tl.float32)
+        k0 = 0
+        while k0 < K:
+            rs, d = _quantize_store(_load(xrow, rmask, K, k0, P0), qrow, alpha_ptr, rmask, K, k0, s, r, z, good, P0,
+                                    BITS, HAS_TQE, WANT_RS, INTERPRET)
+            rsum, dot = rsum + rs, dot + d
+            k0 += P0
     s = tl.where(good, s, float("nan"))
     tl.store(s_ptr + rows, s, mask=rmask)
     if WANT_RS:
         tl.store(rs_ptr + rows, rsum, mask=rmask)
     if HAS_TQE:
-        u = dot * s.to(tl.float64)
+        u = dot * s
         if HAS_GATE:
             if HAS_FID:
                 fid = tl.load(fid_ptr + rows, mask=rmask, other=0)
             else:
                 fid = tl.zeros([BLOCK_M], tl.int32)
-            u = u * tl.load(gate_ptr + fid, mask=rmask, other=0.0).to(tl.float64)
-        tl.store(u_ptr + rows, u.to(tl.float32), mask=rmask)
+            u = u * tl.load(gate_ptr + fid, mask=rmask, other=0.0).to(tl.float32)
+        tl.store(u_ptr + rows, u, mask=rmask)
 
 
-@triton.jit
-def _stats_step(xrow, k0, cols, rmask, K, hi, lo, BITS: tl.constexpr, INTERPRET: tl.constexpr):
-    kk = k0 + cols
-    x = tl.load(xrow + kk[None, :], mask=rmask[:, None] & (kk[None, :] < K), other=0.0).to(tl.float32)
-    h, lw = _tile_stats(x, BITS, INTERPRET)
-    return _max_nan(hi, h), _min_nan(lo, lw)
+def pieces(k: int) -> tuple[int, int, int, int]:
+    """Power-of-two widths P0 > P1 > P2 > P3 (0 = absent) that cover roundup(k, MIN_PIECE): the binary
+    digits of the rounded K. With more than MAX_PIECES digits, K is rounded up further (adding its lowest
+    digit carries) and the tail is masked."""
+    kr = max(MIN_PIECE, -(-k // MIN_PIECE) * MIN_PIECE)
+    while bin(kr).count("1") > MAX_PIECES:
+        kr += kr & -kr
+    digits = [1 << b for b in range(kr.bit_length() - 1, -1, -1) if kr >> b & 1]
+    return tuple(digits + [0] * (MAX_PIECES - len(digits)))
 
 
-@triton.jit
-def _codes_step(xrow, qrow, alpha_ptr, k0, cols, rmask, K, s, r, z, good, rsum, dot,
-                BITS: tl.constexpr, HAS_TQE: tl.constexpr, WANT_RS: tl.constexpr, INTERPRET: tl.constexpr):
-    kk = k0 + cols
-    mask = rmask[:, None] & (kk[None, :] < K)
-    x = tl.load(xrow + kk[None, :], mask=mask, other=0.0).to(tl.float32)
-    xq_i, xq_f = _codes(x, s, r, z, good, BITS, INTERPRET)
-    rs, d = _store_and_sums(qrow, kk, mask, xq_i, xq_f, alpha_ptr, K, HAS_TQE, WANT_RS, INTERPRET)
-    return rsum + rs, dot + d
+def one_pass(block_m: int, k: int, num_warps: int) -> dict:
+    p = pieces(k)
+    return dict(BLOCK_M=block_m, P0=p[0], P1=p[1], P2=p[2], P3=p[3], ONE_PASS=True, num_warps=num_warps)
+
+
+def two_pass(block_m: int, chunk: int, num_warps: int) -> dict:
+    return dict(BLOCK_M=block_m, P0=chunk, P1=0, P2=0, P3=0, ONE_PASS=False, num_warps=num_warps)
 
 
 def candidates(k: int) -> list[dict]:
-    """Launch parameters the tuner times for rows of K: one tile per row block (8 or 16 values per
-    thread, 8 or 16 warps; 32 for K > 8192), or two passes over 1024/2048-wide chunks (K > chunk)."""
+    """Launch parameters the tuner times for rows of K: the whole row in registers at 8 to 32 values per
+    thread (K <= MAX_ONE_PASS_K), or two passes over 512/1024-wide chunks (K > chunk)."""
     out = []
     if k <= MAX_ONE_PASS_K:
-        bk = triton.next_power_of_2(k)
-        for per_thread in (8, 16):
-            for warps in (8, 16):
-                bm = per_thread * 32 * warps // bk
-                if 1 <= bm <= 16 and bm * bk == per_thread * 32 * warps:
-                    out.append(dict(BLOCK_M=bm, BLOCK_K=bk, ONE_PASS=True, num_warps=warps))
-        if bk == MAX_ONE_PASS_K:  # the longest rows in one tile need 32 values per thread
-            out.append(dict(BLOCK_M=1, BLOCK_K=bk, ONE_PASS=True, num_warps=16))
-    # LOOP_STAGES=3 (cp.async-pipelined chunk loads) was never faster on the H100 (2% to 2.2x slower, 2026-11-25)
-    for chunk, bm in ((1024, 1), (1024, 2), (2048, 1)):  # <= 16 values per thread (4 x 2048 spills)
+        width = sum(pieces(k))
+        for warps in (4, 8, 16):
+            for bm in (1, 2, 4, 8):
+                per_thread = bm * width / (32 * warps)
+                if 8 <= per_thread <= 32 or (bm == 1 and warps == 16 and per_thread > 32):
+                    out.append(one_pass(bm, k, warps))
+    for chunk, bm, warps in ((512, 4, 4), (1024, 2, 4), (1024, 4, 8)):
         if chunk < k:
-            out.append(dict(BLOCK_M=bm, BLOCK_K=chunk, ONE_PASS=False, num_warps=4))
+            out.append(two_pass(bm, chunk, warps))
     return out or [default_params(k, False)]
 
 
 def default_params(k: int, interpret: bool) -> dict:
-    """Without tuning: small tiles in the interpreter; on a GPU ~16 values per thread."""
+    """Without tuning: small tiles in the interpreter; on a GPU about 16 values per thread."""
     if interpret:  # small tiles keep the CPU interpreter fast; longer rows take the two-pass path
-        bk = triton.next_power_of_2(k) if k <= 256 else 128
-        return dict(BLOCK_M=4, BLOCK_K=bk, ONE_PASS=bk >= k, num_warps=1)
+        return one_pass(4, k, 1) if k <= 256 else two_pass(4, 128, 1)
     if k <= MAX_ONE_PASS_K:
-        bk = triton.next_power_of_2(k)
-        bm = max(1, min(16, 4096 // bk))
-        return dict(BLOCK_M=bm, BLOCK_K=bk, ONE_PASS=True, num_warps=max(4, min(16, bm * bk // 512)))
-    return dict(BLOCK_M=2, BLOCK_K=2048, ONE_PASS=False, num_warps=4)
+        width = sum(pieces(k))
+        bm = max(1, min(8, 4096 // width))
+        return one_pass(bm, k, max(4, min(16, bm * width // 512)))
+    return two_pass(2, 1024, 4)
 
 
 def act_quant(x, bits, alpha=None, gate=None, frame_id=None, want_rowsum=True, interpret=False, params=None,
@@ -248,12 +273,13 @@ def act_quant(x, bits, alpha=None, gate=None, frame_id=None, want_rowsum=True, i
         return xq, scale, u, rs
     if frame_id is not None and frame_id.dtype != torch.int32:
         frame_id = frame_id.to(torch.int32)
-    alpha64 = alpha.to(torch.float64).contiguous() if alpha is not None else None
+    if alpha is not None and (alpha.dtype != torch.float32 or not alpha.is_contiguous()):
+        alpha = alpha.to(torch.float32).contiguous()
 
     def run(p):
         p = dict(p)
         act_quant_kernel[(triton.cdiv(m, p["BLOCK_M"]),)](
-            x, xq, scale, u, rs, alpha64, gate, frame_id, m, k, x.stride(0), xq.stride(0),
+            x, xq, scale, u, rs, alpha, gate, frame_id, m, k, x.stride(0), xq.stride(0),
             BITS=bits, HAS_TQE=alpha is not None, HAS_GATE=gate is not None, HAS_FID=frame_id is not None,
             WANT_RS=want_rowsum, INTERPRET=interpret, **p,
         )
