@@ -52,7 +52,7 @@ if "triton" in KERNEL_BACKENDS:
 
     @triton.jit
     def _tile_order_probe(out_ptr, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_N: tl.constexpr):
-        pid_m, pid_n = gemm._tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_N)
+        pid_m, pid_n = gemm._tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_N)
         tl.store(out_ptr + 2 * tl.program_id(0), pid_m)
         tl.store(out_ptr + 2 * tl.program_id(0) + 1, pid_n)
 
@@ -214,6 +214,23 @@ def test_every_config_in_the_table(w_bits, idx):
     assert torch.equal(_launch(d, w_bits, out, cfg).cpu().long(), acc)
     out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     assert_within_spec(_launch(d, w_bits, out, cfg), y.to(torch.bfloat16).double())
+
+
+@needs_triton
+@pytest.mark.parametrize("w_bits", [3, 4, 8])
+def test_persistent_programs_cover_every_tile(w_bits):
+    """PERSISTENT: fewer programs than tiles (each strides over several): every tile written, exact."""
+    m, k, n = 37, 384, 75  # 3 x 5 tiles of 16 x 16 over at most 4 (interpreter) or 2 x SMs programs
+    d, acc, y = _problem(m, k, n, w_bits, 8, seed=5)
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, GROUP_N=2, num_warps=4, num_stages=1, PERSISTENT=1 if INTERPRET else 2)
+    if not INTERPRET:  # on a GPU: enough tiles that every program takes several
+        m, k, n = 4000, 384, 1200
+        d, acc, y = _problem(m, k, n, w_bits, 8, seed=5)
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, GROUP_N=4, num_warps=4, num_stages=2, PERSISTENT=2)
+    out = torch.full((m, n), -(2**31), dtype=torch.int32, device=DEVICE)
+    assert torch.equal(_launch(d, w_bits, out, cfg).cpu().long(), acc)
+    out = torch.full((m, n), float("nan"), dtype=torch.float32, device=DEVICE)
+    assert_within_spec(_launch(d, w_bits, out, cfg), y)
 
 
 @needs_triton

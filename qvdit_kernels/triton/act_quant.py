@@ -88,10 +88,12 @@ def _row_params(hi, lo, BITS: tl.constexpr):
 
 
 @triton.jit
-def _load(xrow, rmask, K, OFF, W: tl.constexpr):
-    """One piece (or chunk) [BLOCK_M, W] of the rows, columns OFF.., as float32 (0 outside the row)."""
+def _load(xrow, rmask, K, OFF, W: tl.constexpr, EVICT: tl.constexpr):
+    """One piece (or chunk) [BLOCK_M, W] of the rows, columns OFF.., as float32 (0 outside the row).
+    EVICT: L2 policy; the two-pass path keeps its first read in L2 for the second ("evict_last")."""
     cols = OFF + tl.arange(0, W)
-    return tl.load(xrow + cols[None, :], mask=rmask[:, None] & (cols[None, :] < K), other=0.0).to(tl.float32)
+    return tl.load(xrow + cols[None, :], mask=rmask[:, None] & (cols[None, :] < K), other=0.0,
+                   eviction_policy=EVICT).to(tl.float32)
 
 
 @triton.jit
@@ -147,13 +149,13 @@ def act_quant_kernel(
     xrow = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
     qrow = xq_ptr + rows.to(tl.int64)[:, None] * stride_qm
     if ONE_PASS:  # the row is the pieces P0..P3 (0 = absent), all loaded before any reduction
-        x0 = _load(xrow, rmask, K, 0, P0)
+        x0 = _load(xrow, rmask, K, 0, P0, "evict_first")
         if P1 > 0:
-            x1 = _load(xrow, rmask, K, P0, P1)
+            x1 = _load(xrow, rmask, K, P0, P1, "evict_first")
         if P2 > 0:
-            x2 = _load(xrow, rmask, K, P0 + P1, P2)
+            x2 = _load(xrow, rmask, K, P0 + P1, P2, "evict_first")
         if P3 > 0:
-            x3 = _load(xrow, rmask, K, P0 + P1 + P2, P3)
+            x3 = _load(xrow, rmask, K, P0 + P1 + P2, P3, "evict_first")
         hi, lo = _tile_stats(x0, BITS, INTERPRET)
         if P1 > 0:
             hi, lo = _merge_stats(hi, lo, x1, BITS, INTERPRET)
@@ -181,14 +183,14 @@ def act_quant_kernel(
         lo = tl.zeros([BLOCK_M], tl.float32)
         k0 = 0
         while k0 < K:  # a while loop: the interpreter (numpy >= 2.3) cannot take a run-time bound in range()
-            hi, lo = _merge_stats(hi, lo, _load(xrow, rmask, K, k0, P0), BITS, INTERPRET)
+            hi, lo = _merge_stats(hi, lo, _load(xrow, rmask, K, k0, P0, "evict_last"), BITS, INTERPRET)
             k0 += P0
         s, r, z, good = _row_params(hi, lo, BITS)
         rsum = tl.zeros([BLOCK_M], tl.int32)
         dot = tl.zeros([BLOCK_M], tl.float32)
         k0 = 0
         while k0 < K:
-            rs, d = _quantize_store(_load(xrow, rmask, K, k0, P0), qrow, alpha_ptr, rmask, K, k0, s, r, z, good, P0,
+            rs, d = _quantize_store(_load(xrow, rmask, K, k0, P0, "evict_first"), qrow, alpha_ptr, rmask, K, k0, s, r, z, good, P0,
                                     BITS, HAS_TQE, WANT_RS, INTERPRET)
             rsum, dot = rsum + rs, dot + d
             k0 += P0
@@ -228,17 +230,18 @@ def two_pass(block_m: int, chunk: int, num_warps: int) -> dict:
 
 
 def candidates(k: int) -> list[dict]:
-    """Launch parameters the tuner times for rows of K: the whole row in registers at 8 to 32 values per
-    thread (K <= MAX_ONE_PASS_K), or two passes over 512/1024-wide chunks (K > chunk)."""
+    """Launch parameters the tuner times for rows of K: the whole row in registers (K <= MAX_ONE_PASS_K;
+    8-32 values per thread, up to 64 with one or two warps, whose reductions stay within few warps), or
+    two passes over 256-1024-wide chunks (K > chunk)."""
     out = []
     if k <= MAX_ONE_PASS_K:
         width = sum(pieces(k))
-        for warps in (4, 8, 16):
+        for warps in (1, 2, 4, 8):
             for bm in (1, 2, 4, 8):
                 per_thread = bm * width / (32 * warps)
-                if 8 <= per_thread <= 32 or (bm == 1 and warps == 16 and per_thread > 32):
+                if 8 <= per_thread <= (64 if warps <= 2 else 32):
                     out.append(one_pass(bm, k, warps))
-    for chunk, bm, warps in ((512, 4, 4), (1024, 2, 4), (1024, 4, 8)):
+    for chunk, bm, warps in ((256, 8, 4), (512, 2, 2), (512, 4, 4), (1024, 2, 2), (1024, 4, 8)):
         if chunk < k:
             out.append(two_pass(bm, chunk, warps))
     return out or [default_params(k, False)]

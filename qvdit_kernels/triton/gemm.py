@@ -11,6 +11,8 @@ weights are the register (left) wgmma operand; a tile is BLOCK_N weight rows x B
 `tl.dot` is K=128 wide (W3: two per 256-code tile, plus one for a 128-code tail tile); programs run
 in grouped order (GROUP_N weight-row tiles share each activation tile, for L2 reuse).
 """
+from functools import lru_cache
+
 import torch
 import triton
 import triton.language as tl
@@ -19,9 +21,8 @@ from .unpack import unpack_w3_full, unpack_w3_tail, unpack_w4
 
 
 @triton.jit
-def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_N: tl.constexpr):
-    """Grouped order: consecutive programs walk GROUP_N weight tiles down one token-tile column band."""
-    pid = tl.program_id(0)
+def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_N: tl.constexpr):
+    """Grouped order: consecutive tiles walk GROUP_N weight tiles down one token-tile column band."""
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_N * num_m
@@ -71,15 +72,14 @@ def _mainloop_step(acc, x_rows, w_rows, t, K, W_BITS: tl.constexpr, EVEN_K: tl.c
 
 
 @triton.jit
-def qgemm_kernel(
-    x_ptr, w_ptr, sx_ptr, sw_ptr, zw_ptr, rs_ptr, bias_ptr, u_ptr, beta_ptr, out_ptr,
-    M, N, K, W3_FULL, stride_xm, stride_wn, stride_om,
-    W_BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TQE: tl.constexpr,
-    OUT_INT32: tl.constexpr, EVEN_K: tl.constexpr, W3_TAIL: tl.constexpr,
-    USE_ASM: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    GROUP_N: tl.constexpr,
-):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_N)
+def _tile(tile_id, x_ptr, w_ptr, sx_ptr, sw_ptr, zw_ptr, rs_ptr, bias_ptr, u_ptr, beta_ptr, out_ptr,
+          M, N, K, W3_FULL, stride_xm, stride_wn, stride_om,
+          W_BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TQE: tl.constexpr,
+          OUT_INT32: tl.constexpr, EVEN_K: tl.constexpr, W3_TAIL: tl.constexpr,
+          USE_ASM: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+          GROUP_N: tl.constexpr):
+    """One output tile: the K loop, then the epilogue."""
+    pid_m, pid_n = _tile_ids(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = (offs_m % M).to(tl.int64)  # wrapped rows: loads need no mask, stores are masked
@@ -128,9 +128,46 @@ def qgemm_kernel(
         tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def qgemm_kernel(
+    x_ptr, w_ptr, sx_ptr, sw_ptr, zw_ptr, rs_ptr, bias_ptr, u_ptr, beta_ptr, out_ptr,
+    M, N, K, W3_FULL, stride_xm, stride_wn, stride_om,
+    W_BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TQE: tl.constexpr,
+    OUT_INT32: tl.constexpr, EVEN_K: tl.constexpr, W3_TAIL: tl.constexpr,
+    USE_ASM: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUP_N: tl.constexpr, PERSISTENT: tl.constexpr = False,
+):
+    """One tile per program, or (PERSISTENT) a fixed grid of programs striding over the tiles, the tile
+    loop flattened with the K loop so the next tile's loads are issued during this tile's epilogue."""
+    if PERSISTENT:
+        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        if not INTERPRET:
+            for tile_id in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
+                _tile(tile_id, x_ptr, w_ptr, sx_ptr, sw_ptr, zw_ptr, rs_ptr, bias_ptr, u_ptr, beta_ptr, out_ptr,
+                      M, N, K, W3_FULL, stride_xm, stride_wn, stride_om, W_BITS, HAS_ZERO, HAS_BIAS, HAS_TQE,
+                      OUT_INT32, EVEN_K, W3_TAIL, USE_ASM, INTERPRET, BLOCK_M, BLOCK_N, GROUP_N)
+        else:  # the interpreter: a while loop (no run-time bound in range())
+            tile_id = tl.program_id(0)
+            while tile_id < num_tiles:
+                _tile(tile_id, x_ptr, w_ptr, sx_ptr, sw_ptr, zw_ptr, rs_ptr, bias_ptr, u_ptr, beta_ptr, out_ptr,
+                      M, N, K, W3_FULL, stride_xm, stride_wn, stride_om, W_BITS, HAS_ZERO, HAS_BIAS, HAS_TQE,
+                      OUT_INT32, EVEN_K, W3_TAIL, USE_ASM, INTERPRET, BLOCK_M, BLOCK_N, GROUP_N)
+                tile_id += tl.num_programs(0)
+    else:
+        _tile(tl.program_id(0), x_ptr, w_ptr, sx_ptr, sw_ptr, zw_ptr, rs_ptr, bias_ptr, u_ptr, beta_ptr, out_ptr,
+              M, N, K, W3_FULL, stride_xm, stride_wn, stride_om, W_BITS, HAS_ZERO, HAS_BIAS, HAS_TQE,
+              OUT_INT32, EVEN_K, W3_TAIL, USE_ASM, INTERPRET, BLOCK_M, BLOCK_N, GROUP_N)
+
+
+@lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def launch(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, rowsum, out, config, interpret,
            use_asm=None):
-    """Run one config (dict of BLOCK_M, BLOCK_N, GROUP_N, num_warps, num_stages) into `out` [M, N].
+    """Run one config (dict of BLOCK_M, BLOCK_N, GROUP_N, num_warps, num_stages[, PERSISTENT = programs
+    per SM]) into `out` [M, N].
 
     `use_asm` defaults to "not interpret"; False on a GPU runs the pure-Triton unpack (tests compare them).
     """
@@ -143,12 +180,19 @@ def launch(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, rowsum
     tail = w_bits == 3 and -(-k // 128) % 2 == 1
     even_k = k % 128 == 0
     cfg = dict(config)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+    per_sm = cfg.pop("PERSISTENT", 0)  # persistent configs: this many programs per SM
+    if per_sm:
+        sms = 4 if interpret else _sm_count(xq.device.index if xq.device.index is not None else
+                                            torch.cuda.current_device())
+        grid = (min(tiles, sms * per_sm),)
+    else:
+        grid = (tiles,)
     qgemm_kernel[grid](
         xq, w_packed, x_scale, w_scale, w_zero, rowsum, bias, u, beta, out,
         m, n, k, w3_full, xq.stride(0), w_packed.stride(0), out.stride(0),
         W_BITS=w_bits, HAS_ZERO=w_bits != 8, HAS_BIAS=bias is not None, HAS_TQE=u is not None,
         OUT_INT32=out.dtype == torch.int32, EVEN_K=even_k, W3_TAIL=tail, USE_ASM=use_asm,
-        INTERPRET=interpret, **cfg,
+        INTERPRET=interpret, PERSISTENT=bool(per_sm), **cfg,
     )
     return out
