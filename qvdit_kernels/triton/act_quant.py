@@ -230,18 +230,15 @@ def two_pass(block_m: int, chunk: int, num_warps: int) -> dict:
 
 
 def candidates(k: int) -> list[dict]:
-    """Launch parameters the tuner times for rows of K: the whole row in registers (K <= MAX_ONE_PASS_K;
-    8-32 values per thread, up to 64 with one or two warps, whose reductions stay within few warps), or
-    two passes over 256-1024-wide chunks (K > chunk)."""
+    """Launch parameters the tuner times for rows of K (the winners of the H100 sweeps in
+    benchmarks/results/linear_h100_r2.json): one row per program held in registers at 16-64 values per
+    thread on 1-8 warps (few warps: the row reductions stay inside a warp or two), or two passes over
+    256-1024-wide chunks (K > chunk)."""
     out = []
     if k <= MAX_ONE_PASS_K:
         width = sum(pieces(k))
-        for warps in (1, 2, 4, 8):
-            for bm in (1, 2, 4, 8):
-                per_thread = bm * width / (32 * warps)
-                if 8 <= per_thread <= (64 if warps <= 2 else 32):
-                    out.append(one_pass(bm, k, warps))
-    for chunk, bm, warps in ((256, 8, 4), (512, 2, 2), (512, 4, 4), (1024, 2, 2), (1024, 4, 8)):
+        out += [one_pass(1, k, warps) for warps in (1, 2, 4, 8) if 16 <= width / (32 * warps) <= 64]
+    for chunk, bm, warps in ((256, 8, 4), (512, 2, 2), (512, 4, 4), (1024, 2, 2), (1024, 2, 4)):
         if chunk < k:
             out.append(two_pass(bm, chunk, warps))
     return out or [default_params(k, False)]
