@@ -271,10 +271,10 @@ def test_use_asm_rejected_by_interpreter():
 # ----------------------------------------------------------------------------- act-quant launch variants
 @needs_triton
 @pytest.mark.parametrize("bits", [6, 8])
-@pytest.mark.parametrize("path", ["one_piece", "three_pieces", "two_pass"])
+@pytest.mark.parametrize("path", ["one_piece", "three_pieces", "two_pass", "persistent"])
 def test_act_quant_paths_equal_reference(bits, path):
-    """Every kernel path (row in one tile; row in power-of-two pieces; two passes over K chunks) gives the
-    reference's codes, scales and row sums bit for bit, and u within its bound."""
+    """Every kernel path (row in one tile; row in power-of-two pieces; two passes over K chunks; programs
+    striding over row blocks) gives the reference's codes, scales and row sums bit for bit, u in its bound."""
     m, k = 9, 200
     x = torch.randn(m, k, generator=gen(bits)) * 3
     x[2] = 0.0
@@ -283,7 +283,8 @@ def test_act_quant_paths_equal_reference(bits, path):
     alpha, gate, fid = torch.randn(k, generator=gen(1)), torch.tensor([0.5, 2.0]), (torch.arange(m) % 2).int()
     params = {"one_piece": aq.one_pass(4, k, 4),
               "three_pieces": dict(BLOCK_M=4, P0=128, P1=64, P2=8, P3=0, ONE_PASS=True, num_warps=4),
-              "two_pass": aq.two_pass(2, 64, 4)}[path]
+              "two_pass": aq.two_pass(2, 64, 4),
+              "persistent": aq.two_pass(1, 64, 4, per_sm=1)}[path]  # 9 row blocks over 4 (GPU: all SMs)
     got = aq.act_quant(x.to(DEVICE), bits, alpha.to(DEVICE), gate.to(DEVICE), fid.to(DEVICE), True,
                        interpret=INTERPRET, params=params)
     xq, s, u, rs = ref.quantize_activation(x, bits, alpha, gate, fid, want_rowsum=True)
@@ -303,7 +304,7 @@ def test_act_quant_pieces_cover_k():
 
 
 @needs_triton
-@pytest.mark.parametrize("k", [200, 1152, 2100])
+@pytest.mark.parametrize("k", [200, 1152, 2100, 5000])
 def test_act_quant_every_tuner_candidate(k):
     """Each launch config the tuner may pick for this K gives the reference's codes, scales, sums and u."""
     m = 6

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tune import sm_count
+
 MAX_ONE_PASS_K = 16384  # longest row held in registers
 MAX_PIECES = 4
 MIN_PIECE = 64  # K is rounded up to a multiple of this before it is split into pieces
@@ -142,9 +144,33 @@ def act_quant_kernel(
     M, K, stride_xm, stride_qm,
     BITS: tl.constexpr, HAS_TQE: tl.constexpr, HAS_GATE: tl.constexpr, HAS_FID: tl.constexpr,
     WANT_RS: tl.constexpr, BLOCK_M: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+    P3: tl.constexpr, ONE_PASS: tl.constexpr, INTERPRET: tl.constexpr, PERSISTENT: tl.constexpr = False,
+):
+    """One block of BLOCK_M rows per program, or (PERSISTENT) a fixed grid of programs striding over the
+    row blocks: fewer rows in flight at once, so a two-pass program's second read still finds its rows
+    in L2 at large K."""
+    if PERSISTENT:
+        rb = tl.program_id(0)
+        while rb < tl.cdiv(M, BLOCK_M):
+            _row_block(rb, x_ptr, xq_ptr, s_ptr, u_ptr, rs_ptr, alpha_ptr, gate_ptr, fid_ptr, M, K, stride_xm,
+                       stride_qm, BITS, HAS_TQE, HAS_GATE, HAS_FID, WANT_RS, BLOCK_M, P0, P1, P2, P3, ONE_PASS,
+                       INTERPRET)
+            rb += tl.num_programs(0)
+    else:
+        _row_block(tl.program_id(0), x_ptr, xq_ptr, s_ptr, u_ptr, rs_ptr, alpha_ptr, gate_ptr, fid_ptr, M, K,
+                   stride_xm, stride_qm, BITS, HAS_TQE, HAS_GATE, HAS_FID, WANT_RS, BLOCK_M, P0, P1, P2, P3,
+                   ONE_PASS, INTERPRET)
+
+
+@triton.jit
+def _row_block(
+    rb, x_ptr, xq_ptr, s_ptr, u_ptr, rs_ptr, alpha_ptr, gate_ptr, fid_ptr,
+    M, K, stride_xm, stride_qm,
+    BITS: tl.constexpr, HAS_TQE: tl.constexpr, HAS_GATE: tl.constexpr, HAS_FID: tl.constexpr,
+    WANT_RS: tl.constexpr, BLOCK_M: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     P3: tl.constexpr, ONE_PASS: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     xrow = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
     qrow = xq_ptr + rows.to(tl.int64)[:, None] * stride_qm
@@ -225,8 +251,10 @@ def one_pass(block_m: int, k: int, num_warps: int) -> dict:
     return dict(BLOCK_M=block_m, P0=p[0], P1=p[1], P2=p[2], P3=p[3], ONE_PASS=True, num_warps=num_warps)
 
 
-def two_pass(block_m: int, chunk: int, num_warps: int) -> dict:
-    return dict(BLOCK_M=block_m, P0=chunk, P1=0, P2=0, P3=0, ONE_PASS=False, num_warps=num_warps)
+def two_pass(block_m: int, chunk: int, num_warps: int, per_sm: int = 0) -> dict:
+    """Two passes over `chunk`-wide pieces; per_sm > 0: a persistent grid of that many programs per SM."""
+    p = dict(BLOCK_M=block_m, P0=chunk, P1=0, P2=0, P3=0, ONE_PASS=False, num_warps=num_warps)
+    return dict(p, PERSISTENT=per_sm) if per_sm else p
 
 
 def candidates(k: int) -> list[dict]:
@@ -241,6 +269,8 @@ def candidates(k: int) -> list[dict]:
     for chunk, bm, warps in ((256, 8, 4), (512, 2, 2), (512, 4, 4), (1024, 2, 2), (1024, 2, 4)):
         if chunk < k:
             out.append(two_pass(bm, chunk, warps))
+    if k > 4096:  # long rows: a persistent grid keeps the rows in flight within L2 for the second pass
+        out += [two_pass(2, 2048, 4, per_sm) for per_sm in (4, 8)]
     return out or [default_params(k, False)]
 
 
@@ -278,10 +308,13 @@ def act_quant(x, bits, alpha=None, gate=None, frame_id=None, want_rowsum=True, i
 
     def run(p):
         p = dict(p)
-        act_quant_kernel[(triton.cdiv(m, p["BLOCK_M"]),)](
+        blocks = triton.cdiv(m, p["BLOCK_M"])
+        per_sm = p.pop("PERSISTENT", 0)
+        grid = min(blocks, per_sm * (4 if interpret else sm_count(dev))) if per_sm else blocks
+        act_quant_kernel[(grid,)](
             x, xq, scale, u, rs, alpha, gate, frame_id, m, k, x.stride(0), xq.stride(0),
             BITS=bits, HAS_TQE=alpha is not None, HAS_GATE=gate is not None, HAS_FID=frame_id is not None,
-            WANT_RS=want_rowsum, INTERPRET=interpret, **p,
+            WANT_RS=want_rowsum, INTERPRET=interpret, PERSISTENT=bool(per_sm), **p,
         )
 
     if params is None:

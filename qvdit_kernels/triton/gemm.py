@@ -11,12 +11,11 @@ weights are the register (left) wgmma operand; a tile is BLOCK_N weight rows x B
 `tl.dot` is K=128 wide (W3: two per 256-code tile, plus one for a 128-code tail tile); programs run
 in grouped order (GROUP_N weight-row tiles share each activation tile, for L2 reuse).
 """
-from functools import lru_cache
-
 import torch
 import triton
 import triton.language as tl
 
+from .tune import sm_count
 from .unpack import unpack_w3_full, unpack_w3_tail, unpack_w4
 
 
@@ -159,11 +158,6 @@ def qgemm_kernel(
               OUT_INT32, EVEN_K, W3_TAIL, USE_ASM, INTERPRET, BLOCK_M, BLOCK_N, GROUP_N)
 
 
-@lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def launch(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, rowsum, out, config, interpret,
            use_asm=None):
     """Run one config (dict of BLOCK_M, BLOCK_N, GROUP_N, num_warps, num_stages[, PERSISTENT = programs
@@ -183,8 +177,7 @@ def launch(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, rowsum
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
     per_sm = cfg.pop("PERSISTENT", 0)  # persistent configs: this many programs per SM
     if per_sm:
-        sms = 4 if interpret else _sm_count(xq.device.index if xq.device.index is not None else
-                                            torch.cuda.current_device())
+        sms = 4 if interpret else sm_count(xq.device)
         grid = (min(tiles, sms * per_sm),)
     else:
         grid = (tiles,)

@@ -37,6 +37,16 @@ def _gpu_key_by_name(index) -> str:  # cached: this runs on every call, and laun
     return DEFAULT_GPU
 
 
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (persistent grids launch a multiple of this)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 @lru_cache(maxsize=None)
 def load_table(gpu: str) -> dict:
     path = gpu if gpu.endswith(".json") else os.path.join(CONFIG_DIR, f"{gpu}.json")
