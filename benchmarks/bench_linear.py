@@ -212,6 +212,20 @@ def aq_sweep(shapes, copy_gbs):
     return out
 
 
+def profile(shape, wb, ab, shapes):
+    """A few Triton GEMM and act-quant calls on one shape, for ncu (QVDIT_TRITON_TUNE=0 runs the table's first
+    config, the usual pick): ncu --kernel-name regex:'qgemm|act_quant' --launch-skip 2 -c 2 ..."""
+    m, k, n = shapes[shape]
+    p = Problem(m, k, n)
+    q, sw, zw = qk.quantize_weight(p.w, wb)
+    wp = qk.pack_weight(q, wb)
+    for _ in range(3):
+        xq, sx, u, rs = qk.quantize_activation_rowsum(p.x, ab, alpha=p.alpha, gate=p.gate, frame_id=p.fid,
+                                                      backend="triton")
+        qk.qgemm(xq, sx, wp, wb, sw, zw, p.bias, u, p.beta, rs, backend="triton")
+    torch.cuda.synchronize()
+
+
 # ----------------------------------------------------------------------------- summary
 def summarize(rows):
     big = [r for r in rows if r["M"] >= BIG_M and r.get("ms")]
@@ -324,6 +338,7 @@ def main(argv=None):
     ap.add_argument("--aq-sweep", action="store_true", help="also time act-quant launch parameters per K")
     ap.add_argument("--deadline-s", type=float, default=None,
                     help="start no new shape after this many seconds (the summary is still written)")
+    ap.add_argument("--profile", default=None, metavar="SHAPE", help="a few calls of ours on SHAPE (for ncu)")
     ap.add_argument("--smoke", action="store_true", help="CPU dry run of the script (TRITON_INTERPRET=1, tiny shapes)")
     args = ap.parse_args(argv)
     global DEV, BIG_M
@@ -332,6 +347,10 @@ def main(argv=None):
     elif not torch.cuda.is_available():
         sys.exit("bench_linear.py needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = True  # cuBLAS default
+    if args.profile:
+        wb, ab = next(v for v in VARIANTS if f"W{v[0]}A{v[1]}" == args.variants.split(",")[0])
+        profile(args.profile, wb, ab, load_shapes(args.shapes))
+        return
     env = environment()
     tag = args.tag or env["date"][:10]
     os.makedirs(args.out, exist_ok=True)
