@@ -1,11 +1,13 @@
 """Per-token activation quantization in one Triton kernel (SPEC 1.1-1.2): scale, int8 codes `q - z`,
 the TQE term `u[m] = gate[frame_id[m]] * sx[m] * (xq[m, :] . alpha)` and `rowsum(xq)[m]`.
 
-One program handles BLOCK_M rows. Rows up to MAX_ONE_PASS_K are read from memory once: the row is held
-in registers as up to four power-of-two "pieces" P0 > P1 > P2 > P3 (K = 1536 is 1024 + 512, K = 8960 is
-8192 + 512 + 256), so no lane is spent on padding to the next power of two, and every piece is loaded
-before the first reduction, so the loads are all in flight at once. Longer rows take two passes over
-P0-wide chunks (the second mostly from L2).
+One program handles BLOCK_M rows (or, PERSISTENT, strides over blocks of rows), on one of two paths the
+tuner chooses between per K (`candidates`):
+- one pass (K <= MAX_ONE_PASS_K): the row is read once and held in registers as up to four power-of-two
+  "pieces" P0 > P1 > P2 > P3 (K = 1536 is 1024 + 512, K = 8960 is 8192 + 512 + 256), so no lane is spent on
+  padding to the next power of two; every piece is loaded before the first reduction, so the loads are
+  all in flight at once;
+- two passes over P0-wide chunks (statistics, then codes); the second pass reads mostly from L2.
 
 Bit-exact with `reference.quantize_activation` in the codes, scales and row sums, with little work per
 element (the pass must run at memory speed):
@@ -25,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tune import sm_count
+from .tune import persistent_grid
 
 MAX_ONE_PASS_K = 16384  # longest row held in registers
 MAX_PIECES = 4
@@ -308,10 +310,8 @@ def act_quant(x, bits, alpha=None, gate=None, frame_id=None, want_rowsum=True, i
 
     def run(p):
         p = dict(p)
-        blocks = triton.cdiv(m, p["BLOCK_M"])
         per_sm = p.pop("PERSISTENT", 0)
-        grid = min(blocks, per_sm * (4 if interpret else sm_count(dev))) if per_sm else blocks
-        act_quant_kernel[(grid,)](
+        act_quant_kernel[(persistent_grid(triton.cdiv(m, p["BLOCK_M"]), per_sm, dev, interpret),)](
             x, xq, scale, u, rs, alpha, gate, frame_id, m, k, x.stride(0), xq.stride(0),
             BITS=bits, HAS_TQE=alpha is not None, HAS_GATE=gate is not None, HAS_FID=frame_id is not None,
             WANT_RS=want_rowsum, INTERPRET=interpret, PERSISTENT=bool(per_sm), **p,

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tune import sm_count
+from .tune import persistent_grid
 from .unpack import unpack_w3_full, unpack_w3_tail, unpack_w4
 
 
@@ -137,7 +137,8 @@ def qgemm_kernel(
     GROUP_N: tl.constexpr, PERSISTENT: tl.constexpr = False,
 ):
     """One tile per program, or (PERSISTENT) a fixed grid of programs striding over the tiles, the tile
-    loop flattened with the K loop so the next tile's loads are issued during this tile's epilogue."""
+    loop flattened with the K loop (meant to issue the next tile's loads during this tile's epilogue; on
+    the H100 it gained <= 2% on a few W3 shapes, see configs/h100.json)."""
     if PERSISTENT:
         num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         if not INTERPRET:
@@ -176,11 +177,7 @@ def launch(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, rowsum
     cfg = dict(config)
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
     per_sm = cfg.pop("PERSISTENT", 0)  # persistent configs: this many programs per SM
-    if per_sm:
-        sms = 4 if interpret else sm_count(xq.device)
-        grid = (min(tiles, sms * per_sm),)
-    else:
-        grid = (tiles,)
+    grid = (persistent_grid(tiles, per_sm, xq.device, interpret),)
     qgemm_kernel[grid](
         xq, w_packed, x_scale, w_scale, w_zero, rowsum, bias, u, beta, out,
         m, n, k, w3_full, xq.stride(0), w_packed.stride(0), out.stride(0),

@@ -37,9 +37,13 @@ def _gpu_key_by_name(index) -> str:  # cached: this runs on every call, and laun
     return DEFAULT_GPU
 
 
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (persistent grids launch a multiple of this)."""
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+def persistent_grid(blocks: int, per_sm: int, device: torch.device, interpret: bool) -> int:
+    """Programs to launch: `blocks` (one per block of work), or with per_sm > 0 a persistent grid of per_sm
+    programs per SM striding over the blocks (4 "SMs" in the interpreter, so the tests see striding)."""
+    if not per_sm:
+        return blocks
+    sms = 4 if interpret else _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return min(blocks, per_sm * sms)
 
 
 @lru_cache(maxsize=None)
