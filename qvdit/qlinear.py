@@ -45,6 +45,9 @@ class QLinear(nn.Module):
         self.row_kind = row_kind
         self.name = name
         self._frames = None  # FrameState shared with the model (set by quantize_)
+        # (source, xq, scale, rowsum, u) left by a fused producer (models/fused.py) for this layer's next call
+        # on `source`: eager mode only, consumed by that call
+        self._prequant = None
         f32 = dict(dtype=torch.float32, device=device)
         self.register_buffer("w_packed", torch.zeros(out_features, fmt.row_bytes(in_features), dtype=fmt.packed_dtype, device=device))
         self.register_buffer("w_scale", torch.ones(out_features, **f32))
@@ -125,10 +128,22 @@ class QLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self.name or 'QLinear'}: input has {x.shape[-1]} features, expected {self.in_features}")
+        if self._prequant is not None:  # a fused norm + act-quant produced x (eager only; None when compiled)
+            pre, self._prequant = self._prequant, None
+            if pre[0] is x:
+                return self._forward_prequantized(x, *pre[1:])
         rows = x.numel() // self.in_features
         alpha, beta, gate, frame_id = self.tqe_inputs(rows, x.device)
         return qk.qlinear(x, self.w_packed, self.w_bits, self.w_scale, self.w_zero, self.a_bits, bias=self.bias,
                           alpha=alpha, beta=beta, gate=gate, frame_id=frame_id, backend=self.backend)
+
+    def _forward_prequantized(self, x, xq, x_scale, rowsum, u):
+        """The GEMM on codes a fused producer computed for x (same codes as this layer's own act-quant of x)."""
+        beta = self.beta if u is not None else None
+        y = qk.qgemm(xq, x_scale, self.w_packed, self.w_bits, self.w_scale, self.w_zero, bias=self.bias, u=u,
+                     beta=beta, x_rowsum=rowsum if self.w_bits != 8 else None, out_dtype=x.dtype,
+                     backend=self.backend)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     # ------------------------------------------------------------------ inspection
     def layer_quant(self) -> LayerQuant:

@@ -10,6 +10,7 @@ from .formats import DEFAULT_FORMAT, FORMATS, get_format
 from .ops import (
     A_BITS,
     W_BITS,
+    norm_quantize,
     pack_weight,
     qgemm,
     qlinear,
@@ -21,6 +22,6 @@ from .ops import (
 
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "DEFAULT_FORMAT", "FORMATS", "get_format", "A_BITS", "W_BITS",
-    "pack_weight", "qgemm", "qlinear", "quantize_activation", "quantize_activation_rowsum", "quantize_weight",
+    "norm_quantize", "pack_weight", "qgemm", "qlinear", "quantize_activation", "quantize_activation_rowsum", "quantize_weight",
     "unpack_weight",
 ]

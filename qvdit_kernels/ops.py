@@ -26,6 +26,7 @@ for _op, _fn in (
     ("unpack_weight", reference.unpack_weight),
     ("quantize_activation", reference.quantize_activation),
     ("qgemm", reference.qgemm),
+    ("norm_quantize", reference.norm_quantize),
 ):
     register(_op, "torch")(_fn)
 
@@ -147,6 +148,41 @@ def quantize_activation(x, bits, alpha=None, gate=None, frame_id=None, backend="
 def quantize_activation_rowsum(x, bits, alpha=None, gate=None, frame_id=None, backend="auto"):
     """Fused variant for the GEMM: (xq, scale, u, rowsum int32 [M]) in one pass over x."""
     return _quantize_activation_checked(x, bits, alpha, gate, frame_id, backend, want_rowsum=True)
+
+
+def norm_quantize(x, bits, eps, weight=None, bias=None, scale=None, shift=None, mod_rows=1, alphas=None,
+                  gates=None, frame_id=None, backend="auto"):
+    """LayerNorm [+ affine] [+ adaLN modulation] of x [M, K] fused with the per-token quantization of its output
+    for J consumers: -> (y [M, K] x.dtype, xq int8 [M, K], scale f32 [M], u f32 [J, M] | None, rowsum int32 [M]).
+
+    y = (LN(x) [* weight + bias]) [* (1 + scale[m // mod_rows]) + shift[m // mod_rows]] rounded to x.dtype;
+    xq, scale and rowsum are `quantize_activation_rowsum(y, bits)`'s; u[j] is the TQE term of alphas[j] ([J, K])
+    with gates[j] ([J, G]; None = ones) and frame_id. weight/bias [K]; scale/shift [R, K] with R * mod_rows >= M.
+    """
+    check_bits("bits", bits, A_BITS)
+    check_tensor("x", x, FLOAT_DTYPES, (None, None))
+    m, k = x.shape
+    if (weight is None) != (bias is None):
+        raise ValueError("weight and bias must be given together (the norm's affine)")
+    if (scale is None) != (shift is None):
+        raise ValueError("scale and shift must be given together (the adaLN modulation)")
+    check_tensor("weight", weight, FLOAT_DTYPES, (k,), x.device, optional=True)
+    check_tensor("bias", bias, FLOAT_DTYPES, (k,), x.device, optional=True)
+    if isinstance(mod_rows, bool) or not isinstance(mod_rows, int) or mod_rows < 1:
+        raise ValueError(f"mod_rows must be a positive int, got {mod_rows!r}")
+    check_tensor("scale", scale, FLOAT_DTYPES, (None, k), x.device, optional=True)
+    check_tensor("shift", shift, FLOAT_DTYPES, None if scale is None else tuple(scale.shape), x.device, optional=True)
+    if scale is not None and scale.shape[0] * mod_rows < m:
+        raise ValueError(f"scale has {scale.shape[0]} rows; with mod_rows={mod_rows} it must cover {m} rows of x")
+    check_tensor("alphas", alphas, FLOAT_DTYPES, (None, k), x.device, optional=True)
+    if gates is not None:
+        if alphas is None:
+            raise ValueError("gates given without alphas: the TQE terms need alphas")
+        check_tensor("gates", gates, FLOAT_DTYPES, (alphas.shape[0], None), x.device)
+    if frame_id is not None:
+        check_tensor("frame_id", frame_id, (torch.int32, torch.int64), (m,), x.device)
+    fn = backends.resolve("norm_quantize", backend, x.device)
+    return fn(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id)
 
 
 def qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias=None, u=None, beta=None, x_rowsum=None,

@@ -140,6 +140,39 @@ def u_within_bound(u, xq, scale, alpha, gate=None, frame_id=None) -> bool:
     return bool(((u.double() - u64).abs()[~bad] <= tol[~bad]).all())
 
 
+def layer_norm_modulate(x, eps, weight=None, bias=None, scale=None, shift=None, mod_rows=1):
+    """y = (LN(x) [* weight + bias]) [* (1 + scale[r]) + shift[r]] in float32, rounded to x's dtype, where
+    r = row // mod_rows (the norm + adaLN modulation in front of a DiT block's linears, as diffusers' Wan
+    block computes it; scale/shift [R, K] float32)."""
+    k = x.shape[-1]
+    y = torch.nn.functional.layer_norm(x.float(), (k,), None if weight is None else weight.float(),
+                                       None if bias is None else bias.float(), eps)
+    if scale is not None:
+        idx = torch.arange(x.shape[0], device=x.device) // mod_rows
+        y = y * (1 + scale.float()[idx]) + shift.float()[idx]
+    return y.to(x.dtype)
+
+
+def norm_quantize(x, bits, eps, weight=None, bias=None, scale=None, shift=None, mod_rows=1, alphas=None,
+                  gates=None, frame_id=None):
+    """The norm + modulation of `layer_norm_modulate` fused with the per-token quantization of its output,
+    for J consumers of that output (e.g. q, k and v): -> (y, xq, scale, u [J, M] float32 | None, rowsum).
+
+    The codes are `quantize_activation(y)`'s; u[j] uses alphas[j] ([J, K]) and gates[j] ([J, G], None = ones).
+    """
+    y = layer_norm_modulate(x, eps, weight, bias, scale, shift, mod_rows)
+    xq, sx, _, rs = quantize_activation(y, bits, want_rowsum=True)
+    u = None
+    if alphas is not None:
+        rows = []
+        for j in range(alphas.shape[0]):
+            g = frame_gate(x.shape[0], None if gates is None else gates[j], frame_id)
+            uj = (xq.double() @ alphas[j].double()) * sx.double()
+            rows.append((uj if g is None else uj * g.double()).float())
+        u = torch.stack(rows)
+    return y, xq, sx, u, rs
+
+
 def act_rowsum(xq: torch.Tensor) -> torch.Tensor:
     """rowsum(xq)[m] = sum_k xq[m,k] as int32 (what the epilogue needs for the weight zero point)."""
     return xq.to(torch.int64).sum(dim=1).to(torch.int32)

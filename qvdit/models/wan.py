@@ -8,7 +8,13 @@ Cross-attention k/v (text tokens, and the I2V image tokens of `add_k_proj`/`add_
 """
 from __future__ import annotations
 
+import functools
+import types
+
+import torch
+
 from ..frames import FrameLayout
+from . import fused
 from .base import ModelAdapter, block_linear_filter, input_tensor, register_adapter
 
 
@@ -24,6 +30,58 @@ class WanAdapter(ModelAdapter):
         pt, ph, pw = model.config.patch_size
         # Conv3d with stride = kernel = patch: floor division, as the patch embedding itself does
         return {"video": FrameLayout(num_frames=f // pt, tokens_per_frame=(h // ph) * (w // pw), batch=b)}
+
+    def install(self, model, state) -> None:
+        """The frame hooks, and each block's forward replaced by `wan_block_forward` (fused producers)."""
+        super().install(model, state)
+        for block in getattr(model, "blocks", []):
+            if type(block).__name__ == "WanTransformerBlock" and "forward" not in vars(block):
+                block.forward = types.MethodType(_fusing_forward(type(block).forward), block)
+
+
+@functools.lru_cache(maxsize=None)
+def _fusing_forward(original):
+    """The block's forward: `wan_block_forward` in eager mode, `original` (diffusers' own) when compiling or
+    with QVDIT_FUSE_PRODUCERS=0. One function per block class, so compiled blocks share one graph."""
+    def forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
+        if not fused.enabled():
+            return original(self, hidden_states, encoder_hidden_states, temb, rotary_emb)
+        return wan_block_forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb)
+    return forward
+
+
+def _qkv(attn) -> list:
+    return [attn.to_qkv] if getattr(attn, "fused_projections", False) else [attn.to_q, attn.to_k, attn.to_v]
+
+
+def wan_block_forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                      rotary_emb: torch.Tensor) -> torch.Tensor:
+    """diffusers 0.42 `WanTransformerBlock.forward` with its three norm sites (norm1 + modulation -> q/k/v,
+    norm2 -> cross-attention q, norm3 + modulation -> FFN in) run by `fused.feed`: the norm, the modulation
+    and the act-quant of the consumers in one pass (tests/test_fused_producers.py checks it against the
+    original bit for bit on the reference backend)."""
+    if temb.ndim == 4:  # (B, S, 6, C): per-token modulation (Wan 2.2 TI2V)
+        mods = [t.squeeze(2) for t in (self.scale_shift_table.unsqueeze(0) + temb.float()).chunk(6, dim=2)]
+    else:  # (B, 6, C)
+        mods = list((self.scale_shift_table + temb.float()).chunk(6, dim=1))
+    shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = mods
+
+    # 1. Self-attention
+    norm_hidden_states = fused.feed(self.norm1, hidden_states, _qkv(self.attn1), scale_msa, shift_msa)
+    attn_output = self.attn1(norm_hidden_states, None, None, rotary_emb)
+    hidden_states = (hidden_states.float() + attn_output * gate_msa).type_as(hidden_states)
+
+    # 2. Cross-attention (norm2 is an Identity without cross_attn_norm)
+    norm_hidden_states = fused.feed(self.norm2, hidden_states, [self.attn2.to_q])
+    attn_output = self.attn2(norm_hidden_states, encoder_hidden_states, None, None)
+    hidden_states = hidden_states + attn_output
+
+    # 3. Feed-forward
+    ffn_in = getattr(self.ffn.net[0], "proj", None)  # the GELU module's projection
+    norm_hidden_states = fused.feed(self.norm3, hidden_states, [ffn_in], c_scale_msa, c_shift_msa)
+    ff_output = self.ffn(norm_hidden_states)
+    hidden_states = (hidden_states.float() + ff_output.float() * c_gate_msa).type_as(hidden_states)
+    return hidden_states
 
 
 register_adapter(WanAdapter())

@@ -101,12 +101,8 @@ def _load(xrow, rmask, K, OFF, W: tl.constexpr, EVICT: tl.constexpr):
 
 
 @triton.jit
-def _quantize_store(x, qrow, alpha_ptr, rmask, K, OFF, s, r, z, good, W: tl.constexpr, BITS: tl.constexpr,
-                    HAS_TQE: tl.constexpr, WANT_RS: tl.constexpr, INTERPRET: tl.constexpr):
-    """Codes of one piece: clamp(RN(x / s) + z, 0, qmax) - z (8 bits: +-127), stored as int8;
-    -> (row sums int32, alpha dots float32) of the piece."""
-    cols = OFF + tl.arange(0, W)
-    mask = rmask[:, None] & (cols[None, :] < K)
+def _codes(x, s, r, z, good, BITS: tl.constexpr, INTERPRET: tl.constexpr):
+    """Codes of a tile: clamp(RN(x / s) + z, 0, qmax) - z (8 bits: +-127) -> (as int32, as float32)."""
     if INTERPRET:
         t = tl.math.div_rn(x, s[:, None])  # the interpreter's fma rounds twice: divide directly
     else:
@@ -123,10 +119,20 @@ def _quantize_store(x, qrow, alpha_ptr, rmask, K, OFF, s, r, z, good, W: tl.cons
         base = 12582912.0 + z  # per row: MAGIC + z, exact
     y = tl.where(good[:, None], y, base[:, None])  # non-finite row: all codes 0
     xq_i = y.to(tl.int32, bitcast=True) - base.to(tl.int32, bitcast=True)[:, None]
+    return xq_i, y - base[:, None]  # y - base: the exact code as float32
+
+
+@triton.jit
+def _quantize_store(x, qrow, alpha_ptr, rmask, K, OFF, s, r, z, good, W: tl.constexpr, BITS: tl.constexpr,
+                    HAS_TQE: tl.constexpr, WANT_RS: tl.constexpr, INTERPRET: tl.constexpr):
+    """Codes of one piece, stored as int8 -> (row sums int32, alpha dots float32) of the piece."""
+    cols = OFF + tl.arange(0, W)
+    mask = rmask[:, None] & (cols[None, :] < K)
+    xq_i, xq_f = _codes(x, s, r, z, good, BITS, INTERPRET)
     tl.store(qrow + cols[None, :], xq_i.to(tl.int8), mask=mask)
     if HAS_TQE:
         a = tl.load(alpha_ptr + cols, mask=cols < K, other=0.0)
-        prod = (y - base[:, None]) * a[None, :]  # y - base: the exact code as float32
+        prod = xq_f * a[None, :]
     else:
         prod = tl.zeros(x.shape, tl.float32)
     if WANT_RS and not INTERPRET:

@@ -17,6 +17,7 @@ from torch import Tensor
 from ..backends import act_quant_results, register, require_default_format
 from . import act_quant as _aq
 from . import gemm as _gemm
+from . import norm_quant as _nq
 from . import tune
 
 
@@ -144,3 +145,11 @@ def qlinear(x2, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, ga
     require_default_format("triton", w_bits, format)
     return torch.ops.qvdit.triton_qlinear(x2, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, gate,
                                           frame_id, out_dtype)
+
+
+@register("norm_quantize", "triton")
+def norm_quantize(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id):
+    # a plain launch, not a custom op: model code calls it only in eager mode (qvdit.models.fused_blocks)
+    with _on(x):
+        return _nq.norm_quant(_rows(x), bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id,
+                              interpret=_interpret(x))

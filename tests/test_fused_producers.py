@@ -1,0 +1,98 @@
+"""Producer fusion on diffusers' Wan block (qvdit/models/fused.py, wan.py::wan_block_forward): the norm +
+modulation + act-quant of q/k/v, cross-attention q and the FFN input in one `norm_quantize` pass.
+
+On the reference backend the fused forward equals the unfused one bit for bit (same torch ops for y, same
+codes and float64 u), which also checks that `wan_block_forward` mirrors diffusers' block. On Triton (GPU, or
+the interpreter) it is checked against the unfused Triton forward within a small relative error."""
+import copy
+
+import pytest
+import torch
+
+import qvdit_kernels as qk
+from qvdit import QLinear, QuantConfig, quantize_
+from qvdit.models import fused
+
+from conftest import KERNEL_BACKENDS, DEVICE
+
+pytest.importorskip("diffusers")
+
+
+def tiny_wan(per_token=False):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                 out_channels=4, text_dim=16, freq_dim=32, ffn_dim=64, num_layers=2,
+                                 cross_attn_norm=True, rope_max_seq_len=32).eval()
+
+
+def quantized(backend, device):
+    model = quantize_(tiny_wan().to(device), QuantConfig(w_bits=4, a_bits=8, backend=backend))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # TQE terms that matter: beta != 0, per-frame gates != 1
+        for q in model.modules():
+            if isinstance(q, QLinear):
+                q.beta.copy_(torch.randn(q.beta.shape, generator=g).to(device) * 0.1)
+                q.gate.copy_((torch.rand(q.gate.shape, generator=g) + 0.5).to(device))
+    return model
+
+
+def inputs(device):
+    g = torch.Generator().manual_seed(2)
+    return dict(hidden_states=torch.randn(2, 4, 3, 8, 6, generator=g).to(device), timestep=torch.tensor([10, 20]).to(device),
+                encoder_hidden_states=torch.randn(2, 5, 16, generator=g).to(device))
+
+
+def run(model, kw, fuse, monkeypatch):
+    calls = []
+    real = qk.norm_quantize
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(fused.qk, "norm_quantize", counting)
+    monkeypatch.setenv("QVDIT_FUSE_PRODUCERS", "1" if fuse else "0")
+    with torch.no_grad():
+        out = model(**kw, return_dict=False)[0]
+    return out, len(calls)
+
+
+def test_reference_fused_equals_unfused_bit_for_bit(monkeypatch):
+    model, kw = quantized("torch", torch.device("cpu")), inputs(torch.device("cpu"))
+    plain, n0 = run(model, kw, False, monkeypatch)
+    fused_out, n1 = run(model, kw, True, monkeypatch)
+    assert n0 == 0 and n1 == 3 * 2  # three norm sites in each of the two blocks
+    assert torch.equal(plain, fused_out)
+    assert all(q._prequant is None for q in model.modules() if isinstance(q, QLinear))  # every handoff consumed
+
+
+@pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="Triton runs on a GPU or under TRITON_INTERPRET=1")
+def test_triton_fused_close_to_unfused(monkeypatch):
+    model, kw = quantized("triton", DEVICE), inputs(DEVICE)
+    plain, _ = run(model, kw, False, monkeypatch)
+    fused_out, n = run(model, kw, True, monkeypatch)
+    assert n == 6
+    err = ((fused_out - plain).norm() / plain.norm()).item()
+    assert err < 2e-3, err  # y may differ from torch's LayerNorm by float rounding, u by its summation order
+
+
+def test_not_fused_when_a_consumer_is_not_quantized(monkeypatch):
+    """q/k/v of block 0 left in full precision (skip): that site runs the plain expression, the others fuse."""
+    model = quantize_(tiny_wan(), QuantConfig(w_bits=4, a_bits=8, backend="torch", skip=("blocks.0.attn1.to_k",)))
+    ref = copy.deepcopy(model)
+    a, n = run(model, inputs(torch.device("cpu")), True, monkeypatch)
+    b, _ = run(ref, inputs(torch.device("cpu")), False, monkeypatch)
+    assert n == 5 and torch.equal(a, b)
+
+
+def test_compiled_model_takes_the_original_forward(monkeypatch):
+    """Under torch.compile `fused.enabled()` is False while tracing, so the blocks run diffusers' own forward
+    (no norm_quantize call) and give the unfused result."""
+    model, kw = quantized("torch", torch.device("cpu")), inputs(torch.device("cpu"))
+    plain, _ = run(model, kw, False, monkeypatch)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")
+    out, n = run(compiled, kw, True, monkeypatch)
+    assert n == 0 and torch.equal(out, plain)

@@ -1,0 +1,91 @@
+"""`norm_quantize`: LayerNorm + modulation fused with the act-quant of its output for J consumers (issue 6
+item 5). Kernel: qvdit_kernels/triton/norm_quant.py; reference: reference.norm_quantize (F.layer_norm, then
+quantize_activation). The kernel's y may differ from torch's LayerNorm by float rounding, so: y within one
+ulp of the output dtype, and the codes, scales and row sums bit-exact against quantize_activation of the
+kernel's own y; u within reference.tqe_u_bound per consumer."""
+import pytest
+import torch
+
+import qvdit_kernels as qk
+from qvdit_kernels import reference as ref
+
+from conftest import KERNEL_BACKENDS, device_for, gen
+
+
+def _ulp(y: torch.Tensor) -> torch.Tensor:
+    bits = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}[y.dtype]
+    a = y.float().abs().clamp(min=2.0**-14)
+    return torch.exp2(torch.floor(torch.log2(a)) - bits)
+
+
+def _problem(m, k, batch, per_token, affine, seed, dtype=torch.bfloat16):
+    g = gen(seed)
+    x = (torch.randn(m * batch, k, generator=g) * 3 + torch.randn(1, k, generator=g)).to(dtype)
+    x[1, 5] = 40.0  # an outlier
+    kw = dict(eps=1e-6)
+    if affine:
+        kw.update(weight=torch.rand(k, generator=g) + 0.5, bias=torch.randn(k, generator=g) * 0.1)
+    rows = m * batch if per_token else batch
+    kw.update(scale=torch.randn(rows, k, generator=g) * 0.2, shift=torch.randn(rows, k, generator=g) * 0.2,
+              mod_rows=1 if per_token else m)
+    alphas = torch.randn(3, k, generator=g) / k**0.5
+    gates = torch.rand(3, 4, generator=g) + 0.5
+    fid = (torch.arange(m * batch) * 4 // (m * batch)).int()
+    return x, kw, alphas, gates, fid
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("bits", [6, 8])
+@pytest.mark.parametrize("m,k,batch,per_token,affine", [(37, 200, 1, False, False), (20, 96, 2, False, True),
+                                                        (9, 333, 2, True, False)])
+def test_norm_quantize_matches_reference(backend, bits, m, k, batch, per_token, affine):
+    x, kw, alphas, gates, fid = _problem(m, k, batch, per_token, affine, seed=bits + k)
+    dev = device_for(backend)
+    t = lambda v: v.to(dev) if isinstance(v, torch.Tensor) else v  # noqa: E731
+    y, xq, sx, u, rs = (None if v is None else v.cpu() for v in qk.norm_quantize(
+        t(x), bits, **{n: t(v) for n, v in kw.items()}, alphas=t(alphas), gates=t(gates), frame_id=t(fid),
+        backend=backend))
+    y_ref = ref.layer_norm_modulate(x, **kw)
+    assert y.dtype == x.dtype and ((y.float() - y_ref.float()).abs() <= _ulp(y_ref)).all()
+    q2, s2, _, r2 = ref.quantize_activation(y, bits, want_rowsum=True)  # the codes of the kernel's own y
+    assert torch.equal(xq, q2) and torch.equal(sx, s2) and torch.equal(rs, r2)
+    assert u.shape == (3, x.shape[0])
+    for j in range(3):
+        assert ref.u_within_bound(u[j], xq, sx, alphas[j], gates[j], fid), j
+    assert not ref.u_within_bound(u[0] * (1 + 1e-3), xq, sx, alphas[0], gates[0], fid)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_norm_quantize_plain_and_nonfinite(backend):
+    """No affine, no modulation, no TQE: y = LN(x); a row holding inf gets scale NaN and zero codes."""
+    x = torch.randn(6, 64, generator=gen(3))
+    x[2, 7] = float("inf")
+    dev = device_for(backend)
+    y, xq, sx, u, rs = (None if v is None else v.cpu() for v in qk.norm_quantize(x.to(dev), 8, 1e-5,
+                                                                                 backend=backend))
+    assert u is None
+    ok = [0, 1, 3, 4, 5]
+    assert torch.allclose(y[ok], torch.nn.functional.layer_norm(x[ok], (64,), eps=1e-5), rtol=1e-5, atol=1e-5)
+    assert torch.isnan(sx[2]) and (xq[2] == 0).all() and rs[2] == 0
+    q2, s2, _, r2 = ref.quantize_activation(y[ok], 8, want_rowsum=True)
+    assert torch.equal(xq[ok], q2) and torch.equal(sx[ok], s2) and torch.equal(rs[ok], r2)
+
+
+def test_norm_quantize_errors():
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="bits must be one of"):
+        qk.norm_quantize(x, 4, 1e-6)
+    with pytest.raises(ValueError, match="weight and bias"):
+        qk.norm_quantize(x, 8, 1e-6, weight=torch.ones(8))
+    with pytest.raises(ValueError, match="scale and shift"):
+        qk.norm_quantize(x, 8, 1e-6, scale=torch.ones(1, 8))
+    with pytest.raises(ValueError, match="scale must have shape"):
+        qk.norm_quantize(x, 8, 1e-6, scale=torch.ones(1, 7), shift=torch.ones(1, 7))
+    with pytest.raises(ValueError, match="must cover 4 rows"):
+        qk.norm_quantize(x, 8, 1e-6, scale=torch.ones(1, 8), shift=torch.ones(1, 8), mod_rows=2)
+    with pytest.raises(ValueError, match="mod_rows must be"):
+        qk.norm_quantize(x, 8, 1e-6, scale=torch.ones(1, 8), shift=torch.ones(1, 8), mod_rows=0)
+    with pytest.raises(ValueError, match="gates given without alphas"):
+        qk.norm_quantize(x, 8, 1e-6, gates=torch.ones(1, 2))
+    with pytest.raises(ValueError, match="alphas must have shape"):
+        qk.norm_quantize(x, 8, 1e-6, alphas=torch.ones(2, 7))
