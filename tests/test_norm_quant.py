@@ -9,7 +9,7 @@ import torch
 import qvdit_kernels as qk
 from qvdit_kernels import reference as ref
 
-from conftest import KERNEL_BACKENDS, device_for, gen
+from conftest import DEVICE, KERNEL_BACKENDS, device_for, gen
 
 
 def _ulp(y: torch.Tensor) -> torch.Tensor:
@@ -89,3 +89,31 @@ def test_norm_quantize_errors():
         qk.norm_quantize(x, 8, 1e-6, gates=torch.ones(1, 2))
     with pytest.raises(ValueError, match="alphas must have shape"):
         qk.norm_quantize(x, 8, 1e-6, alphas=torch.ones(2, 7))
+
+
+@pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="Triton runs on a GPU or under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("k,j", [(600, 3), (1100, 1), (1500, 0)])
+def test_every_norm_quant_candidate(k, j):
+    """Each launch config the tuner may pick (one tile; CHUNK-wide steps) gives y within one ulp of the
+    reference and the exact codes of its own y, u in bound."""
+    from qvdit_kernels.backends import interpret_mode
+    from qvdit_kernels.triton import norm_quant as nq
+
+    x, kw, alphas, gates, fid = _problem(7, k, 2, False, True, seed=k)
+    alphas, gates = (alphas[:j], gates[:j]) if j else (None, None)
+    y_ref = ref.layer_norm_modulate(x, **kw)
+    dev = DEVICE
+    args = [x.to(dev), 6, kw["eps"], kw["weight"].to(dev), kw["bias"].to(dev), kw["scale"].to(dev),
+            kw["shift"].to(dev), kw["mod_rows"], None if alphas is None else alphas.to(dev),
+            None if gates is None else gates.to(dev), fid.to(dev)]
+    cands = nq.candidates(k, j)
+    assert any(c["CHUNKED"] for c in cands)
+    for prm in cands:
+        prm = dict(prm, num_warps=1) if interpret_mode() else prm
+        y, xq, sx, u, rs = (None if v is None else v.cpu() for v in nq.norm_quant(*args, interpret=interpret_mode(),
+                                                                                  params=prm))
+        assert ((y.float() - y_ref.float()).abs() <= _ulp(y_ref)).all(), prm
+        q2, s2, _, r2 = ref.quantize_activation(y, 6, want_rowsum=True)
+        assert torch.equal(xq, q2) and torch.equal(sx, s2) and torch.equal(rs, r2), prm
+        for jj in range(j):
+            assert ref.u_within_bound(u[jj], xq, sx, alphas[jj], gates[jj], fid), (prm, jj)

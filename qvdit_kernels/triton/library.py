@@ -150,6 +150,10 @@ def qlinear(x2, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, ga
 @register("norm_quantize", "triton")
 def norm_quantize(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id):
     # a plain launch, not a custom op: model code calls it only in eager mode (qvdit.models.fused_blocks)
+    tuner = None
+    if not _interpret(x):
+        key = (tune._gpu_key(x.device), x.shape[1], tune.m_bucket(x.shape[0]), 0 if alphas is None else alphas.shape[0])
+        tuner = lambda cands, run: tune.pick("norm_quant", key, cands, run, x.device)  # noqa: E731
     with _on(x):
         return _nq.norm_quant(_rows(x), bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id,
-                              interpret=_interpret(x))
+                              interpret=_interpret(x), tuner=tuner)

@@ -1,10 +1,11 @@
 """LayerNorm + adaLN modulation + per-token activation quantization in one Triton kernel: the producer
 of a DiT block's linear inputs (issue 6, item 5), for `ops.norm_quantize` / `reference.norm_quantize`.
 
-One program per row, the row in one register tile (BLOCK_K = next power of two >= K): mean and variance
-(two-level sums), y = (x - mean) * rstd [* w + b] [* (1 + scale) + shift], rounded to the input dtype and
-stored (other readers of the block's normalized input still get it), then the codes of that rounded y
-exactly as `act_quant.py` computes them (same helpers), the row sum and one TQE dot per consumer.
+One program per row: mean and variance (two-level sums), y = (x - mean) * rstd [* w + b] [* (1 + scale) +
+shift], rounded to the input dtype and stored (other readers of the block's normalized input still get it),
+then the codes of that rounded y exactly as `act_quant.py` computes them (same helpers), the row sum and one
+TQE dot per consumer. Two kernels, which the tuner chooses between per K: the row in one register tile
+(`norm_quant_kernel`), or CHUNK-wide steps with per-lane accumulators (`norm_quant_chunked_kernel`).
 Compared with the unfused path this saves the elementwise chain of the norm and modulation (five
 float32 passes in eager diffusers) and one act-quant read of y per consumer (three for q, k, v).
 """
@@ -12,9 +13,24 @@ import torch
 import triton
 import triton.language as tl
 
-from .act_quant import _codes, _row_params, _tile_stats
+from .act_quant import _codes, _merge_stats, _row_params, _tile_stats
 
 MAX_K = 16384  # longest row held in one register tile
+
+
+@triton.jit
+def _norm_y(x, cols, K, mean, rstd, w_ptr, b_ptr, sc_ptr, sh_ptr, mrow, HAS_AFFINE: tl.constexpr,
+            HAS_MOD: tl.constexpr):
+    """y = (x - mean) * rstd [* w + b] [* (1 + scale) + shift] of a [1, W] tile at columns `cols` (0 past K);
+    the row's modulation starts at element `mrow` of scale / shift."""
+    inside = cols < K
+    y = tl.where(inside[None, :], x - mean[:, None], 0.0) * rstd[:, None]
+    if HAS_AFFINE:
+        y = y * tl.load(w_ptr + cols, mask=inside, other=0.0)[None, :] + tl.load(b_ptr + cols, mask=inside, other=0.0)[None, :]
+    if HAS_MOD:
+        y = y * (1.0 + tl.load(sc_ptr + mrow + cols, mask=inside, other=0.0)[None, :]) + \
+            tl.load(sh_ptr + mrow + cols, mask=inside, other=0.0)[None, :]
+    return y
 
 
 @triton.jit
@@ -24,6 +40,7 @@ def norm_quant_kernel(
     BITS: tl.constexpr, HAS_AFFINE: tl.constexpr, HAS_MOD: tl.constexpr, J: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_FID: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr,
 ):
+    """One row per program in one [1, BLOCK_K] register tile (BLOCK_K >= K)."""
     row = tl.program_id(0)
     rows = row + tl.arange(0, 1)  # a one-row tile, so the act-quant helpers apply unchanged
     cols = tl.arange(0, BLOCK_K)
@@ -32,15 +49,8 @@ def norm_quant_kernel(
     mean = tl.sum(x, axis=1) / K
     d = tl.where(kmask, x - mean[:, None], 0.0)
     rstd = tl.math.div_rn(tl.full(mean.shape, 1.0, tl.float32), tl.math.sqrt_rn(tl.sum(d * d, axis=1) / K + eps))
-    y = d * rstd[:, None]
-    if HAS_AFFINE:
-        y = y * tl.load(w_ptr + cols, mask=cols < K, other=0.0)[None, :] + \
-            tl.load(b_ptr + cols, mask=cols < K, other=0.0)[None, :]
-    if HAS_MOD:
-        mrow = (row // mod_rows).to(tl.int64) * K
-        sc = tl.load(scale_ptr + mrow + cols, mask=cols < K, other=0.0)[None, :]
-        sh = tl.load(shift_ptr + mrow + cols, mask=cols < K, other=0.0)[None, :]
-        y = y * (1.0 + sc) + sh
+    mrow = (row // mod_rows).to(tl.int64) * K
+    y = _norm_y(x, cols, K, mean, rstd, w_ptr, b_ptr, scale_ptr, shift_ptr, mrow, HAS_AFFINE, HAS_MOD)
     yr = y.to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + row.to(tl.int64) * K + cols[None, :], yr, mask=kmask)
     yq = tl.where(kmask, yr.to(tl.float32), 0.0)  # the stored y: its codes are quantize_activation(y)'s
@@ -63,8 +73,107 @@ def norm_quant_kernel(
         tl.store(u_ptr + j * M + rows, u)
 
 
-def norm_quant(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id, interpret):
-    """Launch: x [M, K] -> (y [M, K] x.dtype, xq int8, scale f32 [M], u f32 [J, M] | None, rowsum int32 [M])."""
+@triton.jit
+def norm_quant_chunked_kernel(
+    x_ptr, y_ptr, xq_ptr, s_ptr, u_ptr, rs_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, alpha_ptr, gate_ptr, fid_ptr,
+    M, K, G, eps, mod_rows, stride_xm,
+    BITS: tl.constexpr, HAS_AFFINE: tl.constexpr, HAS_MOD: tl.constexpr, J: tl.constexpr,
+    HAS_GATE: tl.constexpr, HAS_FID: tl.constexpr, CHUNK: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """One row per program, in CHUNK-wide steps with per-lane accumulators (one reduction per quantity, within
+    the program's few warps): mean, variance, then y (stored, and its min/max), then the codes of y recomputed
+    by the same float ops (the launch turns off FMA contraction, so it is the stored y bit for bit), row sum
+    and up to three TQE dots. Only the first pass reads HBM; the others find the row in L2."""
+    row = tl.program_id(0)
+    rows = row + tl.arange(0, 1)
+    lanes = tl.arange(0, CHUNK)
+    xrow = x_ptr + row.to(tl.int64) * stride_xm
+    orow = row.to(tl.int64) * K
+    mrow = (row // mod_rows).to(tl.int64) * K
+    acc = tl.zeros([1, CHUNK], tl.float32)
+    k0 = 0
+    while k0 < K:  # pass 1: mean (while loops: the interpreter cannot take a run-time bound in range())
+        acc += tl.load(xrow + k0 + lanes[None, :], mask=(k0 + lanes[None, :]) < K, other=0.0).to(tl.float32)
+        k0 += CHUNK
+    mean = tl.sum(acc, axis=1) / K
+    acc = tl.zeros([1, CHUNK], tl.float32)
+    k0 = 0
+    while k0 < K:  # pass 2: variance, around the mean
+        m = (k0 + lanes[None, :]) < K
+        d = tl.where(m, tl.load(xrow + k0 + lanes[None, :], mask=m, other=0.0).to(tl.float32) - mean[:, None], 0.0)
+        acc += d * d
+        k0 += CHUNK
+    rstd = tl.math.div_rn(tl.full(mean.shape, 1.0, tl.float32), tl.math.sqrt_rn(tl.sum(acc, axis=1) / K + eps))
+    hi = tl.zeros([1], tl.float32)
+    lo = tl.zeros([1], tl.float32)
+    k0 = 0
+    while k0 < K:  # pass 3: y, stored, and its statistics
+        cols = k0 + lanes
+        m = cols[None, :] < K
+        x = tl.load(xrow + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        yr = _norm_y(x, cols, K, mean, rstd, w_ptr, b_ptr, scale_ptr, shift_ptr, mrow, HAS_AFFINE,
+                     HAS_MOD).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + orow + cols[None, :], yr, mask=m)
+        hi, lo = _merge_stats(hi, lo, tl.where(m, yr.to(tl.float32), 0.0), BITS, INTERPRET)
+        k0 += CHUNK
+    s, r, z, good = _row_params(hi, lo, BITS)
+    rs_acc = tl.zeros([1, CHUNK], tl.int32)
+    d0 = tl.zeros([1, CHUNK], tl.float32)
+    d1 = tl.zeros([1, CHUNK], tl.float32)
+    d2 = tl.zeros([1, CHUNK], tl.float32)
+    k0 = 0
+    while k0 < K:  # pass 4: the codes of y (recomputed), row sum, TQE dots
+        cols = k0 + lanes
+        m = cols[None, :] < K
+        x = tl.load(xrow + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        yr = _norm_y(x, cols, K, mean, rstd, w_ptr, b_ptr, scale_ptr, shift_ptr, mrow, HAS_AFFINE,
+                     HAS_MOD).to(y_ptr.dtype.element_ty)
+        xq_i, xq_f = _codes(tl.where(m, yr.to(tl.float32), 0.0), s, r, z, good, BITS, INTERPRET)
+        tl.store(xq_ptr + orow + cols[None, :], xq_i.to(tl.int8), mask=m)
+        rs_acc += xq_i
+        if J > 0:
+            d0 += xq_f * tl.load(alpha_ptr + cols, mask=cols < K, other=0.0)[None, :]
+        if J > 1:
+            d1 += xq_f * tl.load(alpha_ptr + K + cols, mask=cols < K, other=0.0)[None, :]
+        if J > 2:
+            d2 += xq_f * tl.load(alpha_ptr + 2 * K + cols, mask=cols < K, other=0.0)[None, :]
+        k0 += CHUNK
+    s = tl.where(good, s, float("nan"))
+    tl.store(s_ptr + rows, s)
+    tl.store(rs_ptr + rows, tl.sum(rs_acc, axis=1))
+    if HAS_FID:
+        fid = tl.load(fid_ptr + rows)
+    else:
+        fid = tl.zeros([1], tl.int32)
+    for j in tl.static_range(J):
+        if j == 0:
+            dj = d0
+        elif j == 1:
+            dj = d1
+        else:
+            dj = d2
+        u = tl.sum(dj, axis=1) * s
+        if HAS_GATE:
+            u = u * tl.load(gate_ptr + j * G + fid)
+        tl.store(u_ptr + j * M + rows, u)
+
+
+def candidates(k: int, j: int) -> list[dict]:
+    """Launch configs the tuner times: the whole row in one tile (~32 values per thread), and for J <= 3
+    CHUNK-wide steps on 1-4 warps (4-16 values per thread)."""
+    bk = max(16, triton.next_power_of_2(k))
+    out = [dict(CHUNKED=False, BLOCK_K=bk, num_warps=max(1, min(16, bk // 1024)))]
+    if j <= 3:
+        out += [dict(CHUNKED=True, CHUNK=c, num_warps=w) for c in (512, 1024) for w in (1, 2, 4)
+                if 4 <= c // (32 * w) <= 16 and c < k]
+    return out
+
+
+def norm_quant(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id, interpret, params=None,
+               tuner=None):
+    """Launch: x [M, K] -> (y [M, K] x.dtype, xq int8, scale f32 [M], u f32 [J, M] | None, rowsum int32 [M]).
+
+    `params` forces one launch config; else `tuner(candidates, run)` picks one (the first without a tuner)."""
     m, k = x.shape
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -78,14 +187,26 @@ def norm_quant(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates
     if m == 0:
         return y, xq, sx, u, rs
     f32 = lambda t: None if t is None else t.to(torch.float32).contiguous()  # noqa: E731
+    w32, b32, sc32, sh32, a32, g32 = map(f32, (weight, bias, scale, shift, alphas, gates))
     if frame_id is not None and frame_id.dtype != torch.int32:
         frame_id = frame_id.to(torch.int32)
-    bk = max(16, triton.next_power_of_2(k))
-    warps = 1 if interpret else max(1, min(16, bk // 1024))  # ~32 values per thread
-    norm_quant_kernel[(m,)](
-        x, y, xq, sx, u, rs, f32(weight), f32(bias), f32(scale), f32(shift), f32(alphas), f32(gates), frame_id,
-        m, k, 0 if gates is None else gates.shape[1], float(eps), mod_rows, x.stride(0),
-        BITS=bits, HAS_AFFINE=weight is not None, HAS_MOD=scale is not None, J=j, HAS_GATE=gates is not None,
-        HAS_FID=frame_id is not None, BLOCK_K=bk, INTERPRET=interpret, num_warps=warps,
-    )
+
+    def run(cfg):
+        cfg = dict(cfg)
+        chunked = cfg.pop("CHUNKED")
+        kernel = norm_quant_chunked_kernel if chunked else norm_quant_kernel
+        opts = dict(enable_fp_fusion=False) if chunked and not interpret else {}  # pass 3 = pass 4, bit for bit
+        kernel[(m,)](
+            x, y, xq, sx, u, rs, w32, b32, sc32, sh32, a32, g32, frame_id,
+            m, k, 0 if gates is None else gates.shape[1], float(eps), mod_rows, x.stride(0),
+            BITS=bits, HAS_AFFINE=weight is not None, HAS_MOD=scale is not None, J=j, HAS_GATE=gates is not None,
+            HAS_FID=frame_id is not None, INTERPRET=interpret, **cfg, **opts,
+        )
+
+    if params is None:
+        cands = candidates(k, j)
+        params = cands[0] if interpret or tuner is None else tuner(cands, run)
+        if interpret:
+            params = dict(params, num_warps=1)
+    run(params)
     return y, xq, sx, u, rs

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from functools import lru_cache
 
 import torch
@@ -90,10 +91,16 @@ def pick(op: str, key: tuple, candidates: list[dict], run, device: torch.device)
     for c in candidates:
         try:
             times.append(do_bench(lambda: run(c), warmup=5, rep=25, return_mode="median"))
-        except Exception as exc:  # out of resources (shared memory) on this GPU: not a candidate
-            if "OutOfResources" not in type(exc).__name__ and "out of resource" not in str(exc):
+        except Exception as exc:  # out of resources (shared memory), or does not compile here: not a candidate
+            if "OutOfResources" in type(exc).__name__ or "out of resource" in str(exc):
+                times.append(float("inf"))
+            elif "CompilationError" in type(exc).__name__:
+                warnings.warn(f"{op}: launch config {c} does not compile on this GPU, skipped: {str(exc)[:200]}")
+                times.append(float("inf"))
+            else:
                 raise
-            times.append(float("inf"))
+    if min(times) == float("inf"):
+        raise RuntimeError(f"{op}: no launch config of {candidates} runs on this GPU")
     best = candidates[min(range(len(candidates)), key=times.__getitem__)]
     _BEST[full_key] = best
     _TIMES[full_key] = list(zip(candidates, times))
