@@ -36,14 +36,18 @@ def can_feed(norm: nn.Module, consumers: list, x: torch.Tensor) -> bool:
     return q0.backend == "torch" or backends.resolve("norm_quantize", q0.backend, x.device, fallback=False) is not None
 
 
+def _plain(norm, x, scale, shift):
+    y = norm(x.float())
+    return (y if scale is None else y * (1 + scale) + shift).type_as(x)
+
+
 def feed(norm: nn.Module, x: torch.Tensor, consumers: list, scale=None, shift=None) -> torch.Tensor:
     """(norm(x.float()) [* (1 + scale) + shift]).type_as(x), x [B, S, C]; scale/shift [B, 1, C] or [B, S, C].
 
     Fused (when `enabled()` and `can_feed`): one norm_quantize pass, and each consumer is left the codes for
     its next call on the returned tensor. Otherwise the same expression as diffusers' Wan block."""
     if not (enabled() and can_feed(norm, consumers, x)):
-        y = norm(x.float())
-        return (y if scale is None else y * (1 + scale) + shift).type_as(x)
+        return _plain(norm, x, scale, shift)
     b, s, c = x.shape
     x2 = x.reshape(b * s, c)
     mod_rows, sc, sh = 1, None, None
@@ -58,8 +62,7 @@ def feed(norm: nn.Module, x: torch.Tensor, consumers: list, scale=None, shift=No
         if all(t[2] is not None for t in tqe) and len({t[2].shape for t in tqe}) == 1:
             gates = torch.stack([t[2] for t in tqe])
         elif any(t[2] is not None for t in tqe):  # mixed gating: not what a norm's consumers look like
-            y = norm(x.float())
-            return (y if scale is None else y * (1 + scale) + shift).type_as(x)
+            return _plain(norm, x, scale, shift)
     y, xq, sx, u, rs = qk.norm_quantize(x2, consumers[0].a_bits, norm.eps, norm.weight, norm.bias, sc, sh, mod_rows,
                                         alphas, gates, frame_id, backend=consumers[0].backend)
     y = y.view(b, s, c)
