@@ -96,3 +96,17 @@ def test_compiled_model_takes_the_original_forward(monkeypatch):
     compiled = torch.compile(model, backend="eager")
     out, n = run(compiled, kw, True, monkeypatch)
     assert n == 0 and torch.equal(out, plain)
+
+
+def test_handoff_is_used_once_and_only_for_its_tensor():
+    """QLinear takes a producer's codes for the tensor they were made for (here deliberately another input's
+    codes, so using them shows), once; a handoff for another tensor is dropped and x is quantized itself."""
+    q = QLinear.from_linear(torch.nn.Linear(16, 8), QuantConfig(w_bits=4, a_bits=8, tqe=False, backend="torch"))
+    x, other = torch.randn(3, 16), torch.randn(3, 16)
+    want_x, want_other = q(x), q(other)
+    xq, sx, _, rs = qk.quantize_activation_rowsum(other, 8, backend="torch")
+    q._prequant = (x, xq, sx, rs, None)
+    assert torch.equal(q(x), want_other) and q._prequant is None  # used, and consumed
+    assert torch.equal(q(x), want_x)  # the next call quantizes x itself
+    q._prequant = (other, xq, sx, rs, None)
+    assert torch.equal(q(x), want_x) and q._prequant is None  # stale: dropped
