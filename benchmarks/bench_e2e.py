@@ -182,8 +182,9 @@ def profile_shares(model, call, device) -> dict:
 def run_one(name, setting, mode, args, device, ref_out, log) -> tuple[dict, torch.Tensor | None]:
     dtype = torch.bfloat16
     row = {"model": name, "setting": setting, "mode": mode, "backend": args.backend if setting != "bf16" else "cuBLAS"}
-    if setting != "bf16":  # norm + act-quant producer fusion (qvdit.models.fused): eager only, on unless turned off
-        row["fused_producers"] = mode == "eager" and os.environ.get("QVDIT_FUSE_PRODUCERS", "1") != "0"
+    if setting != "bf16":  # producer fusion (qvdit.models.fused) allowed: eager and not turned off; it runs where
+        # the backend has a norm_quantize kernel (Triton on a GPU; the reference backend named explicitly)
+        row["fuse_producers_enabled"] = mode == "eager" and os.environ.get("QVDIT_FUSE_PRODUCERS", "1") != "0"
     model = build(name, device, dtype)
     kw, shape = make_inputs(name, model, device, dtype, args)
     row.update(shape)
