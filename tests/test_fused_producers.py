@@ -110,3 +110,13 @@ def test_handoff_is_used_once_and_only_for_its_tensor():
     assert torch.equal(q(x), want_x)  # the next call quantizes x itself
     q._prequant = (other, xq, sx, rs, None)
     assert torch.equal(q(x), want_x) and q._prequant is None  # stale: dropped
+
+
+def test_per_token_modulation_fused_equals_unfused(monkeypatch):
+    """Wan 2.2 TI2V style: a timestep per token gives temb (B, S, 6, C), so the modulation is per row."""
+    model, kw = quantized("torch", torch.device("cpu")), inputs(torch.device("cpu"))
+    tokens = 3 * (8 // 2) * (6 // 2)
+    kw["timestep"] = torch.randint(0, 1000, (2, tokens), generator=torch.Generator().manual_seed(3))
+    plain, _ = run(model, kw, False, monkeypatch)
+    fused_out, n = run(model, kw, True, monkeypatch)
+    assert n == 6 and torch.equal(plain, fused_out)
