@@ -159,13 +159,17 @@ def norm_quant_chunked_kernel(
 
 
 def candidates(k: int, j: int) -> list[dict]:
-    """Launch configs the tuner times: the whole row in one tile (~32 values per thread), and for J <= 3
-    CHUNK-wide steps on 1-4 warps (4-16 values per thread)."""
-    bk = max(16, triton.next_power_of_2(k))
-    out = [dict(CHUNKED=False, BLOCK_K=bk, num_warps=max(1, min(16, bk // 1024)))]
+    """Launch configs the tuner times: the whole row in one tile (~32 values per thread; K <= MAX_K), and
+    for J <= 3 consumers CHUNK-wide steps on 1-4 warps (4-16 values per thread)."""
+    out = []
+    if k <= MAX_K:
+        bk = max(16, triton.next_power_of_2(k))
+        out.append(dict(CHUNKED=False, BLOCK_K=bk, num_warps=max(1, min(16, bk // 1024))))
     if j <= 3:
         out += [dict(CHUNKED=True, CHUNK=c, num_warps=w) for c in (512, 1024) for w in (1, 2, 4)
-                if 4 <= c // (32 * w) <= 16 and c < k]
+                if 4 <= c // (32 * w) <= 16 and (c < k or not out)]
+    if not out:
+        raise ValueError(f"norm_quantize on Triton: K = {k} > {MAX_K} needs at most 3 consumers (alphas), got {j}")
     return out
 
 
