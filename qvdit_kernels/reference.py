@@ -163,13 +163,9 @@ def norm_quantize(x, bits, eps, weight=None, bias=None, scale=None, shift=None, 
     y = layer_norm_modulate(x, eps, weight, bias, scale, shift, mod_rows)
     xq, sx, _, rs = quantize_activation(y, bits, want_rowsum=True)
     u = None
-    if alphas is not None:
-        rows = []
-        for j in range(alphas.shape[0]):
-            g = frame_gate(x.shape[0], None if gates is None else gates[j], frame_id)
-            uj = (xq.double() @ alphas[j].double()) * sx.double()
-            rows.append((uj if g is None else uj * g.double()).float())
-        u = torch.stack(rows)
+    if alphas is not None:  # each consumer's u exactly as its own act-quant of y defines it
+        u = torch.stack([quantize_activation(y, bits, alphas[j], None if gates is None else gates[j], frame_id)[2]
+                         for j in range(alphas.shape[0])])
     return y, xq, sx, u, rs
 
 

@@ -34,6 +34,28 @@ def _norm_y(x, cols, K, mean, rstd, w_ptr, b_ptr, sc_ptr, sh_ptr, mrow, HAS_AFFI
 
 
 @triton.jit
+def _store_row(s_ptr, rs_ptr, fid_ptr, rows, s, good, rsum, HAS_FID: tl.constexpr):
+    """Store the row's scale (NaN for a non-finite row) and row sum -> (that scale, the row's frame id)."""
+    s = tl.where(good, s, float("nan"))
+    tl.store(s_ptr + rows, s)
+    tl.store(rs_ptr + rows, rsum)
+    if HAS_FID:
+        fid = tl.load(fid_ptr + rows)
+    else:
+        fid = tl.zeros([1], tl.int32)
+    return s, fid
+
+
+@triton.jit
+def _store_u(u_ptr, gate_ptr, rows, fid, dot, s, j, M, G, HAS_GATE: tl.constexpr):
+    """u[j, row] = dot * s [* gate[j, fid]]: consumer j's TQE term."""
+    u = dot * s
+    if HAS_GATE:
+        u = u * tl.load(gate_ptr + j * G + fid)
+    tl.store(u_ptr + j * M + rows, u)
+
+
+@triton.jit
 def norm_quant_kernel(
     x_ptr, y_ptr, xq_ptr, s_ptr, u_ptr, rs_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, alpha_ptr, gate_ptr, fid_ptr,
     M, K, G, eps, mod_rows, stride_xm,
@@ -58,19 +80,10 @@ def norm_quant_kernel(
     s, r, z, good = _row_params(hi, lo, BITS)
     xq_i, xq_f = _codes(yq, s, r, z, good, BITS, INTERPRET)
     tl.store(xq_ptr + row.to(tl.int64) * K + cols[None, :], xq_i.to(tl.int8), mask=kmask)
-    s = tl.where(good, s, float("nan"))
-    tl.store(s_ptr + rows, s)
-    tl.store(rs_ptr + rows, tl.sum(xq_i, axis=1))
-    if HAS_FID:
-        fid = tl.load(fid_ptr + rows)
-    else:
-        fid = tl.zeros([1], tl.int32)
+    s, fid = _store_row(s_ptr, rs_ptr, fid_ptr, rows, s, good, tl.sum(xq_i, axis=1), HAS_FID)
     for j in tl.static_range(J):  # one TQE term per consumer of y
         a = tl.load(alpha_ptr + j * K + cols, mask=cols < K, other=0.0)
-        u = tl.sum(xq_f * a[None, :], axis=1) * s
-        if HAS_GATE:
-            u = u * tl.load(gate_ptr + j * G + fid)
-        tl.store(u_ptr + j * M + rows, u)
+        _store_u(u_ptr, gate_ptr, rows, fid, tl.sum(xq_f * a[None, :], axis=1), s, j, M, G, HAS_GATE)
 
 
 @triton.jit
@@ -138,24 +151,13 @@ def norm_quant_chunked_kernel(
         if J > 2:
             d2 += xq_f * tl.load(alpha_ptr + 2 * K + cols, mask=cols < K, other=0.0)[None, :]
         k0 += CHUNK
-    s = tl.where(good, s, float("nan"))
-    tl.store(s_ptr + rows, s)
-    tl.store(rs_ptr + rows, tl.sum(rs_acc, axis=1))
-    if HAS_FID:
-        fid = tl.load(fid_ptr + rows)
-    else:
-        fid = tl.zeros([1], tl.int32)
-    for j in tl.static_range(J):
-        if j == 0:
-            dj = d0
-        elif j == 1:
-            dj = d1
-        else:
-            dj = d2
-        u = tl.sum(dj, axis=1) * s
-        if HAS_GATE:
-            u = u * tl.load(gate_ptr + j * G + fid)
-        tl.store(u_ptr + j * M + rows, u)
+    s, fid = _store_row(s_ptr, rs_ptr, fid_ptr, rows, s, good, tl.sum(rs_acc, axis=1), HAS_FID)
+    if J > 0:
+        _store_u(u_ptr, gate_ptr, rows, fid, tl.sum(d0, axis=1), s, 0, M, G, HAS_GATE)
+    if J > 1:
+        _store_u(u_ptr, gate_ptr, rows, fid, tl.sum(d1, axis=1), s, 1, M, G, HAS_GATE)
+    if J > 2:
+        _store_u(u_ptr, gate_ptr, rows, fid, tl.sum(d2, axis=1), s, 2, M, G, HAS_GATE)
 
 
 def candidates(k: int, j: int) -> list[dict]:
