@@ -134,9 +134,9 @@ def profile_shares(model, call, device) -> dict:
 
     wrapped = []
     for m in block_linears(model).values():
-        def fwd(x, _orig=m.forward):
+        def fwd(x, *args, _orig=m.forward, **kw):
             with record_function("e2e::block_linear"):
-                return _orig(x)
+                return _orig(x, *args, **kw)
         m.forward = fwd  # instance attribute: removed below
         wrapped.append(m)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])

@@ -48,6 +48,9 @@ class QLinear(nn.Module):
         # (source, xq, scale, rowsum, u) left by a fused producer (models/fused.py) for this layer's next call
         # on `source`: eager mode only, consumed by that call
         self._prequant = None
+        # (residual [M, N], gate rows [G, N] | None) left by models/fused.py around an attention call, for this
+        # output projection's next call with M rows: out = residual + gate * linear (eager only)
+        self._residual = None
         f32 = dict(dtype=torch.float32, device=device)
         self.register_buffer("w_packed", torch.zeros(out_features, fmt.row_bytes(in_features), dtype=fmt.packed_dtype, device=device))
         self.register_buffer("w_scale", torch.ones(out_features, **f32))
@@ -125,24 +128,38 @@ class QLinear(nn.Module):
                 gate = resample_gate(self.gate, num_frames)
         return self.alpha, self.beta, gate, frame_id
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, activation: str | None = None, residual: torch.Tensor | None = None,
+                residual_gate: torch.Tensor | None = None) -> torch.Tensor:
+        """y = linear(x); with `activation` ("gelu_tanh") and/or `residual` [..., N] (x.dtype) and `residual_gate`
+        (f32 [G, N], row m of the M rows uses gate row m // (M // G)): residual + gate * act(y), fused into the
+        GEMM's epilogue (`qvdit_kernels.qgemm`)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self.name or 'QLinear'}: input has {x.shape[-1]} features, expected {self.in_features}")
+        rows = x.numel() // self.in_features
+        if self._residual is not None and residual is None:
+            pending = self._residual
+            if pending[0].shape == (rows, self.out_features) and pending[0].dtype == x.dtype:
+                self._residual = None  # consumed (models/fused.py checks)
+                residual, residual_gate = pending
+        if residual is not None:
+            residual = residual.reshape(*x.shape[:-1], self.out_features)
+        tail = dict(activation=activation, residual=residual, residual_gate=residual_gate)
         if self._prequant is not None:  # a fused norm + act-quant produced x (eager only; None when compiled)
             pre, self._prequant = self._prequant, None
             if pre[0] is x:
-                return self._forward_prequantized(x, *pre[1:])
-        rows = x.numel() // self.in_features
+                return self._forward_prequantized(x, *pre[1:], **tail)
         alpha, beta, gate, frame_id = self.tqe_inputs(rows, x.device)
         return qk.qlinear(x, self.w_packed, self.w_bits, self.w_scale, self.w_zero, self.a_bits, bias=self.bias,
-                          alpha=alpha, beta=beta, gate=gate, frame_id=frame_id, backend=self.backend)
+                          alpha=alpha, beta=beta, gate=gate, frame_id=frame_id, backend=self.backend, **tail)
 
-    def _forward_prequantized(self, x, xq, x_scale, rowsum, u):
+    def _forward_prequantized(self, x, xq, x_scale, rowsum, u, activation=None, residual=None, residual_gate=None):
         """The GEMM on codes a fused producer computed for x (same codes as this layer's own act-quant of x)."""
         beta = self.beta if u is not None else None
+        if residual is not None:
+            residual = residual.reshape(-1, self.out_features)
         y = qk.qgemm(xq, x_scale, self.w_packed, self.w_bits, self.w_scale, self.w_zero, bias=self.bias, u=u,
                      beta=beta, x_rowsum=rowsum if self.w_bits != 8 else None, out_dtype=x.dtype,
-                     backend=self.backend)
+                     backend=self.backend, activation=activation, residual=residual, residual_gate=residual_gate)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     # ------------------------------------------------------------------ inspection

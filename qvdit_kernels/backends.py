@@ -43,6 +43,13 @@ def register(op: str, backend: str):
     return deco
 
 
+def fuses_tail(fn):
+    """Marks a "qgemm"/"qlinear" implementation that takes activation=, residual=, residual_gate= and applies
+    them in its own epilogue; ops.py applies the tail after any other implementation."""
+    fn.fuses_tail = True
+    return fn
+
+
 def _load(backend: str) -> tuple[bool, str]:
     """Import the module that registers a backend's kernels, once; remember why it failed."""
     if backend not in _LOADED:

@@ -25,7 +25,7 @@ for _op, _fn in (
     ("pack_weight", reference.pack_weight),
     ("unpack_weight", reference.unpack_weight),
     ("quantize_activation", reference.quantize_activation),
-    ("qgemm", reference.qgemm),
+    ("qgemm", backends.fuses_tail(reference.qgemm)),
     ("norm_quantize", reference.norm_quantize),
 ):
     register(_op, "torch")(_fn)
@@ -185,14 +185,46 @@ def norm_quantize(x, bits, eps, weight=None, bias=None, scale=None, shift=None, 
     return fn(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id)
 
 
+def _check_tail(m, n, device, out_dtype, activation, residual, residual_gate):
+    """The optional epilogue tail (`reference.epilogue_tail`): activation, residual [M, N], residual_gate [G, N]."""
+    if activation is not None and activation not in reference.ACTIVATIONS:
+        raise ValueError(f"activation must be None or one of {reference.ACTIVATIONS}, got {activation!r}")
+    if residual_gate is not None and residual is None:
+        raise ValueError("residual_gate given without residual: the gate scales the linear's output added to it")
+    if (activation is not None or residual is not None) and out_dtype == torch.int32:
+        raise ValueError("activation/residual need a float out_dtype (they follow the float epilogue), got int32")
+    check_tensor("residual", residual, (out_dtype,), (m, n), device, optional=True)
+    if residual is not None and residual.stride(-1) != 1:
+        raise ValueError("residual must have unit stride along N (a row-major [M, N] view)")
+    check_tensor("residual_gate", residual_gate, (torch.float32,), (None, n), device, optional=True)
+    if residual_gate is not None and (residual_gate.shape[0] < 1 or m % residual_gate.shape[0]):
+        raise ValueError(f"residual_gate has {residual_gate.shape[0]} rows; they must divide the M={m} rows "
+                         "(row m takes gate row m // (M // G))")
+
+
+def _has_tail(activation, residual) -> bool:
+    return activation is not None or residual is not None
+
+
+def _run_gemm(fn, args, activation, residual, residual_gate):
+    """A backend's GEMM with the tail fused when the backend fuses it (`backends.fuses_tail`), else after it."""
+    if not _has_tail(activation, residual):
+        return fn(*args)
+    if getattr(fn, "fuses_tail", False):
+        return fn(*args, activation=activation, residual=residual, residual_gate=residual_gate)
+    return reference.epilogue_tail(fn(*args), activation, residual, residual_gate)
+
+
 def qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias=None, u=None, beta=None, x_rowsum=None,
-          out_dtype=torch.bfloat16, backend="auto", format=None):
+          out_dtype=torch.bfloat16, backend="auto", format=None, activation=None, residual=None, residual_gate=None):
     """y = (xq @ (qw - zw)^T) * sx[m] * sw[n] + bias[n] + u[m] * beta[n]  ->  [M, N] in out_dtype.
 
     xq int8 [M, K]; x_scale f32 [M]; w_packed [N, row_bytes(K)] (format of w_bits);
     w_scale, w_zero f32 [N]; bias [N] (any float dtype); u f32 [M] with beta [N] (both or neither);
     x_rowsum int32 [M] (optional: computed when needed and not given).
     out_dtype torch.int32 returns the exact zero-corrected accumulator before the epilogue.
+    activation ("gelu_tanh"), residual [M, N] (out_dtype) and residual_gate f32 [G, N]: what the block does
+    next, in the same epilogue (`reference.epilogue_tail`): out = residual + gate * act(y).
     """
     check_tensor("xq", xq, (torch.int8,), (None, None))
     m, k = xq.shape
@@ -202,15 +234,19 @@ def qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias=None, u=None, bet
     if (u is None) != (beta is None):
         raise ValueError("u and beta must be given together (the TQE term is u[m] * beta[n])")
     _check_weight_args(k, xq.device, w_packed, w_bits, w_scale, w_zero, bias, beta, out_dtype, format)
+    _check_tail(m, w_packed.shape[0], xq.device, out_dtype, activation, residual, residual_gate)
     fn = backends.resolve("qgemm", backend, xq.device)
-    return fn(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum, out_dtype, format)
+    return _run_gemm(fn, (xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum, out_dtype, format),
+                     activation, residual, residual_gate)
 
 
 def qlinear(x, w_packed, w_bits, w_scale, w_zero, a_bits, bias=None, alpha=None, beta=None, gate=None,
-            frame_id=None, out_dtype=None, backend="auto", format=None):
+            frame_id=None, out_dtype=None, backend="auto", format=None, activation=None, residual=None,
+            residual_gate=None):
     """Quantized linear: act-quant of x [..., K] then `qgemm`; returns [..., N] (x.dtype unless out_dtype).
 
     TQE is on when alpha and beta are given (u is then computed in the act-quant pass).
+    activation / residual ([..., N]) / residual_gate ([G, N]): the epilogue tail of `qgemm`.
     """
     check_tensor("x", x, FLOAT_DTYPES)
     if x.dim() < 1:
@@ -220,16 +256,23 @@ def qlinear(x, w_packed, w_bits, w_scale, w_zero, a_bits, bias=None, alpha=None,
         raise ValueError("alpha and beta must be given together (TQE needs both)")
     out_dtype = x.dtype if out_dtype is None else out_dtype
     x2 = x.reshape(-1, k)
+    res2 = None
+    if residual is not None:
+        check_tensor("residual", residual, None, (*lead, None))
+        res2 = residual.reshape(x2.shape[0], residual.shape[-1])
     fused = backends.resolve("qlinear", backend, x.device, fallback=False)
     if fused is not None:
         check_bits("a_bits", a_bits, A_BITS)
         _check_tqe(x2.shape[0], k, x.device, alpha, gate, frame_id)
         _check_weight_args(k, x.device, w_packed, w_bits, w_scale, w_zero, bias, beta, out_dtype, format)
-        y = fused(x2, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, gate, frame_id, out_dtype, format)
+        _check_tail(x2.shape[0], w_packed.shape[0], x.device, out_dtype, activation, res2, residual_gate)
+        y = _run_gemm(fused, (x2, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, gate, frame_id,
+                              out_dtype, format), activation, res2, residual_gate)
     else:
         need_rowsum = w_bits != 8
         res = _quantize_activation_checked(x2, a_bits, alpha, gate, frame_id, backend, want_rowsum=need_rowsum)
         xq, sx, u = res[:3]
         rowsum = res[3] if need_rowsum else None
-        y = qgemm(xq, sx, w_packed, w_bits, w_scale, w_zero, bias, u, beta, rowsum, out_dtype, backend, format)
+        y = qgemm(xq, sx, w_packed, w_bits, w_scale, w_zero, bias, u, beta, rowsum, out_dtype, backend, format,
+                  activation, res2, residual_gate)
     return y.reshape(*lead, y.shape[-1])

@@ -23,6 +23,7 @@ GEMM (exact integer identity, then a float32 epilogue):
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .formats import get_format
 
@@ -195,9 +196,32 @@ def epilogue(acc, x_scale, w_scale, bias=None, u=None, beta=None, out_dtype=torc
     return y.to(out_dtype)
 
 
+ACTIVATIONS = ("gelu_tanh",)
+
+
+def epilogue_tail(y, activation=None, residual=None, residual_gate=None):
+    """What a DiT block does right after a linear, applied to the linear's output y [M, N] (in its out dtype),
+    written as the unfused block computes it (Wan, CogVideoX, Latte in diffusers):
+
+        h = gelu_tanh(y)                                        activation="gelu_tanh" (FFN fc1 -> GELU)
+        out = (residual.float() + h.float() * gate[m // (M // G)]).to(y.dtype)   residual_gate [G, N] float32
+        out = (residual.float() + h.float()).to(y.dtype)        residual without a gate (= residual + h)
+    """
+    if activation is not None:
+        y = F.gelu(y, approximate="tanh")
+    if residual is None:
+        return y
+    h = y.float()
+    if residual_gate is not None:
+        rows = torch.arange(y.shape[0], device=y.device) // (y.shape[0] // residual_gate.shape[0])
+        h = h * residual_gate[rows]
+    return (residual.float() + h).to(y.dtype)
+
+
 def qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias=None, u=None, beta=None, x_rowsum=None,
-          out_dtype=torch.bfloat16, format=None):
-    """SPEC 1.3 `qgemm`: int32 `acc` when out_dtype is torch.int32, else the epilogue in out_dtype.
+          out_dtype=torch.bfloat16, format=None, activation=None, residual=None, residual_gate=None):
+    """SPEC 1.3 `qgemm`: int32 `acc` when out_dtype is torch.int32, else the epilogue in out_dtype, then
+    `epilogue_tail` (activation, gated residual) when asked for.
 
     `x_rowsum` is accepted for signature parity; the reference does not need it.
     """
@@ -206,7 +230,7 @@ def qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias=None, u=None, bet
     acc = gemm_acc(xq, qw, w_zero)
     if out_dtype == torch.int32:
         return acc
-    return epilogue(acc, x_scale, w_scale, bias, u, beta, out_dtype)
+    return epilogue_tail(epilogue(acc, x_scale, w_scale, bias, u, beta, out_dtype), activation, residual, residual_gate)
 
 
 def dequantize_weight(w_packed, w_bits, k, w_scale, w_zero, format=None) -> torch.Tensor:

@@ -60,6 +60,13 @@ def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
     return torch.exp2(torch.floor(torch.log2(ax)) - 7)
 
 
+def ulp(y: torch.Tensor) -> torch.Tensor:
+    """One unit in the last place of each element of y in its own dtype (floored at 2^-14 in magnitude)."""
+    bits = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}[y.dtype]
+    a = y.float().abs().clamp(min=2.0**-14)
+    return torch.exp2(torch.floor(torch.log2(a)) - bits)
+
+
 def assert_within_spec(out: torch.Tensor, ref: torch.Tensor):
     """SPEC 1.4: |out - ref| <= 2 ulp(bf16) of the reference value + 1e-6 (ref in float32 or better)."""
     out, ref = out.float().cpu(), ref.float().cpu()

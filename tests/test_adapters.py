@@ -52,10 +52,10 @@ def run_recorded(model, kwargs, monkeypatch):
     seen = {}
     orig = QLinear.forward
 
-    def spy(self, x):
+    def spy(self, x, *args, **kw):
         rows = x.numel() // self.in_features
         seen[self.name] = (x.detach().reshape(rows, -1).clone(), self.tqe_inputs(rows, x.device)[3])
-        return orig(self, x)
+        return orig(self, x, *args, **kw)
 
     monkeypatch.setattr(QLinear, "forward", spy)
     with torch.no_grad():
@@ -168,8 +168,8 @@ def test_gates_follow_the_published_frames(monkeypatch):
     outs = {}
     orig = QLinear.forward
 
-    def keep(self, x):
-        y = orig(self, x)
+    def keep(self, x, *args, **kw):
+        y = orig(self, x, *args, **kw)
         if self is q:
             outs[len(outs)] = y.detach().reshape(-1, y.shape[-1]).clone()
         return y

@@ -44,6 +44,9 @@ def inputs(device):
                 encoder_hidden_states=torch.randn(2, 5, 16, generator=g).to(device))
 
 
+TAILS = []  # (activation, residual given, gate given) of every qgemm/qlinear call of the last `run`
+
+
 def run(model, kw, fuse, monkeypatch):
     calls = []
     real = qk.norm_quantize
@@ -52,11 +55,26 @@ def run(model, kw, fuse, monkeypatch):
         calls.append(1)
         return real(*a, **k)
 
+    def recording(real_op):
+        def op(*a, **k):
+            if k.get("activation") is not None or k.get("residual") is not None:
+                TAILS.append((k.get("activation"), k.get("residual") is not None, k.get("residual_gate") is not None))
+            return real_op(*a, **k)
+        return op
+
+    TAILS.clear()
     monkeypatch.setattr(fused.qk, "norm_quantize", counting)
+    monkeypatch.setattr(qk, "qgemm", recording(qk.qgemm))
+    monkeypatch.setattr(qk, "qlinear", recording(qk.qlinear))
     monkeypatch.setenv("QVDIT_FUSE_PRODUCERS", "1" if fuse else "0")
     with torch.no_grad():
         out = model(**kw, return_dict=False)[0]
+    monkeypatch.undo()
     return out, len(calls)
+
+
+# per block: fc1 + GELU; attn1's o-proj with its gated residual; attn2's o-proj, plain residual; fc2, gated
+BLOCK_TAILS = [("gelu_tanh", False, False), (None, True, True), (None, True, False), (None, True, True)]
 
 
 def test_reference_fused_equals_unfused_bit_for_bit(monkeypatch):
@@ -64,8 +82,10 @@ def test_reference_fused_equals_unfused_bit_for_bit(monkeypatch):
     plain, n0 = run(model, kw, False, monkeypatch)
     fused_out, n1 = run(model, kw, True, monkeypatch)
     assert n0 == 0 and n1 == 3 * 2  # three norm sites in each of the two blocks
+    assert sorted(TAILS, key=str) == sorted(BLOCK_TAILS * 2, key=str)  # GELU and the three residual adds in epilogues
     assert torch.equal(plain, fused_out)
-    assert all(q._prequant is None for q in model.modules() if isinstance(q, QLinear))  # every handoff consumed
+    assert all(q._prequant is None and q._residual is None
+               for q in model.modules() if isinstance(q, QLinear))  # every handoff consumed
 
 
 @pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="Triton runs on a GPU or under TRITON_INTERPRET=1")
@@ -73,7 +93,7 @@ def test_triton_fused_close_to_unfused(monkeypatch):
     model, kw = quantized("triton", DEVICE), inputs(DEVICE)
     plain, _ = run(model, kw, False, monkeypatch)
     fused_out, n = run(model, kw, True, monkeypatch)
-    assert n == 6
+    assert n == 6 and sorted(TAILS, key=str) == sorted(BLOCK_TAILS * 2, key=str)
     err = ((fused_out - plain).norm() / plain.norm()).item()
     assert err < 2e-3, err  # y may differ from torch's LayerNorm by float rounding, u by its summation order
 
@@ -119,4 +139,4 @@ def test_per_token_modulation_fused_equals_unfused(monkeypatch):
     kw["timestep"] = torch.randint(0, 1000, (2, tokens), generator=torch.Generator().manual_seed(3))
     plain, _ = run(model, kw, False, monkeypatch)
     fused_out, n = run(model, kw, True, monkeypatch)
-    assert n == 6 and torch.equal(plain, fused_out)
+    assert n == 6 and sorted(TAILS, key=str) == sorted(BLOCK_TAILS * 2, key=str) and torch.equal(plain, fused_out)

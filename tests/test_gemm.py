@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import qvdit_kernels as qk
 
 from conftest import (KERNEL_BACKENDS, assert_within_spec, device_for, gen, random_act_codes, random_codes,
-                      random_weight_qparams)
+                      random_weight_qparams, ulp)
 
 SHAPES = [(1, 1, 1), (1, 200, 75), (37, 200, 75), (37, 129, 130), (64, 256, 64), (33, 1152, 40), (16, 384, 17)]
 
@@ -155,6 +155,48 @@ def test_qlinear_equals_composition(backend, w_bits, a_bits):
     assert y3.shape == (1, m, n)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("w_bits,a_bits", [(3, 6), (4, 8), (8, 8)])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("tail", ["gelu", "residual", "gated", "gelu+per_token_gate"])
+def test_epilogue_tail(backend, w_bits, a_bits, out_dtype, tail):
+    """activation / residual / residual_gate in the epilogue = the block's own ops on the plain GEMM output
+    (reference.epilogue_tail applied to this backend's qgemm without them), within two ulp of the out dtype
+    (GELU's exp form against torch's tanh and float32 contraction move roundings; the Triton interpreter
+    truncates float casts) plus the gate times one ulp of the activation; rows wrap the tiles (M = 37)."""
+    m, n = 37, 75
+    args, _ = make_problem(m, 200, n, w_bits, a_bits, seed=21)
+    args["x_scale"] = args["x_scale"].clamp(max=1e-2)  # |y| well inside fp16
+    g = gen(22)
+    gelu = tail.startswith("gelu")
+    residual = (torch.randn(m, n, generator=g) * 4).to(out_dtype) if tail != "gelu" else None
+    gate = {"gated": torch.rand(1, n, generator=g) * 2 - 0.5, "gelu+per_token_gate": torch.randn(m, n, generator=g)}
+    gate = gate.get(tail)
+    plain = run_qgemm(backend, args, out_dtype)
+    want = qk.reference.epilogue_tail(plain, "gelu_tanh" if gelu else None, residual, gate)
+    dev = device_for(backend)
+    got = run_qgemm(backend, args, out_dtype, activation="gelu_tanh" if gelu else None,
+                    residual=None if residual is None else residual.to(dev), residual_gate=None if gate is None else gate.to(dev))
+    assert got.dtype == out_dtype and torch.isfinite(got).all()
+    h = qk.reference.epilogue_tail(plain, "gelu_tanh") if gelu else plain
+    bound = 2 * ulp(want) + (ulp(h) * (1 if gate is None else gate.abs()) if gelu else 0) + 1e-6
+    err = (got.float() - want.float()).abs()
+    assert (err <= bound).all(), f"{tail}: max error {(err / bound).max():.2f}x the bound"
+    assert torch.equal(got, run_qgemm(backend, args, out_dtype, activation="gelu_tanh" if gelu else None,
+                                      residual=None if residual is None else residual.to(dev),
+                                      residual_gate=None if gate is None else gate.to(dev)))
+
+
+def test_epilogue_tail_rounds_like_the_block():
+    """The reference tail is what a diffusers block computes after its linear, op for op (bf16)."""
+    g = gen(23)
+    y, r, gate = torch.randn(8, 16, generator=g).bfloat16(), torch.randn(8, 16, generator=g).bfloat16(), torch.rand(2, 16, generator=g)
+    assert torch.equal(qk.reference.epilogue_tail(y, "gelu_tanh"), torch.nn.functional.gelu(y, approximate="tanh"))
+    assert torch.equal(qk.reference.epilogue_tail(y, None, r), r + y)
+    want = (r.float().view(2, 4, 16) + y.view(2, 4, 16) * gate[:, None, :]).type_as(r).view(8, 16)  # Wan's gated add
+    assert torch.equal(qk.reference.epilogue_tail(y, None, r, gate), want)
+
+
 @settings(max_examples=25, deadline=None)
 @given(m=st.integers(1, 300), k=st.integers(1, 300), n=st.integers(1, 300), wa=st.sampled_from([(3, 6), (4, 8), (3, 8), (4, 6), (8, 8)]),
        seed=st.integers(0, 2**16), outliers=st.booleans())
@@ -196,5 +238,17 @@ def test_qgemm_errors():
         call(bias=torch.empty(8, device="meta"))
     with pytest.raises(TypeError, match="x_rowsum must have dtype"):
         call(x_rowsum=torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="activation must be None or one of"):
+        call(activation="relu")
+    with pytest.raises(ValueError, match="residual must have shape"):
+        call(residual=torch.zeros(4, 7, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="residual must have dtype"):
+        call(residual=torch.zeros(4, 8))
+    with pytest.raises(ValueError, match="residual_gate given without residual"):
+        call(residual_gate=torch.ones(1, 8))
+    with pytest.raises(ValueError, match="residual_gate has 3 rows"):
+        call(residual=torch.zeros(4, 8, dtype=torch.bfloat16), residual_gate=torch.ones(3, 8))
+    with pytest.raises(ValueError, match="need a float out_dtype"):
+        call(activation="gelu_tanh", out_dtype=torch.int32)
     with pytest.raises(ValueError, match="alpha and beta"):
         qk.qlinear(torch.randn(4, 16), args["w_packed"], 4, args["w_scale"], args["w_zero"], 8, alpha=torch.randn(16))

@@ -9,13 +9,7 @@ import torch
 import qvdit_kernels as qk
 from qvdit_kernels import reference as ref
 
-from conftest import DEVICE, KERNEL_BACKENDS, device_for, gen
-
-
-def _ulp(y: torch.Tensor) -> torch.Tensor:
-    bits = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}[y.dtype]
-    a = y.float().abs().clamp(min=2.0**-14)
-    return torch.exp2(torch.floor(torch.log2(a)) - bits)
+from conftest import DEVICE, KERNEL_BACKENDS, device_for, gen, ulp
 
 
 def _problem(m, k, batch, per_token, affine, seed, dtype=torch.bfloat16):
@@ -46,7 +40,7 @@ def test_norm_quantize_matches_reference(backend, bits, m, k, batch, per_token, 
         t(x), bits, **{n: t(v) for n, v in kw.items()}, alphas=t(alphas), gates=t(gates), frame_id=t(fid),
         backend=backend))
     y_ref = ref.layer_norm_modulate(x, **kw)
-    assert y.dtype == x.dtype and ((y.float() - y_ref.float()).abs() <= _ulp(y_ref)).all()
+    assert y.dtype == x.dtype and ((y.float() - y_ref.float()).abs() <= ulp(y_ref)).all()
     q2, s2, _, r2 = ref.quantize_activation(y, bits, want_rowsum=True)  # the codes of the kernel's own y
     assert torch.equal(xq, q2) and torch.equal(sx, s2) and torch.equal(rs, r2)
     assert u.shape == (3, x.shape[0])
@@ -112,7 +106,7 @@ def test_every_norm_quant_candidate(k, j):
         prm = dict(prm, num_warps=1) if interpret_mode() else prm
         y, xq, sx, u, rs = (None if v is None else v.cpu() for v in nq.norm_quant(*args, interpret=interpret_mode(),
                                                                                   params=prm))
-        assert ((y.float() - y_ref.float()).abs() <= _ulp(y_ref)).all(), prm
+        assert ((y.float() - y_ref.float()).abs() <= ulp(y_ref)).all(), prm
         q2, s2, _, r2 = ref.quantize_activation(y, 6, want_rowsum=True)
         assert torch.equal(xq, q2) and torch.equal(sx, s2) and torch.equal(rs, r2), prm
         for jj in range(j):

@@ -326,7 +326,7 @@ def _op_args(m=5, k=130, n=12, w_bits=3, a_bits=6):
     d, _, _ = _problem(m, k, n, w_bits, a_bits, seed=7)
     xq, sx, wp, sw, zw, bias, u, beta = d
     return d, dict(xq=xq, x_scale=sx, w_packed=wp, w_bits=w_bits, w_scale=sw, w_zero=zw, bias=bias, u=u, beta=beta,
-                   x_rowsum=None, out_dtype=torch.bfloat16)
+                   x_rowsum=None, out_dtype=torch.bfloat16, activation="", residual=None, residual_gate=None)
 
 
 @needs_triton
@@ -339,7 +339,13 @@ def test_opcheck_custom_ops():
     torch.library.opcheck(torch.ops.qvdit.triton_act_quant.default, (x, 8, None, None, None, False))
     _, _, wp, sw, zw, bias, _, beta = d
     torch.library.opcheck(torch.ops.qvdit.triton_qlinear.default,
-                          (x, wp, 3, sw, zw, 6, bias, alpha, beta, gate, fid, torch.float32))
+                          (x, wp, 3, sw, zw, 6, bias, alpha, beta, gate, fid, torch.float32, "", None, None))
+    # the epilogue tail: GELU, then a residual with a per-row-group gate
+    res, rgate = torch.randn(5, 12).to(DEVICE), torch.randn(1, 12).to(DEVICE)
+    torch.library.opcheck(torch.ops.qvdit.triton_qlinear.default,
+                          (x, wp, 3, sw, zw, 6, bias, alpha, beta, gate, fid, torch.float32, "gelu_tanh", res, rgate))
+    torch.library.opcheck(torch.ops.qvdit.triton_qgemm.default,
+                          tuple(dict(a, activation="gelu_tanh", residual=res.bfloat16(), residual_gate=None).values()))
 
 
 @needs_triton

@@ -1,11 +1,18 @@
-"""Producer fusion (issue 6, item 5): the LayerNorm + adaLN modulation in front of a block's quantized
-linears runs as one kernel that also quantizes its output (`qvdit_kernels.norm_quantize`), and each
-consuming QLinear (q, k and v share one pass) receives its codes, scale, row sums and TQE term directly.
+"""Fusion around a block's quantized linears (issue 6, item 5), in eager mode:
+
+- `feed`: the LayerNorm + adaLN modulation in front of the linears runs as one kernel that also quantizes
+  its output (`qvdit_kernels.norm_quantize`), and each consuming QLinear (q, k and v share one pass)
+  receives its codes, scale, row sums and TQE term directly.
+- `attention_into` / `ffn_into`: what follows a linear goes into its GEMM epilogue: the FFN's GELU into fc1,
+  and the (gated) residual add of the block into the attention output projection and fc2
+  (`qvdit_kernels.qgemm(activation=, residual=, residual_gate=)`), so those elementwise passes over the
+  [tokens, C] activations (float32 in Wan) disappear.
 
 Eager mode only: under torch.compile the block runs its original forward (inductor fuses the norm chain
 itself, and our separate act-quant op stays a graph node). `QVDIT_FUSE_PRODUCERS=0` turns it off (for A/B
 benchmarks). The fused result equals the unfused one bit for bit on the reference backend (same torch
-ops for y); on Triton y may differ from torch's LayerNorm by one ulp of bf16 in rare elements.
+ops for y, and `reference.epilogue_tail` is the block's own expression); on Triton y may differ from torch's
+LayerNorm by one ulp of bf16 in rare elements, GELU and the residual add by one ulp of their rounding.
 """
 from __future__ import annotations
 
@@ -69,3 +76,64 @@ def feed(norm: nn.Module, x: torch.Tensor, consumers: list, scale=None, shift=No
     for j, q in enumerate(consumers):
         q._prequant = (y, xq, sx, rs, None if u is None else u[j])
     return y
+
+
+# ----------------------------------------------------------------------------- epilogue fusion
+def residual_add(residual: torch.Tensor, out: torch.Tensor, gate=None) -> torch.Tensor:
+    """The block's residual add as diffusers' Wan block writes it: residual + out, or with a float32 gate
+    (residual.float() + out * gate).type_as(residual)."""
+    if gate is None:
+        return residual + out
+    return (residual.float() + out.float() * gate).type_as(residual)
+
+
+def _gate_rows(gate, residual: torch.Tensor):
+    """A gate [B or 1, 1 or S, C] (float32) as the [G, C] rows the epilogue indexes by m // (M // G); None for
+    no gate; False when it cannot be expressed so (the caller then runs the plain expression)."""
+    if gate is None:
+        return None
+    b, s, c = residual.shape
+    if gate.dtype != torch.float32 or gate.dim() != 3 or gate.shape[-1] != c:
+        return False
+    if gate.shape[:2] == (b, 1) or gate.shape[:2] == (1, 1):
+        return gate.reshape(-1, c)
+    if gate.shape[:2] == (b, s):
+        return gate.reshape(b * s, c)
+    return False
+
+
+def _inactive(m) -> bool:
+    return isinstance(m, nn.Identity) or (isinstance(m, nn.Dropout) and (m.p == 0 or not m.training))
+
+
+def attention_into(attn: nn.Module, call, residual: torch.Tensor, gate=None) -> torch.Tensor:
+    """residual_add(residual, call(), gate), where `call()` runs attention module `attn`: with its output
+    projection `attn.to_out[0]` a QLinear, the add happens in that GEMM's epilogue (a handoff the projection
+    takes on its next call with residual's shape; if the processor never makes that call, the plain add runs)."""
+    lin = attn.to_out[0] if isinstance(getattr(attn, "to_out", None), nn.ModuleList) else None
+    rows = _gate_rows(gate, residual)
+    if not (enabled() and isinstance(lin, QLinear) and residual.dim() == 3 and rows is not False
+            and all(_inactive(m) for m in list(attn.to_out)[1:])):
+        return residual_add(residual, call(), gate)
+    b, s, c = residual.shape
+    lin._residual = (residual.reshape(b * s, c), rows)
+    try:
+        out = call()
+    finally:
+        consumed, lin._residual = lin._residual is None, None
+    return out if consumed else residual_add(residual, out, gate)
+
+
+def ffn_into(ffn: nn.Module, x: torch.Tensor, residual: torch.Tensor, gate=None) -> torch.Tensor:
+    """residual_add(residual, ffn(x), gate) for diffusers' FeedForward [GELU(tanh) with proj, Dropout, Linear,
+    (Dropout)]: with both linears QLinears, fc1 applies the GELU and fc2 the residual add in their epilogues."""
+    net = getattr(ffn, "net", None)
+    rows = _gate_rows(gate, residual) if residual.dim() == 3 else False
+    act = net[0] if isinstance(net, nn.ModuleList) and len(net) in (3, 4) else None
+    if not (enabled() and rows is not False and type(act).__name__ == "GELU"
+            and getattr(act, "approximate", None) == "tanh" and isinstance(getattr(act, "proj", None), QLinear)
+            and isinstance(net[2], QLinear) and all(_inactive(m) for m in list(net)[1:2] + list(net)[3:])
+            and residual.dtype == x.dtype):
+        return residual_add(residual, ffn(x), gate)
+    h = act.proj(x, activation="gelu_tanh")
+    return net[2](h, residual=residual, residual_gate=rows)

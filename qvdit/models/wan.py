@@ -57,9 +57,10 @@ def _qkv(attn) -> list:
 def wan_block_forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
                       rotary_emb: torch.Tensor) -> torch.Tensor:
     """diffusers 0.42 `WanTransformerBlock.forward` with its three norm sites (norm1 + modulation -> q/k/v,
-    norm2 -> cross-attention q, norm3 + modulation -> FFN in) run by `fused.feed`: the norm, the modulation
-    and the act-quant of the consumers in one pass (tests/test_fused_producers.py checks it against the
-    original bit for bit on the reference backend)."""
+    norm2 -> cross-attention q, norm3 + modulation -> FFN in) run by `fused.feed` (the norm, the modulation
+    and the act-quant of the consumers in one pass), and the FFN's GELU and the three residual adds in the
+    epilogues of fc1, the output projections and fc2 (`fused.attention_into`, `fused.ffn_into`).
+    tests/test_fused_producers.py checks it against the original bit for bit on the reference backend."""
     if temb.ndim == 4:  # (B, S, 6, C): per-token modulation (Wan 2.2 TI2V)
         mods = [t.squeeze(2) for t in (self.scale_shift_table.unsqueeze(0) + temb.float()).chunk(6, dim=2)]
     else:  # (B, 6, C)
@@ -68,20 +69,18 @@ def wan_block_forward(self, hidden_states: torch.Tensor, encoder_hidden_states: 
 
     # 1. Self-attention
     norm_hidden_states = fused.feed(self.norm1, hidden_states, _qkv(self.attn1), scale_msa, shift_msa)
-    attn_output = self.attn1(norm_hidden_states, None, None, rotary_emb)
-    hidden_states = (hidden_states.float() + attn_output * gate_msa).type_as(hidden_states)
+    hidden_states = fused.attention_into(self.attn1, lambda: self.attn1(norm_hidden_states, None, None, rotary_emb),
+                                         hidden_states, gate_msa)  # (h.float() + attn1(..) * gate).type_as(h)
 
     # 2. Cross-attention (norm2 is an Identity without cross_attn_norm)
     norm_hidden_states = fused.feed(self.norm2, hidden_states, [self.attn2.to_q])
-    attn_output = self.attn2(norm_hidden_states, encoder_hidden_states, None, None)
-    hidden_states = hidden_states + attn_output
+    hidden_states = fused.attention_into(
+        self.attn2, lambda: self.attn2(norm_hidden_states, encoder_hidden_states, None, None), hidden_states)
 
     # 3. Feed-forward
     ffn_in = getattr(self.ffn.net[0], "proj", None)  # the GELU module's projection
     norm_hidden_states = fused.feed(self.norm3, hidden_states, [ffn_in], c_scale_msa, c_shift_msa)
-    ff_output = self.ffn(norm_hidden_states)
-    hidden_states = (hidden_states.float() + ff_output.float() * c_gate_msa).type_as(hidden_states)
-    return hidden_states
+    return fused.ffn_into(self.ffn, norm_hidden_states, hidden_states, c_gate_msa)  # GELU in fc1, residual in fc2
 
 
 register_adapter(WanAdapter())

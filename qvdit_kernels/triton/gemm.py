@@ -2,6 +2,9 @@
 
     out[m, n] = sx[m] * sw[n] * (acc_raw[m, n] - zw[n] * rowsum[m]) + bias[n] + u[m] * beta[n]
 
+then, when asked for, what the block does next (reference.epilogue_tail): `out = residual + gate[m // gdiv] *
+gelu_tanh(out)`, each step rounded to the out dtype as the unfused block rounds it.
+
 `acc_raw = xq . qw` runs over the unsigned codes straight from the packed layout (formats.py); the
 weight zero point enters only in the epilogue (QServe style), as does the TQE term. With
 OUT_INT32 the kernel stores the zero-corrected int32 `acc` instead (SPEC 1.1).
@@ -72,11 +75,11 @@ def _mainloop_step(acc, x_rows, w_rows, t, K, W_BITS: tl.constexpr, EVEN_K: tl.c
 
 @triton.jit
 def _tile(tile_id, x_ptr, w_ptr, sx_ptr, sw_ptr, zw_ptr, rs_ptr, bias_ptr, u_ptr, beta_ptr, out_ptr,
-          M, N, K, W3_FULL, stride_xm, stride_wn, stride_om,
+          res_ptr, rgate_ptr, M, N, K, W3_FULL, stride_xm, stride_wn, stride_om, stride_rm, gate_div,
           W_BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TQE: tl.constexpr,
           OUT_INT32: tl.constexpr, EVEN_K: tl.constexpr, W3_TAIL: tl.constexpr,
           USE_ASM: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-          GROUP_N: tl.constexpr):
+          GROUP_N: tl.constexpr, GELU: tl.constexpr, HAS_RES: tl.constexpr, HAS_RGATE: tl.constexpr):
     """One output tile: the K loop, then the epilogue."""
     pid_m, pid_n = _tile_ids(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -124,17 +127,39 @@ def _tile(tile_id, x_ptr, w_ptr, sx_ptr, sw_ptr, zw_ptr, rs_ptr, bias_ptr, u_ptr
             y = y + tl.load(bias_ptr + rn).to(tl.float32)[:, None]
         if HAS_TQE:
             y = y + tl.load(u_ptr + rm)[None, :] * tl.load(beta_ptr + rn).to(tl.float32)[:, None]
+        y = _tail(y, res_ptr, rgate_ptr, offs_m, rm, rn, stride_rm, gate_div, N, mask, out_ptr.dtype.element_ty,
+                  GELU, HAS_RES, HAS_RGATE)
         tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
+def _tail(y, res_ptr, rgate_ptr, offs_m, rm, rn, stride_rm, gate_div, N, mask, OUT: tl.constexpr,
+          GELU: tl.constexpr, HAS_RES: tl.constexpr, HAS_RGATE: tl.constexpr):
+    """reference.epilogue_tail on the [BLOCK_N, BLOCK_M] tile: y rounded to OUT (the linear's output as the
+    block sees it), gelu_tanh in float32 (torch's formula; x * sigmoid(2 z) == 0.5 x (1 + tanh z)) rounded to
+    OUT, then residual + gate * y in float32."""
+    if GELU or HAS_RES:
+        y = y.to(OUT).to(tl.float32)
+    if GELU:
+        inner = 0.7978845608028654 * (y + 0.044715 * (y * y * y))
+        y = (y / (1.0 + tl.exp(-2.0 * inner))).to(OUT).to(tl.float32)
+    if HAS_RES:
+        r = tl.load(res_ptr + offs_m.to(tl.int64)[None, :] * stride_rm + rn[:, None], mask=mask, other=0.0)
+        if HAS_RGATE:
+            y = y * tl.load(rgate_ptr + (rm // gate_div)[None, :] * N + rn[:, None])
+        y = r.to(tl.float32) + y
+    return y
+
+
+@triton.jit
 def qgemm_kernel(
-    x_ptr, w_ptr, sx_ptr, sw_ptr, zw_ptr, rs_ptr, bias_ptr, u_ptr, beta_ptr, out_ptr,
-    M, N, K, W3_FULL, stride_xm, stride_wn, stride_om,
+    x_ptr, w_ptr, sx_ptr, sw_ptr, zw_ptr, rs_ptr, bias_ptr, u_ptr, beta_ptr, out_ptr, res_ptr, rgate_ptr,
+    M, N, K, W3_FULL, stride_xm, stride_wn, stride_om, stride_rm, gate_div,
     W_BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TQE: tl.constexpr,
     OUT_INT32: tl.constexpr, EVEN_K: tl.constexpr, W3_TAIL: tl.constexpr,
     USE_ASM: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    GROUP_N: tl.constexpr, PERSISTENT: tl.constexpr = False,
+    GROUP_N: tl.constexpr, GELU: tl.constexpr = False, HAS_RES: tl.constexpr = False,
+    HAS_RGATE: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
 ):
     """One tile per program, or (PERSISTENT) a fixed grid of programs striding over the tiles, the tile
     loop flattened with the K loop (meant to issue the next tile's loads during this tile's epilogue; on
@@ -144,25 +169,28 @@ def qgemm_kernel(
         if not INTERPRET:
             for tile_id in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
                 _tile(tile_id, x_ptr, w_ptr, sx_ptr, sw_ptr, zw_ptr, rs_ptr, bias_ptr, u_ptr, beta_ptr, out_ptr,
-                      M, N, K, W3_FULL, stride_xm, stride_wn, stride_om, W_BITS, HAS_ZERO, HAS_BIAS, HAS_TQE,
-                      OUT_INT32, EVEN_K, W3_TAIL, USE_ASM, INTERPRET, BLOCK_M, BLOCK_N, GROUP_N)
+                      res_ptr, rgate_ptr, M, N, K, W3_FULL, stride_xm, stride_wn, stride_om, stride_rm, gate_div,
+                      W_BITS, HAS_ZERO, HAS_BIAS, HAS_TQE, OUT_INT32, EVEN_K, W3_TAIL, USE_ASM, INTERPRET,
+                      BLOCK_M, BLOCK_N, GROUP_N, GELU, HAS_RES, HAS_RGATE)
         else:  # the interpreter: a while loop (no run-time bound in range())
             tile_id = tl.program_id(0)
             while tile_id < num_tiles:
                 _tile(tile_id, x_ptr, w_ptr, sx_ptr, sw_ptr, zw_ptr, rs_ptr, bias_ptr, u_ptr, beta_ptr, out_ptr,
-                      M, N, K, W3_FULL, stride_xm, stride_wn, stride_om, W_BITS, HAS_ZERO, HAS_BIAS, HAS_TQE,
-                      OUT_INT32, EVEN_K, W3_TAIL, USE_ASM, INTERPRET, BLOCK_M, BLOCK_N, GROUP_N)
+                      res_ptr, rgate_ptr, M, N, K, W3_FULL, stride_xm, stride_wn, stride_om, stride_rm, gate_div,
+                      W_BITS, HAS_ZERO, HAS_BIAS, HAS_TQE, OUT_INT32, EVEN_K, W3_TAIL, USE_ASM, INTERPRET,
+                      BLOCK_M, BLOCK_N, GROUP_N, GELU, HAS_RES, HAS_RGATE)
                 tile_id += tl.num_programs(0)
     else:
         _tile(tl.program_id(0), x_ptr, w_ptr, sx_ptr, sw_ptr, zw_ptr, rs_ptr, bias_ptr, u_ptr, beta_ptr, out_ptr,
-              M, N, K, W3_FULL, stride_xm, stride_wn, stride_om, W_BITS, HAS_ZERO, HAS_BIAS, HAS_TQE,
-              OUT_INT32, EVEN_K, W3_TAIL, USE_ASM, INTERPRET, BLOCK_M, BLOCK_N, GROUP_N)
+              res_ptr, rgate_ptr, M, N, K, W3_FULL, stride_xm, stride_wn, stride_om, stride_rm, gate_div,
+              W_BITS, HAS_ZERO, HAS_BIAS, HAS_TQE, OUT_INT32, EVEN_K, W3_TAIL, USE_ASM, INTERPRET,
+              BLOCK_M, BLOCK_N, GROUP_N, GELU, HAS_RES, HAS_RGATE)
 
 
 def launch(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, rowsum, out, config, interpret,
-           use_asm=None):
+           use_asm=None, gelu=False, residual=None, residual_gate=None):
     """Run one config (dict of BLOCK_M, BLOCK_N, GROUP_N, num_warps, num_stages[, PERSISTENT = programs
-    per SM]) into `out` [M, N].
+    per SM]) into `out` [M, N]; `gelu`, `residual` [M, N] and `residual_gate` [G, N]: the epilogue tail.
 
     `use_asm` defaults to "not interpret"; False on a GPU runs the pure-Triton unpack (tests compare them).
     """
@@ -178,11 +206,14 @@ def launch(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, rowsum
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
     per_sm = cfg.pop("PERSISTENT", 0)  # persistent configs: this many programs per SM
     grid = (persistent_grid(tiles, per_sm, xq.device, interpret),)
+    gate_div = m // residual_gate.shape[0] if residual_gate is not None else 1
     qgemm_kernel[grid](
-        xq, w_packed, x_scale, w_scale, w_zero, rowsum, bias, u, beta, out,
+        xq, w_packed, x_scale, w_scale, w_zero, rowsum, bias, u, beta, out, residual, residual_gate,
         m, n, k, w3_full, xq.stride(0), w_packed.stride(0), out.stride(0),
+        residual.stride(0) if residual is not None else 0, gate_div,
         W_BITS=w_bits, HAS_ZERO=w_bits != 8, HAS_BIAS=bias is not None, HAS_TQE=u is not None,
         OUT_INT32=out.dtype == torch.int32, EVEN_K=even_k, W3_TAIL=tail, USE_ASM=use_asm,
-        INTERPRET=interpret, PERSISTENT=bool(per_sm), **cfg,
+        INTERPRET=interpret, GELU=gelu, HAS_RES=residual is not None, HAS_RGATE=residual_gate is not None,
+        PERSISTENT=bool(per_sm), **cfg,
     )
     return out

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..backends import act_quant_results, register, require_default_format
+from ..backends import act_quant_results, fuses_tail, register, require_default_format
 from . import act_quant as _aq
 from . import gemm as _gemm
 from . import norm_quant as _nq
@@ -69,7 +69,8 @@ def _(x, bits, alpha, gate, frame_id, want_rowsum):
 
 
 # ----------------------------------------------------------------------------- GEMM
-def _gemm_run(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum, out_dtype):
+def _gemm_run(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum, out_dtype, activation,
+              residual, residual_gate):
     m, k = xq.shape
     n = w_packed.shape[0]
     out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
@@ -79,11 +80,13 @@ def _gemm_run(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_r
     x_scale, w_scale, w_zero, bias, u, beta = map(_vec, (x_scale, w_scale, w_zero, bias, u, beta))
     if w_bits != 8 and x_rowsum is None:
         x_rowsum = xq.sum(dim=1, dtype=torch.int32)
-    x_rowsum = _vec(x_rowsum)
+    x_rowsum, residual_gate = _vec(x_rowsum), _vec(residual_gate)
+    residual = None if residual is None else _rows(residual)
     interp = _interpret(xq)
 
     def run(cfg):
-        return _gemm.launch(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum, out, cfg, interp)
+        return _gemm.launch(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum, out, cfg, interp,
+                            gelu=activation == "gelu_tanh", residual=residual, residual_gate=residual_gate)
 
     if interp:
         cfg = tune.INTERPRET_QGEMM
@@ -98,12 +101,15 @@ def _gemm_run(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_r
 @torch.library.custom_op("qvdit::triton_qgemm", mutates_args=())
 def qgemm_op(xq: Tensor, x_scale: Tensor, w_packed: Tensor, w_bits: int, w_scale: Tensor, w_zero: Tensor,
              bias: Optional[Tensor], u: Optional[Tensor], beta: Optional[Tensor], x_rowsum: Optional[Tensor],
-             out_dtype: torch.dtype) -> Tensor:
-    return _gemm_run(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum, out_dtype)
+             out_dtype: torch.dtype, activation: str, residual: Optional[Tensor],
+             residual_gate: Optional[Tensor]) -> Tensor:
+    return _gemm_run(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum, out_dtype, activation,
+                     residual, residual_gate)
 
 
 @qgemm_op.register_fake
-def _(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum, out_dtype):
+def _(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum, out_dtype, activation, residual,
+      residual_gate):
     return xq.new_empty((xq.shape[0], w_packed.shape[0]), dtype=out_dtype)
 
 
@@ -111,17 +117,20 @@ def _(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum, o
 @torch.library.custom_op("qvdit::triton_qlinear", mutates_args=())
 def qlinear_op(x: Tensor, w_packed: Tensor, w_bits: int, w_scale: Tensor, w_zero: Tensor, a_bits: int,
                bias: Optional[Tensor], alpha: Optional[Tensor], beta: Optional[Tensor], gate: Optional[Tensor],
-               frame_id: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+               frame_id: Optional[Tensor], out_dtype: torch.dtype, activation: str, residual: Optional[Tensor],
+               residual_gate: Optional[Tensor]) -> Tensor:
     tqe = alpha is not None and beta is not None
     with _on(x):
         xq, sx, u, rs = _aq.act_quant(_rows(x), a_bits, _vec(alpha) if tqe else None, _vec(gate) if tqe else None,
                                       _vec(frame_id) if tqe else None, want_rowsum=w_bits != 8,
                                       interpret=_interpret(x), tuner=_aq_tuner(x))
-    return _gemm_run(xq, sx, w_packed, w_bits, w_scale, w_zero, bias, u, beta if tqe else None, rs, out_dtype)
+    return _gemm_run(xq, sx, w_packed, w_bits, w_scale, w_zero, bias, u, beta if tqe else None, rs, out_dtype,
+                     activation, residual, residual_gate)
 
 
 @qlinear_op.register_fake
-def _(x, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, gate, frame_id, out_dtype):
+def _(x, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, gate, frame_id, out_dtype, activation,
+      residual, residual_gate):
     return x.new_empty((x.shape[0], w_packed.shape[0]), dtype=out_dtype)
 
 
@@ -133,18 +142,21 @@ def quantize_activation(x, bits, alpha=None, gate=None, frame_id=None, want_rows
 
 
 @register("qgemm", "triton")
+@fuses_tail
 def qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias=None, u=None, beta=None, x_rowsum=None,
-          out_dtype=torch.bfloat16, format=None):
+          out_dtype=torch.bfloat16, format=None, activation=None, residual=None, residual_gate=None):
     require_default_format("triton", w_bits, format)
     return torch.ops.qvdit.triton_qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum,
-                                        out_dtype)
+                                        out_dtype, activation or "", residual, residual_gate)
 
 
 @register("qlinear", "triton")
-def qlinear(x2, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, gate, frame_id, out_dtype, format):
+@fuses_tail
+def qlinear(x2, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, gate, frame_id, out_dtype, format,
+            activation=None, residual=None, residual_gate=None):
     require_default_format("triton", w_bits, format)
     return torch.ops.qvdit.triton_qlinear(x2, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, gate,
-                                          frame_id, out_dtype)
+                                          frame_id, out_dtype, activation or "", residual, residual_gate)
 
 
 @register("norm_quantize", "triton")

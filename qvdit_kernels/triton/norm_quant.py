@@ -162,17 +162,19 @@ def norm_quant_chunked_kernel(
 
 def candidates(k: int, j: int) -> list[dict]:
     """Launch configs the tuner times: the whole row in one tile (~32 values per thread; K <= MAX_K), and
-    for J <= 3 consumers CHUNK-wide steps on 1-4 warps (4-16 values per thread)."""
+    for J <= 3 consumers CHUNK-wide steps on 1-8 warps (4-16 values per thread; on the H100 at K = 5120,
+    M = 32760 CHUNK 512 on 4 warps ran 2.6x faster than the one-tile kernel, benchmarks/results/nq_bench_h100.json)."""
     out = []
     if k <= MAX_K:
         bk = max(16, triton.next_power_of_2(k))
         out.append(dict(CHUNKED=False, BLOCK_K=bk, num_warps=max(1, min(16, bk // 1024))))
     if j <= 3:
-        out += [dict(CHUNKED=True, CHUNK=c, num_warps=w) for c in (512, 1024) for w in (1, 2, 4)
+        out += [dict(CHUNKED=True, CHUNK=c, num_warps=w) for c in (256, 512, 1024, 2048) for w in (1, 2, 4, 8)
                 if 4 <= c // (32 * w) <= 16 and (c < k or not out)]
     if not out:
         raise ValueError(f"norm_quantize on Triton: K = {k} > {MAX_K} needs at most 3 consumers (alphas), got {j}")
-    return out
+    lead = dict(CHUNKED=True, CHUNK=512, num_warps=4)  # the H100's pick at K = 1536 and 5120: first, for untuned runs
+    return sorted(out, key=lambda c: c != lead)
 
 
 def norm_quant(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id, interpret, params=None,
