@@ -46,10 +46,10 @@ class QLinear(nn.Module):
         self.name = name
         self._frames = None  # FrameState shared with the model (set by quantize_)
         # (source, xq, scale, rowsum, u) left by a fused producer (models/fused.py) for this layer's next call
-        # on `source`: eager mode only, consumed by that call
+        # on `source`, consumed by that call (set and consumed within one block's forward, also when compiled)
         self._prequant = None
         # (residual [M, N], gate rows [G, N] | None) left by models/fused.py around an attention call, for this
-        # output projection's next call with M rows: out = residual + gate * linear (eager only)
+        # output projection's next call with M rows: out = residual + gate * linear
         self._residual = None
         f32 = dict(dtype=torch.float32, device=device)
         self.register_buffer("w_packed", torch.zeros(out_features, fmt.row_bytes(in_features), dtype=fmt.packed_dtype, device=device))
@@ -144,7 +144,7 @@ class QLinear(nn.Module):
         if residual is not None:
             residual = residual.reshape(*x.shape[:-1], self.out_features)
         tail = dict(activation=activation, residual=residual, residual_gate=residual_gate)
-        if self._prequant is not None:  # a fused norm + act-quant produced x (eager only; None when compiled)
+        if self._prequant is not None:  # a fused norm + act-quant produced x (models/fused.py)
             pre, self._prequant = self._prequant, None
             if pre[0] is x:
                 return self._forward_prequantized(x, *pre[1:], **tail)

@@ -49,10 +49,10 @@ def forward(model, kw):
 
 
 @needs_triton
-def test_compiled_blocks_fullgraph_match_eager_and_do_not_recompile(monkeypatch):
-    # compiled blocks run diffusers' own forward (qvdit.models.fused): compare with the unfused eager forward,
-    # which must be the same computation bit for bit (fused vs unfused: tests/test_fused_producers.py)
-    monkeypatch.setenv("QVDIT_FUSE_PRODUCERS", "0")
+@pytest.mark.parametrize("fuse", ["0", "1"])
+def test_compiled_blocks_fullgraph_match_eager_and_do_not_recompile(monkeypatch, fuse):
+    # the same block forward compiled and eager, with the fusion of qvdit.models.fused off and on: bit for bit
+    monkeypatch.setenv("QVDIT_FUSE_PRODUCERS", fuse)
     torch._dynamo.reset()
     model = calibrated_wan()
     compiled = copy.deepcopy(model)

@@ -13,7 +13,7 @@ import qvdit_kernels as qk
 from qvdit import QLinear, QuantConfig, quantize_
 from qvdit.models import fused
 
-from conftest import KERNEL_BACKENDS, DEVICE
+from conftest import DEVICE, KERNEL_BACKENDS
 
 pytest.importorskip("diffusers")
 
@@ -107,15 +107,20 @@ def test_not_fused_when_a_consumer_is_not_quantized(monkeypatch):
     assert n == 5 and torch.equal(a, b)
 
 
-def test_compiled_model_takes_the_original_forward(monkeypatch):
-    """Under torch.compile `fused.enabled()` is False while tracing, so the blocks run diffusers' own forward
-    (no norm_quantize call) and give the unfused result."""
-    model, kw = quantized("torch", torch.device("cpu")), inputs(torch.device("cpu"))
-    plain, _ = run(model, kw, False, monkeypatch)
+@pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="Triton runs on a GPU or under TRITON_INTERPRET=1")
+def test_compiled_blocks_run_the_fused_forward(monkeypatch):
+    """`compile_repeated_blocks(fullgraph=True)`: the fused kernels are custom ops and the handoffs are side
+    effects within one block, so each block traces whole, runs norm_quantize and the epilogue tails, and gives
+    the eager fused result bit for bit (aot_eager: the traced graph, run op by op); no handoff is left over."""
+    model, kw = quantized("triton", DEVICE), inputs(DEVICE)
+    eager, _ = run(model, kw, True, monkeypatch)
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="eager")
-    out, n = run(compiled, kw, True, monkeypatch)
-    assert n == 0 and torch.equal(out, plain)
+    model.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
+    out, n = run(model, kw, True, monkeypatch)
+    assert n == 6 and sorted(TAILS, key=str) == sorted(BLOCK_TAILS * 2, key=str)  # traced calls of the fusion
+    assert torch.equal(out, eager)
+    assert all(q._prequant is None and q._residual is None for q in model.modules() if isinstance(q, QLinear))
+    torch._dynamo.reset()
 
 
 def test_handoff_is_used_once_and_only_for_its_tensor():

@@ -111,3 +111,17 @@ def test_every_norm_quant_candidate(k, j):
         assert torch.equal(xq, q2) and torch.equal(sx, s2) and torch.equal(rs, r2), prm
         for jj in range(j):
             assert ref.u_within_bound(u[jj], xq, sx, alphas[jj], gates[jj], fid), (prm, jj)
+
+
+@pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="Triton runs on a GPU or under TRITON_INTERPRET=1")
+def test_opcheck_norm_quant_op():
+    """The custom op's schema and fake impl agree with the kernel (what torch.compile traces), with and without
+    modulation and TQE terms."""
+    import qvdit_kernels.triton.library  # noqa: F401  (registers torch.ops.qvdit.triton_norm_quant)
+
+    x, kw, alphas, gates, fid = _problem(9, 96, 2, True, True, seed=3)
+    t = lambda v: None if v is None else v.to(DEVICE)  # noqa: E731
+    op = torch.ops.qvdit.triton_norm_quant.default
+    torch.library.opcheck(op, (t(x), 6, 1e-6, t(kw["weight"]), t(kw["bias"]), t(kw["scale"]), t(kw["shift"]),
+                               kw["mod_rows"], t(alphas), t(gates), t(fid)))
+    torch.library.opcheck(op, (t(x), 8, 1e-5, None, None, None, None, 1, None, None, None))

@@ -1,4 +1,4 @@
-"""Fusion around a block's quantized linears (issue 6, item 5), in eager mode:
+"""Fusion around a block's quantized linears (issue 6, item 5):
 
 - `feed`: the LayerNorm + adaLN modulation in front of the linears runs as one kernel that also quantizes
   its output (`qvdit_kernels.norm_quantize`), and each consuming QLinear (q, k and v share one pass)
@@ -8,9 +8,10 @@
   (`qvdit_kernels.qgemm(activation=, residual=, residual_gate=)`), so those elementwise passes over the
   [tokens, C] activations (float32 in Wan) disappear.
 
-Eager mode only: under torch.compile the block runs its original forward (inductor fuses the norm chain
-itself, and our separate act-quant op stays a graph node). `QVDIT_FUSE_PRODUCERS=0` turns it off (for A/B
-benchmarks). The fused result equals the unfused one bit for bit on the reference backend (same torch
+Eager and compiled: the kernels are custom ops, and the handoffs (`QLinear._prequant`, `QLinear._residual`) are
+set and consumed inside one block's forward, so `torch.compile(fullgraph=True)` traces them as plain side effects
+(tests/test_fused_producers.py). `QVDIT_FUSE_PRODUCERS=0` turns it off (for A/B benchmarks; read when a block is
+traced or run). The fused result equals the unfused one bit for bit on the reference backend (same torch
 ops for y, and `reference.epilogue_tail` is the block's own expression); on Triton y may differ from torch's
 LayerNorm by one ulp of bf16 in rare elements, GELU and the residual add by one ulp of their rounding.
 """
@@ -28,7 +29,7 @@ from ..qlinear import QLinear
 
 
 def enabled() -> bool:
-    return os.environ.get("QVDIT_FUSE_PRODUCERS", "1") != "0" and not torch.compiler.is_compiling()
+    return os.environ.get("QVDIT_FUSE_PRODUCERS", "1") != "0"
 
 
 def can_feed(norm: nn.Module, consumers: list, x: torch.Tensor) -> bool:

@@ -41,8 +41,8 @@ class WanAdapter(ModelAdapter):
 
 @functools.lru_cache(maxsize=None)
 def _fusing_forward(original):
-    """The block's forward: `wan_block_forward` in eager mode, `original` (diffusers' own) when compiling or
-    with QVDIT_FUSE_PRODUCERS=0. One function per block class, so compiled blocks share one graph."""
+    """The block's forward: `wan_block_forward`, or `original` (diffusers' own) with QVDIT_FUSE_PRODUCERS=0.
+    One function per block class, so compiled blocks share one graph."""
     def forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
         if not fused.enabled():
             return original(self, hidden_states, encoder_hidden_states, temb, rotary_emb)

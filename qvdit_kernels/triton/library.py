@@ -1,7 +1,8 @@
 """The Triton kernels as `torch.library` custom ops (schema + fake impls, so `torch.compile(fullgraph=True)`
 and CUDA graphs see one opaque op each) and their registration as backend "triton" (docs/DEVELOPING.md).
 
-Ops: `qvdit::triton_act_quant`, `qvdit::triton_qgemm`, `qvdit::triton_qlinear` (act-quant + GEMM).
+Ops: `qvdit::triton_act_quant`, `qvdit::triton_qgemm`, `qvdit::triton_qlinear` (act-quant + GEMM),
+`qvdit::triton_norm_quant` (LayerNorm + modulation + act-quant for J consumers).
 Custom ops cannot return None: absent results (u without alpha, rowsum when not asked for) come back as
 empty tensors and the backend functions turn them into None. CPU tensors reach these ops only under
 `TRITON_INTERPRET=1` (backends.availability), where the kernels run in the Triton interpreter.
@@ -159,13 +160,32 @@ def qlinear(x2, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, ga
                                           frame_id, out_dtype, activation or "", residual, residual_gate)
 
 
-@register("norm_quantize", "triton")
-def norm_quantize(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id):
-    # a plain launch, not a custom op: model code calls it only in eager mode (qvdit.models.fused_blocks)
+# ----------------------------------------------------------------------------- norm + act-quant (fused producer)
+@torch.library.custom_op("qvdit::triton_norm_quant", mutates_args=())
+def norm_quant_op(x: Tensor, bits: int, eps: float, weight: Optional[Tensor], bias: Optional[Tensor],
+                  scale: Optional[Tensor], shift: Optional[Tensor], mod_rows: int, alphas: Optional[Tensor],
+                  gates: Optional[Tensor], frame_id: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     tuner = None
     if not _interpret(x):
         key = (tune._gpu_key(x.device), x.shape[1], tune.m_bucket(x.shape[0]), 0 if alphas is None else alphas.shape[0])
         tuner = lambda cands, run: tune.pick("norm_quant", key, cands, run, x.device)  # noqa: E731
     with _on(x):
-        return _nq.norm_quant(_rows(x), bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id,
-                              interpret=_interpret(x), tuner=tuner)
+        y, xq, sx, u, rs = _nq.norm_quant(_rows(x), bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates,
+                                          frame_id, interpret=_interpret(x), tuner=tuner)
+    return y, xq, sx, u if u is not None else x.new_empty((0, x.shape[0]), dtype=torch.float32), rs
+
+
+@norm_quant_op.register_fake
+def _(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id):
+    m, k = x.shape
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((m, k), dtype=torch.int8),
+            x.new_empty(m, dtype=torch.float32),
+            x.new_empty((alphas.shape[0] if alphas is not None else 0, m), dtype=torch.float32),
+            x.new_empty(m, dtype=torch.int32))
+
+
+@register("norm_quantize", "triton")
+def norm_quantize(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id):
+    y, xq, sx, u, rs = torch.ops.qvdit.triton_norm_quant(x, bits, float(eps), weight, bias, scale, shift, mod_rows,
+                                                         alphas, gates, frame_id)
+    return y, xq, sx, u if alphas is not None else None, rs
