@@ -1,4 +1,5 @@
-"""CUDA backend rows (issue 7): backend "cuda" (wgmma sm90 and mma.sync sm80 kernels) beside backend
+"""CUDA backend rows (issue 7): backend "cuda" (warp-specialized wgmma sm90ws, wgmma sm90 and mma.sync sm80
+kernels) beside backend
 "triton" and cuBLAS bf16 `F.linear`, side by side in one process, on the M >= 8192 shapes of
 bench_shapes.json. For each weight/activation variant: the GEMM alone (pre-quantized input, TQE on) and
 the full linear (bf16 in -> bf16 out, act-quant and TQE included), plus the act-quant pass alone.
@@ -7,7 +8,8 @@ on sampled rows); a failing one is recorded, not timed. Also writes the per-shap
 backend ("auto_table") that backend="auto" is to read.
 
     python benchmarks/bench_cuda.py [--shapes PATH] [--only NAME ...] [--variants W3A6,W4A8] [--tag TAG]
-    python benchmarks/bench_cuda.py --profile SHAPE --variants W3A6   # a few sm90 GEMM calls, for ncu
+    python benchmarks/bench_cuda.py --kernels triton,"cuda sm90ws"    # a subset of the kernels
+    python benchmarks/bench_cuda.py --profile SHAPE --variants W3A6   # a few sm90ws GEMM calls, for ncu
 
 Writes benchmarks/results/cuda_<tag>.json (device, versions, date, command) and a markdown table.
 Problem set-up, timing and validation helpers are bench_linear.py's and common.py's.
@@ -33,7 +35,9 @@ import qvdit_kernels as qk  # noqa: E402
 from qvdit_kernels import reference as ref  # noqa: E402
 
 # (label, backend, QVDIT_CUDA_GEMM_PATH)
-KERNELS = [("triton", "triton", None), ("cuda sm90", "cuda", "sm90"), ("cuda sm80", "cuda", "sm80")]
+KERNELS = [("triton", "triton", None), ("cuda sm90ws", "cuda", "sm90ws"), ("cuda sm90", "cuda", "sm90"),
+           ("cuda sm80", "cuda", "sm80")]
+CUDA_LABELS = [k[0] for k in KERNELS if k[1] == "cuda"]
 TARGETS = {"cuda_over_triton_median": 1.15, "cuda_over_triton_min": 1.0, "w3a6_gemm_over_bf16_median": 1.8}
 
 
@@ -44,13 +48,15 @@ def set_path(path):
         os.environ["QVDIT_CUDA_GEMM_PATH"] = path
 
 
-def kernels_here():
+def kernels_here(only=None):
+    """KERNELS this GPU and build can run (wgmma paths need sm_90a), optionally only the labels in `only`."""
     from qvdit_kernels import _C
 
-    return [k for k in KERNELS if k[2] != "sm90" or _C.sm90_available()]
+    return [k for k in KERNELS if (k[2] is None or not k[2].startswith("sm90") or _C.sm90_available())
+            and (not only or k[0] in only)]
 
 
-def run_variant(p, wb, ab, shape, t_bf16, rows, do_aq):
+def run_variant(p, wb, ab, shape, t_bf16, rows, do_aq, kernels):
     q, sw, zw = qk.quantize_weight(p.w, wb)
     wp = qk.pack_weight(q, wb)
     name = f"W{wb}A{ab}"
@@ -59,7 +65,7 @@ def run_variant(p, wb, ab, shape, t_bf16, rows, do_aq):
     rq, rsx, ru, rrs = ref.quantize_activation(p.x[idx], ab, p.alpha, p.gate, p.fid[idx], want_rowsum=True)
     ref_y = ref.qgemm(rq, rsx, wp, wb, sw, zw, p.bias, ru, p.beta, out_dtype=torch.float32).to(torch.bfloat16)
     ref_acc = ref.qgemm(rq, rsx, wp, wb, sw, zw, out_dtype=torch.int32)
-    for label, backend, path in kernels_here():
+    for label, backend, path in kernels:
         set_path(path)
         try:
             xq, sx, u, rs = qk.quantize_activation_rowsum(p.x, ab, backend=backend, **aq_kw)
@@ -79,7 +85,7 @@ def run_variant(p, wb, ab, shape, t_bf16, rows, do_aq):
                 ms = bench_ms(fn) if ok else None
                 record(rows, p, shape, f"{label} {name} +TQE", mode, ms, t_bf16, variant=name, kernel=label,
                        valid=dict(spec_ratio=viol, act_quant_exact=aq_ok, acc_exact=acc_ok), ok=ok)
-            if do_aq:
+            if do_aq and path in (None, "sm90ws"):  # one act-quant row per backend (the GEMM path is irrelevant)
                 ms = bench_ms(lambda: qk.quantize_activation_rowsum(p.x, ab, backend=backend, **aq_kw))
                 nbytes = p.m * p.k * (p.x.element_size() + 1) + p.m * 12
                 record(rows, p, shape, f"{label} act_quant A{ab} +TQE", "act_quant", ms, None, variant=f"A{ab}",
@@ -99,7 +105,7 @@ def summarize(rows):
     for key in sorted({(r["method"], r["mode"]) for r in big if r.get("ratio_bf16")}):
         rs = [r["ratio_bf16"] for r in big if (r["method"], r["mode"]) == key and r.get("ratio_bf16")]
         out["ratio_bf16"][f"{key[0]} | {key[1]}"] = dict(median=statistics.median(rs), min=min(rs), n=len(rs))
-    for label in ("cuda sm90", "cuda sm80"):
+    for label in CUDA_LABELS:
         for v in sorted({r["variant"] for r in big if r.get("kernel") == label}):
             for mode in ("gemm", "full", "act_quant"):
                 tri = {r["shape"]: r["ms"] for r in big if r.get("kernel") == "triton" and r["variant"] == v
@@ -123,7 +129,7 @@ def markdown(rows, summary, env):
     big = [r for r in rows if r["M"] >= BIG_M]
     shapes = list(dict.fromkeys(r["shape"] for r in big))
     cols = [(f"{k} {v}", mode) for v in sorted({r["variant"] for r in big if r.get("variant")} - {"A6", "A8"})
-            for mode in ("gemm", "full") for k, _, _ in KERNELS]
+            for mode in ("gemm", "full") for k in env.get("kernels", [k[0] for k in KERNELS])]
 
     def cell(shape, label, mode):
         r = next((r for r in big if r["shape"] == shape and r["method"] == f"{label} +TQE" and r["mode"] == mode), None)
@@ -141,14 +147,14 @@ def markdown(rows, summary, env):
     return "\n".join(lines)
 
 
-def profile(shape, wb, ab, shapes):
-    """A few sm90 GEMM calls on one shape (for ncu --kernel-name regex:qgemm_sm90)."""
+def profile(shape, wb, ab, shapes, path="sm90ws"):
+    """A few GEMM calls of one CUDA kernel on one shape (for ncu --kernel-name regex:qgemm_sm90)."""
     m, k, n = shapes[shape]
     p = Problem(m, k, n)
     q, sw, zw = qk.quantize_weight(p.w, wb)
     wp = qk.pack_weight(q, wb)
     xq, sx, u, rs = qk.quantize_activation_rowsum(p.x, ab, alpha=p.alpha, backend="cuda")
-    set_path("sm90")
+    set_path(path)
     for _ in range(3):
         qk.qgemm(xq, sx, wp, wb, sw, zw, p.bias, u, p.beta, rs, backend="cuda")
     torch.cuda.synchronize()
@@ -162,6 +168,8 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
     ap.add_argument("--tag", default=None)
     ap.add_argument("--profile", default=None, metavar="SHAPE")
+    ap.add_argument("--kernels", default=None,
+                    help="comma list of kernel labels to run (default all: " + ", ".join(k[0] for k in KERNELS) + ")")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_cuda.py needs a CUDA GPU")
@@ -179,6 +187,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"cuda_{tag}")
     todo = {k: v for k, v in shapes.items() if v[0] >= BIG_M and (not args.only or k in args.only)}
+    kernels = kernels_here(args.kernels.split(",") if args.kernels else None)
+    env["kernels"] = [k[0] for k in kernels]
     rows: list[dict] = []
     result = dict(env=env, targets=TARGETS, rows=rows)
     for name, (m, k, n) in todo.items():
@@ -190,7 +200,7 @@ def main(argv=None):
         record(rows, p, name, "cuBLAS bf16", "full", t_bf16, t_bf16, ok=True)
         seen_ab = set()
         for wb, ab in variants:
-            run_variant(p, wb, ab, name, t_bf16, rows, do_aq=ab not in seen_ab)
+            run_variant(p, wb, ab, name, t_bf16, rows, do_aq=ab not in seen_ab, kernels=kernels)
             seen_ab.add(ab)
         del p
         torch.cuda.empty_cache()

@@ -6,7 +6,9 @@
 //       u is [M] when alpha is given, else [0]; rowsum is [M] when want_rowsum, else [0].
 //   torch.ops.qvdit.cuda_qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum,
 //                              out_dtype, path) -> [M, N]
-//       path 0 = sm90 wgmma where available else mma.sync, 1 = mma.sync, 2 = wgmma (error if absent).
+//       path 0 = wgmma (gemm_sm90.cu) where available, else mma.sync,
+//       1 = mma.sync, 2 = wgmma (gemm_sm90.cu), 3 = warp-specialized wgmma for W3/W4 (gemm_sm90_ws.cu; W8
+//       takes gemm_sm90.cu); 2 and 3 are an error where sm_90a is absent.
 // Arguments are validated by qvdit_kernels.ops before they get here; the checks below guard direct calls.
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -109,7 +111,7 @@ Tensor qgemm_cuda(const Tensor& xq_in, const Tensor& x_scale, const Tensor& w_in
   TORCH_CHECK(xq_in.is_cuda() && xq_in.dim() == 2 && xq_in.scalar_type() == at::kChar,
               "xq must be a 2-D int8 CUDA tensor");
   TORCH_CHECK(w_bits == 3 || w_bits == 4 || w_bits == 8, "w_bits must be 3, 4 or 8, got ", w_bits);
-  TORCH_CHECK(path >= 0 && path <= 2, "path must be 0 (auto), 1 (sm80) or 2 (sm90), got ", path);
+  TORCH_CHECK(path >= 0 && path <= 3, "path must be 0 (auto), 1 (sm80), 2 (sm90) or 3 (sm90ws), got ", path);
   c10::cuda::CUDAGuard guard(xq_in.device());
   const int64_t m = xq_in.size(0), k = xq_in.size(1), n = w_in.size(0);
   const int64_t kp = round_up(k, 128);
@@ -185,8 +187,11 @@ Tensor qgemm_cuda(const Tensor& xq_in, const Tensor& x_scale, const Tensor& w_in
   g.epi.n = (int)n;
 
   const bool sm90 = qv::qgemm_sm90_available();
-  TORCH_CHECK(path != 2 || sm90, "qgemm path 2 (sm90 wgmma) needs an sm_90 GPU and an extension built for sm_90a");
-  if (path == 2 || (path == 0 && sm90)) {
+  TORCH_CHECK((path != 2 && path != 3) || sm90, "qgemm path ", path,
+              " (sm90 wgmma) needs an sm_90 GPU and an extension built for sm_90a");
+  if (path == 3 && qv::qgemm_sm90_ws_supported(g, (int)w_bits)) {
+    check_launch(qv::qgemm_sm90_ws(g, (int)w_bits, stream), "qgemm (sm90 warp-specialized)");
+  } else if (path == 2 || path == 3 || (path == 0 && sm90)) {
     check_launch(qv::qgemm_sm90(g, (int)w_bits, stream), "qgemm (sm90)");
   } else {
     int dev = xq_in.get_device(), major = 0, smem = 0;

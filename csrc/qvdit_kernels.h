@@ -40,5 +40,10 @@ int qgemm_sm80_smem_bytes(int bits);
 int qgemm_sm90_smem_bytes(int bits);
 // True when the current device is sm_90 and the binary holds the sm_90a (wgmma) code of gemm_sm90.cu.
 bool qgemm_sm90_available();
+// The warp-specialized sm_90a kernel of gemm_sm90_ws.cu (W3/W4; TMA loads, weights in wgmma registers).
+// Supported for W3/W4 with 16-byte aligned operands and row strides and a driver that encodes tensor
+// maps; qgemm_sm90_ws returns cudaErrorNotSupported otherwise (the caller then takes gemm_sm90.cu).
+bool qgemm_sm90_ws_supported(const GemmArgs& g, int bits);
+cudaError_t qgemm_sm90_ws(const GemmArgs& g, int bits, cudaStream_t stream);
 
 }  // namespace qv

@@ -245,6 +245,112 @@ QV_HD void gemm_geometry(int bits, int k, int& steps, bool& tail, int& ka) {
   steps = bits == 3 ? (kp + 255) / 256 : kp / 128;
 }
 
+// ---------------------------------------------------------------- warp-specialized sm90 path (gemm_sm90_ws.cu)
+// The product is computed transposed, C^T = W X^T, so the weights are wgmma's A operand and come from
+// registers: each consumer thread unpacks its fragment codes straight from the packed bytes (no unpacked
+// copy in shared memory), while the activations are the B operand, 128 tokens per tile, in shared memory
+// (SW128 K-major, written by TMA). A CTA = 2 consumer warpgroups (64 weight rows each, wgmma m64n128k32)
+// + 1 producer warp (TMA loads into a ring of kWsStages slots guarded by mbarriers). One step = 256 codes
+// of K for W3 (one planes tile, or its 128-code tail) and W4 (two split-halves tiles).
+constexpr int kWsKS = 256;
+constexpr int kWsStages = 4;
+constexpr int kWsConsumers = 256;               // 2 warpgroups
+constexpr int kWsThreads = kWsConsumers + 32;   // + the producer warp (warp 8)
+
+// Packed bytes of one weight row per step as the TMA box lands in shared memory: W3 a dense 96-byte row
+// [A 32 | B 32 | C 32] (a tail tile [A 16 | B 16 | C 16 | 48 zero bytes]: the box runs past the row end and
+// TMA fills zeros); W4 two 64-byte tiles in one 128-byte row with the hardware 128-byte swizzle (16-byte
+// chunk c of row r at chunk c ^ (r % 8)), so the fragment loads of 8 rows hit 32 different banks. A W4 row
+// with an odd tile count ends in a zero half tile, which meets zero activations.
+template <int BITS>
+struct WsFmt;
+template <>
+struct WsFmt<3> {
+  static constexpr int kRowBytes = 96;
+  static constexpr bool kSwizzled = false;
+};
+template <>
+struct WsFmt<4> {
+  static constexpr int kRowBytes = 128;
+  static constexpr bool kSwizzled = true;
+};
+
+template <int BITS>
+struct WsPlan {
+  static constexpr int kStages = kWsStages;
+  static constexpr int kABytes = kBM * kWsKS;                    // two SW128 blocks of [128 tokens][128 B]
+  static constexpr int kPBytes = kBN * WsFmt<BITS>::kRowBytes;  // [128 weight rows][row bytes]
+  static constexpr int kSlotBytes = kABytes + kPBytes;
+  static constexpr int kBarBytes = 2 * kStages * 8;             // full[s], empty[s] (8-byte mbarriers)
+  static constexpr int kBytes = kStages * kSlotBytes + kBarBytes;
+  static constexpr int kAllocBytes = kBytes + 1024;
+  QV_HD static uint32_t a(int slot) { return (uint32_t)(slot * kSlotBytes); }
+  QV_HD static uint32_t p(int slot) { return (uint32_t)(slot * kSlotBytes + kABytes); }
+  QV_HD static uint32_t full(int slot) { return (uint32_t)(kStages * kSlotBytes + 8 * slot); }
+  QV_HD static uint32_t empty(int slot) { return (uint32_t)(kStages * kSlotBytes + 8 * (kStages + slot)); }
+  static_assert(kABytes % 1024 == 0 && kPBytes % 1024 == 0, "1024-aligned slots (SW128 and TMA)");
+  static_assert(kAllocBytes <= 227 * 1024, "shared memory of one CTA");
+};
+
+// Byte offset of packed byte `col` of weight row `row` in a W3/W4 step buffer.
+template <int BITS>
+QV_HD uint32_t ws_p_offset(int row, int col) {
+  constexpr int RB = WsFmt<BITS>::kRowBytes;
+  if (WsFmt<BITS>::kSwizzled) return (uint32_t)(row * RB + ((((col >> 4) & 7) ^ (row & 7)) << 4) + (col & 15));
+  return (uint32_t)(row * RB + col);
+}
+
+// mainloop steps of the ws path: kpad(K) / 256 rounded up (the last W3 step a 128-code tail tile when
+// kpad(K) is an odd multiple of 128, as gemm_geometry says; the last W4 step then half zeros).
+QV_HD int ws_steps(int ka) { return ((ka + 127) / 128 * 128 + kWsKS - 1) / kWsKS; }
+
+// The weight A fragments of one step for one consumer thread. wgmma's A operand in registers (m64 x k32,
+// 8-bit) gives thread T of the warpgroup, in register r of k32 slice kk, the 4 codes of row
+// 16 (T / 32) + (T % 32) / 4 + 8 (r % 2) at k = 32 kk + 16 (r / 2) + 4 (T % 4) + 0..3 (the mma.m16n8k32
+// A layout per warp). With the packed layouts that is word q = T % 4 of each 16-byte chunk of the row:
+//   W3: lanes j = 4q.. and 16 + 4q.. of planes A, B, C -> pieces 0..7 = slices 0..7 (tail: pieces of 16
+//       codes, slice kk = pieces 2kk, 2kk + 1 -> registers 0/1 and 2/3; slices 4..7 get zero codes, so
+//       every step issues the same 8 MMAs: a branch around wgmma makes ptxas serialize them all);
+//   W4: tile h, byte chunk x of half o: low nibbles -> slice 4h + o, high nibbles -> slice 4h + 2 + o.
+// `row0` is the thread's first row in the step buffer (the second is row0 + 8); ld(off) reads 32 bits.
+template <int BITS, bool TAIL, class Ld32>
+QV_HD void ws_weight_frags(Ld32 ld, int row0, int q, uint32_t (&f)[8][4]) {
+QV_UNROLL
+  for (int ri = 0; ri < 2; ++ri) {
+    const int row = row0 + 8 * ri;
+    if (BITS == 4) {
+QV_UNROLL
+      for (int h = 0; h < 2; ++h)
+QV_UNROLL
+        for (int o = 0; o < 2; ++o)
+QV_UNROLL
+          for (int x = 0; x < 2; ++x) {
+            const uint32_t p = ld(ws_p_offset<BITS>(row, 64 * h + 32 * o + 16 * x + 4 * q));
+            f[4 * h + o][ri + 2 * x] = w4_lo(p);
+            f[4 * h + 2 + o][ri + 2 * x] = w4_hi(p);
+          }
+    } else if (TAIL) {
+      uint32_t c[8];
+      w3_unpack_word(ld(ws_p_offset<BITS>(row, 4 * q)), ld(ws_p_offset<BITS>(row, 16 + 4 * q)),
+                     ld(ws_p_offset<BITS>(row, 32 + 4 * q)), c);
+QV_UNROLL
+      for (int i = 0; i < 8; ++i) {
+        f[i / 2][ri + 2 * (i % 2)] = c[i];
+        f[4 + i / 2][ri + 2 * (i % 2)] = 0;  // slices 4..7 past the tail: zero codes (no branch around the MMAs)
+      }
+    } else {
+QV_UNROLL
+      for (int x = 0; x < 2; ++x) {
+        uint32_t c[8];
+        w3_unpack_word(ld(ws_p_offset<BITS>(row, 16 * x + 4 * q)), ld(ws_p_offset<BITS>(row, 32 + 16 * x + 4 * q)),
+                       ld(ws_p_offset<BITS>(row, 64 + 16 * x + 4 * q)), c);
+QV_UNROLL
+        for (int i = 0; i < 8; ++i) f[i][ri + 2 * x] = c[i];
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------- epilogue
 // Tile order: groups of kGroupM activation-row tiles walk the weight-row tiles together, so a weight
 // tile is read by consecutive CTAs (L2 reuse).

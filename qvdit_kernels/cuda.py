@@ -5,9 +5,11 @@ It raises ImportError with a clear message when the extension is not built; `bac
 into "backend='cuda' is not available: ..." only when someone asks for the CUDA backend.
 
 Ops (schemas in csrc/bindings.cpp, with Meta kernels so they trace under torch.compile):
-`torch.ops.qvdit.cuda_act_quant` and `torch.ops.qvdit.cuda_qgemm`. The GEMM has two kernels: wgmma
-(sm_90a, csrc/gemm_sm90.cu) and mma.sync (sm_80+, csrc/gemm_sm80.cu); QVDIT_CUDA_GEMM_PATH=auto|sm80|sm90
-picks one (auto: wgmma where the GPU and the build have it).
+`torch.ops.qvdit.cuda_act_quant` and `torch.ops.qvdit.cuda_qgemm`. The GEMM has three kernels: the
+warp-specialized wgmma kernel for W3/W4 (sm_90a, csrc/gemm_sm90_ws.cu: TMA producer warp, weights unpacked
+into wgmma's register operand), wgmma with both operands in shared memory (sm_90a, csrc/gemm_sm90.cu; W8)
+and mma.sync (sm_80+, csrc/gemm_sm80.cu); QVDIT_CUDA_GEMM_PATH=auto|sm80|sm90|sm90ws picks one (auto:
+sm90ws for W3/W4 and sm90 for W8 where the GPU and the build have them, else sm80).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ except ImportError as exc:  # not built: CPU torch, no toolkit, or QVDIT_BUILD_E
 
 from .backends import act_quant_results, register, require_default_format
 
-GEMM_PATHS = {"auto": 0, "sm80": 1, "sm90": 2}
+GEMM_PATHS = {"auto": 0, "sm80": 1, "sm90": 2, "sm90ws": 3}
 
 
 def gemm_path() -> int:

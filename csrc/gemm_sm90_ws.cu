@@ -1,0 +1,321 @@
+// qgemm on Hopper (sm_90a), warp-specialized, W3/W4 weights unpacked into wgmma's register operand.
+//
+// The CTA computes C^T = W X^T for 128 weight rows x 128 tokens (qvdit_layout.h, "warp-specialized sm90
+// path"): warp 8 is the producer, warps 0-7 are two consumer warpgroups.
+//   producer (one thread): for every step of every tile this CTA owns, wait until ring slot s is empty,
+//     then TMA-load the activation tile (two SW128 boxes of 128 tokens x 128 codes) and the packed weight
+//     rows into it; the slot's `full` mbarrier completes when all bytes have landed.
+//   consumers: issue the async wgmmas of step t (A = the weight fragments in registers, B = the slot's
+//     activation tile), then wait for step t-1's wgmmas only (wgmma.wait_group 1), release t-1's slot to
+//     the producer, and unpack step t+1's fragments from its packed bytes while step t's MMAs run.
+// So the tensor cores always have the next step queued (what Triton 3.6 cannot do with int32
+// accumulators: it waits for every int8 wgmma), loads run ahead across tiles (persistent CTAs, one per
+// SM), and no CTA-wide barrier is in the mainloop. The epilogue is the one of the other kernels
+// (qvdit_layout.h::epilogue_value), transposed. W8 stays on gemm_sm90.cu.
+#include <cuda.h>  // CUtensorMap
+#include <cudaTypedefs.h>
+
+#include <cstring>
+
+#include "qvdit_kernels.cuh"
+#include "qvdit_kernels.h"
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define QV_SM90A 1
+#endif
+
+namespace qv {
+namespace {
+
+struct WsArgs {
+  CUtensorMap act;  // activation codes [m, ka] int8, box 128 codes x 128 rows, 128-byte swizzle
+  CUtensorMap wgt;  // packed weights [n, ldw] bytes, box kRowBytes x 128 rows
+  GemmArgs g;
+  int steps;        // ws_steps(ka)
+};
+
+#ifdef QV_SM90A
+// ---------------------------------------------------------------- mbarrier, TMA and wgmma wrappers (PTX)
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// Spin until the phase of parity `parity` has completed.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT;\n"
+      "}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];\n" ::"r"(
+          dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1)
+      : "memory");
+}
+__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(addr) : "memory");
+  return v;
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Registers an in-flight wgmma reads or writes: the compiler must keep their values (and not reuse the
+// registers) across this point, so the fence after a wait marks the end of their async use.
+template <int R>
+__device__ __forceinline__ void fence_regs(uint32_t* r) {
+  QV_UNROLL
+  for (int i = 0; i < R; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
+
+// d += A (64 x 32 from registers a) * B^T (128 x 32, SW128 descriptor b), s8 x s8 -> s32.
+__device__ __forceinline__ void wgmma_rs_m64n128k32(uint32_t (&d)[64], const uint32_t (&a)[4], uint64_t b) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "{%64, %65, %66, %67}, %68, p;\n"
+      "}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
+        "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
+        "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]),
+        "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]),
+        "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]),
+        "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b)
+      : "memory");
+}
+
+template <int BITS>
+__device__ __forceinline__ void build_frags(uint32_t p_slot, bool tail, int row0, int q, uint32_t (&f)[8][4]) {
+  auto ld = [p_slot](uint32_t off) { return lds32(p_slot + off); };
+  if (BITS == 3 && tail)
+    ws_weight_frags<BITS, true>(ld, row0, q, f);
+  else
+    ws_weight_frags<BITS, false>(ld, row0, q, f);
+}
+
+// One mainloop step of a consumer warpgroup: MMAs of step t from fragments fc, then retire step t-1,
+// release its slot, and unpack step t+1 into fn (the registers step t-1 read).
+template <int BITS>
+__device__ __forceinline__ void consumer_step(const WsArgs& w, uint32_t sbase, int it0, int t, bool leader, int row0,
+                                              int q, uint32_t (&acc)[64], uint32_t (&fc)[8][4],
+                                              uint32_t (&fn)[8][4]) {
+  using Plan = WsPlan<BITS>;
+  constexpr int S = Plan::kStages;
+  const int it = it0 + t, s = it % S;
+  fence_regs<64>(acc);
+  fence_regs<32>(&fc[0][0]);
+  wgmma_fence();
+  QV_UNROLL
+  for (int kk = 0; kk < kWsKS / 32; ++kk)  // (a W3 tail step's slices 4..7 hold zero codes)
+    wgmma_rs_m64n128k32(acc, fc[kk], sw128_desc(wgmma_b_addr(sbase + Plan::a(s), kk)));
+  wgmma_commit();
+  fence_regs<64>(acc);
+  wgmma_wait<1>();  // step t-1 has retired: its slot and its fragment registers (fn) are free
+  fence_regs<32>(&fn[0][0]);
+  if (t > 0 && leader) mbar_arrive(sbase + Plan::empty((it - 1) % S));
+  if (t + 1 < w.steps) {
+    const int s1 = (it + 1) % S;
+    mbar_wait(sbase + Plan::full(s1), ((it + 1) / S) & 1);
+    build_frags<BITS>(sbase + Plan::p(s1), w.g.tail && t + 1 == w.steps - 1, row0, q, fn);
+  }
+}
+
+// One output of the transposed tile: token m, weight row n.
+__device__ __forceinline__ void store_one(const Epi& e, int m, int n, int32_t raw, float sx, int32_t rs, float um) {
+  const int32_t c = zero_corrected(raw, e.zw[n], rs);
+  const size_t idx = (size_t)m * e.n + n;
+  if (e.out_kind == 3) {
+    static_cast<int32_t*>(e.out)[idx] = c;
+    return;
+  }
+  // epilogue_value's float ops in the same order, with the token-side operands already loaded
+  float y = QV_FMUL(QV_FMUL((float)c, sx), e.sw[n]);
+  if (e.bias) y = QV_FADD(y, e.bias[n]);
+  if (e.u) y = QV_FADD(y, QV_FMUL(um, e.beta[n]));
+  if (e.out_kind == 0)
+    static_cast<__nv_bfloat16*>(e.out)[idx] = __float2bfloat16_rn(y);
+  else if (e.out_kind == 1)
+    static_cast<__half*>(e.out)[idx] = __float2half_rn(y);
+  else
+    static_cast<float*>(e.out)[idx] = y;
+}
+#endif  // QV_SM90A
+
+template <int BITS>
+__global__ void __launch_bounds__(kWsThreads, 1) qgemm_sm90_ws_kernel(const __grid_constant__ WsArgs w) {
+#ifdef QV_SM90A
+  using Plan = WsPlan<BITS>;
+  constexpr int S = Plan::kStages;
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  const uint32_t sbase = aligned_smem_base(smem_raw);
+  const GemmArgs& g = w.g;
+  const int tiles = g.tiles_m * g.tiles_n;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < S; ++s) {
+      mbar_init(sbase + Plan::full(s), 1);               // the producer's arrive (+ the TMA bytes)
+      mbar_init(sbase + Plan::empty(s), kWsConsumers / 128);  // one arrive per consumer warpgroup
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warp == kWsConsumers / 32) {  // producer warp: one thread issues every load
+    if (lane == 0) {
+      asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&w.act)) : "memory");
+      asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&w.wgt)) : "memory");
+      int it = 0;
+      for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        int tm, tn;
+        tile_coords(tile, g.tiles_m, g.tiles_n, tm, tn);
+        for (int t = 0; t < w.steps; ++t, ++it) {
+          const int s = it % S;
+          mbar_wait(sbase + Plan::empty(s), ((it / S) & 1) ^ 1);  // the first round passes at once
+          const uint32_t full = sbase + Plan::full(s);
+          mbar_expect_tx(full, Plan::kSlotBytes);
+          tma_load_2d(sbase + Plan::a(s), &w.act, full, t * kWsKS, tm * kBM);
+          tma_load_2d(sbase + Plan::a(s) + kBM * 128, &w.act, full, t * kWsKS + 128, tm * kBM);
+          tma_load_2d(sbase + Plan::p(s), &w.wgt, full, t * WsFmt<BITS>::kRowBytes, tn * kBN);
+        }
+      }
+    }
+    return;
+  }
+
+  // consumers: warpgroup wg owns weight rows 64 wg .. 64 wg + 63 of the tile
+  const int tid = threadIdx.x, q = lane % 4;
+  const int row0 = (tid / 128) * 64 + ((tid / 32) % 4) * 16 + lane / 4;
+  const bool leader = tid % 128 == 0;
+  uint32_t acc[64], f0[8][4] = {}, f1[8][4] = {};
+  int it0 = 0;
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    int tm, tn;
+    tile_coords(tile, g.tiles_m, g.tiles_n, tm, tn);
+    QV_UNROLL
+    for (int i = 0; i < 64; ++i) acc[i] = 0;
+    mbar_wait(sbase + Plan::full(it0 % S), (it0 / S) & 1);
+    build_frags<BITS>(sbase + Plan::p(it0 % S), g.tail && w.steps == 1, row0, q, f0);
+    for (int t = 0; t < w.steps; t += 2) {
+      consumer_step<BITS>(w, sbase, it0, t, leader, row0, q, acc, f0, f1);
+      if (t + 1 < w.steps) consumer_step<BITS>(w, sbase, it0, t + 1, leader, row0, q, acc, f1, f0);
+    }
+    wgmma_wait<0>();
+    fence_regs<64>(acc);
+    fence_regs<32>(&f0[0][0]);
+    fence_regs<32>(&f1[0][0]);
+    if (leader) mbar_arrive(sbase + Plan::empty((it0 + w.steps - 1) % S));
+    it0 += w.steps;
+
+    // epilogue: accumulator i of this thread is weight row n0 + r, token m0 + c (wgmma_acc_coord)
+    const Epi& e = g.epi;
+    const int m0 = tm * kBM, n0 = tn * kBN;
+    QV_UNROLL
+    for (int i = 0; i < 64; i += 4) {
+      QV_UNROLL
+      for (int j = 0; j < 2; ++j) {  // tokens m, m + 1
+        int r, c;
+        wgmma_acc_coord(tid, i + j, r, c);
+        const int m = m0 + c;
+        if (m >= e.m) continue;
+        const float sx = e.sx[m], um = e.u ? e.u[m] : 0.f;
+        const int32_t rs = e.rowsum[m];
+        QV_UNROLL
+        for (int h = 0; h < 2; ++h) {  // weight rows n, n + 8
+          const int n = n0 + r + 8 * h;
+          if (n < e.n) store_one(e, m, n, (int32_t)acc[i + j + 2 * h], sx, rs, um);
+        }
+      }
+    }
+  }
+#else
+  __trap();  // built without an sm_90a target; the host launcher refuses before getting here
+#endif
+}
+
+// ---------------------------------------------------------------- host: tensor maps and launch
+PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult res;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &res) != cudaSuccess ||
+        res != cudaDriverEntryPointSuccess)
+      p = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
+  }();
+  return fn;
+}
+
+// A 2-D byte tensor [rows, cols] (row stride ld bytes) with a box of box_cols x box_rows.
+bool encode_2d(CUtensorMap* map, const void* base, int64_t rows, int64_t cols, int64_t ld, int box_cols, int box_rows,
+               bool swizzle128) {
+  auto fn = encode_fn();
+  if (!fn) return false;
+  const cuuint64_t dims[2] = {(cuuint64_t)cols, (cuuint64_t)rows};
+  const cuuint64_t strides[1] = {(cuuint64_t)ld};
+  const cuuint32_t box[2] = {(cuuint32_t)box_cols, (cuuint32_t)box_rows};
+  const cuuint32_t estr[2] = {1, 1};
+  return fn(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<void*>(base), dims, strides, box, estr,
+            CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_NONE,
+            CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+template <int BITS>
+cudaError_t launch_ws(const GemmArgs& g, cudaStream_t stream) {
+  using Plan = WsPlan<BITS>;
+  WsArgs w;
+  std::memset(&w, 0, sizeof(w));
+  w.g = g;
+  w.steps = ws_steps(g.ka);
+  if (!encode_2d(&w.act, g.a, g.epi.m, g.ka, g.lda, 128, kBM, true) ||
+      !encode_2d(&w.wgt, g.w, g.epi.n, g.ldw, g.ldw, WsFmt<BITS>::kRowBytes, kBN, WsFmt<BITS>::kSwizzled))
+    return cudaErrorInvalidValue;
+  auto kernel = qgemm_sm90_ws_kernel<BITS>;
+  const cudaError_t attr = allow_smem(reinterpret_cast<const void*>(kernel), Plan::kAllocBytes);
+  if (attr != cudaSuccess) return attr;
+  int dev = 0, sms = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  const int tiles = g.tiles_m * g.tiles_n;
+  kernel<<<tiles < sms ? tiles : sms, kWsThreads, Plan::kAllocBytes, stream>>>(w);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+bool qgemm_sm90_ws_supported(const GemmArgs& g, int bits) {
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  return (bits == 3 || bits == 4) && aligned(g.a) && aligned(g.w) && g.lda % 16 == 0 && g.ldw % 16 == 0 &&
+         encode_fn() != nullptr;
+}
+
+cudaError_t qgemm_sm90_ws(const GemmArgs& g, int bits, cudaStream_t stream) {
+  if (!qgemm_sm90_ws_supported(g, bits)) return cudaErrorNotSupported;
+  return bits == 3 ? launch_ws<3>(g, stream) : launch_ws<4>(g, stream);
+}
+
+}  // namespace qv
