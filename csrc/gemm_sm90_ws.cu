@@ -1,7 +1,9 @@
 // qgemm on Hopper (sm_90a), warp-specialized, W3/W4 weights unpacked into wgmma's register operand.
 //
 // The CTA computes C^T = W X^T for 128 weight rows x 128 tokens (qvdit_layout.h, "warp-specialized sm90
-// path"): warp 8 is the producer, warps 0-7 are two consumer warpgroups.
+// path"): warps 0-7 are two consumer warpgroups, warpgroup 2 the producer (its registers go to the
+// consumers through setmaxnreg: 232 per consumer thread, room for the accumulators, two steps of weight
+// fragments and the epilogue).
 //   producer (one thread): for every step of every tile this CTA owns, wait until ring slot s is empty,
 //     then TMA-load the activation tile (two SW128 boxes of 128 tokens x 128 codes) and the packed weight
 //     rows into it; the slot's `full` mbarrier completes when all bytes have landed.
@@ -144,24 +146,86 @@ __device__ __forceinline__ void consumer_step(const WsArgs& w, uint32_t sbase, i
   }
 }
 
-// One output of the transposed tile: token m, weight row n.
-__device__ __forceinline__ void store_one(const Epi& e, int m, int n, int32_t raw, float sx, int32_t rs, float um) {
-  const int32_t c = zero_corrected(raw, e.zw[n], rs);
-  const size_t idx = (size_t)m * e.n + n;
-  if (e.out_kind == 3) {
-    static_cast<int32_t*>(e.out)[idx] = c;
-    return;
+// Epilogue of one tile. Accumulator i of consumer thread tid is weight row n0 + r, token m0 + c
+// (wgmma_acc_coord): 2 weight rows (r, r + 8) x 32 tokens per thread. Every operand is loaded before the
+// first store (a store through `out` could alias them, so loads after it would wait for it), then each
+// output is epilogue_value's float ops in the same order. 16-bit outputs leave as pairs along n: lanes
+// 4 apart hold neighbouring weight rows and swap one value, so each stores two adjacent outputs of one
+// token in one 32-bit store (N even; scalar stores otherwise).
+template <int OUT>
+__device__ __forceinline__ void epilogue(const Epi& e, int m0, int n0, int tid, const uint32_t (&acc)[64]) {
+  int r, c;
+  wgmma_acc_coord(tid, 0, r, c);  // r = this thread's first weight row, c = 2 (lane % 4)
+  float sw[2], zw[2], bias[2], beta[2];
+  QV_UNROLL
+  for (int h = 0; h < 2; ++h) {
+    const int n = min(n0 + r + 8 * h, e.n - 1);
+    sw[h] = e.sw[n];
+    zw[h] = e.zw[n];
+    bias[h] = e.bias ? e.bias[n] : 0.f;
+    beta[h] = e.u ? e.beta[n] : 0.f;
   }
-  // epilogue_value's float ops in the same order, with the token-side operands already loaded
-  float y = QV_FMUL(QV_FMUL((float)c, sx), e.sw[n]);
-  if (e.bias) y = QV_FADD(y, e.bias[n]);
-  if (e.u) y = QV_FADD(y, QV_FMUL(um, e.beta[n]));
-  if (e.out_kind == 0)
-    static_cast<__nv_bfloat16*>(e.out)[idx] = __float2bfloat16_rn(y);
-  else if (e.out_kind == 1)
-    static_cast<__half*>(e.out)[idx] = __float2half_rn(y);
-  else
-    static_cast<float*>(e.out)[idx] = y;
+  const bool odd = (r & 1) != 0;  // lane / 4 odd: this thread holds weight row n = its partner's + 1
+  const bool pairs = OUT <= 1 && e.n % 2 == 0;
+  constexpr int kChunk = 4;  // token pairs whose operands are loaded together (registers: 24 per chunk)
+  QV_UNROLL
+  for (int j0 = 0; j0 < 16; j0 += kChunk) {
+    float sx[kChunk][2], um[kChunk][2];
+    int32_t rs[kChunk][2];
+    QV_UNROLL
+    for (int jb = 0; jb < kChunk; ++jb)
+      QV_UNROLL
+      for (int j = 0; j < 2; ++j) {
+        const int m = min(m0 + c + 8 * (j0 + jb) + j, e.m - 1);  // clamped: rows past M are computed, not stored
+        sx[jb][j] = e.sx[m];
+        rs[jb][j] = e.rowsum[m];
+        um[jb][j] = e.u ? e.u[m] : 0.f;
+      }
+    QV_UNROLL
+    for (int jb = 0; jb < kChunk; ++jb)
+      QV_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        const int n = n0 + r + 8 * h;
+        float y[2];
+        int32_t cv[2];
+        QV_UNROLL
+        for (int j = 0; j < 2; ++j) {
+          cv[j] = zero_corrected((int32_t)acc[4 * (j0 + jb) + 2 * h + j], zw[h], rs[jb][j]);
+          float v = QV_FMUL(QV_FMUL((float)cv[j], sx[jb][j]), sw[h]);
+          if (e.bias) v = QV_FADD(v, bias[h]);
+          if (e.u) v = QV_FADD(v, QV_FMUL(um[jb][j], beta[h]));
+          y[j] = v;
+        }
+        const int m = m0 + c + 8 * (j0 + jb);  // tokens m (j = 0) and m + 1 (j = 1)
+        if (pairs) {
+          // even thread: (m, n), (m, n + 1); odd thread: (m + 1, n - 1), (m + 1, n)
+          const float got = __shfl_xor_sync(0xffffffffu, odd ? y[0] : y[1], 4);
+          const int mm = odd ? m + 1 : m, nn = odd ? n - 1 : n;
+          const float lo = odd ? got : y[0], hi = odd ? y[1] : got;
+          if (mm < e.m && nn < e.n) {  // N even: nn + 1 < N too
+            const size_t idx = (size_t)mm * e.n + nn;
+            if (OUT == 0)
+              *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(e.out) + idx) = __floats2bfloat162_rn(lo, hi);
+            else
+              *reinterpret_cast<__half2*>(static_cast<__half*>(e.out) + idx) = __floats2half2_rn(lo, hi);
+          }
+          continue;
+        }
+        QV_UNROLL
+        for (int j = 0; j < 2; ++j) {
+          if (m + j >= e.m || n >= e.n) continue;
+          const size_t idx = (size_t)(m + j) * e.n + n;
+          if (OUT == 3)
+            static_cast<int32_t*>(e.out)[idx] = cv[j];
+          else if (OUT == 2)
+            static_cast<float*>(e.out)[idx] = y[j];
+          else if (OUT == 1)
+            static_cast<__half*>(e.out)[idx] = __float2half_rn(y[j]);
+          else
+            static_cast<__nv_bfloat16*>(e.out)[idx] = __float2bfloat16_rn(y[j]);
+        }
+      }
+  }
 }
 #endif  // QV_SM90A
 
@@ -185,8 +249,9 @@ __global__ void __launch_bounds__(kWsThreads, 1) qgemm_sm90_ws_kernel(const __gr
   }
   __syncthreads();
 
-  if (warp == kWsConsumers / 32) {  // producer warp: one thread issues every load
-    if (lane == 0) {
+  if (warp >= kWsConsumers / 32) {  // producer warpgroup: one thread issues every load
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kWsProducerRegs));
+    if (warp == kWsConsumers / 32 && lane == 0) {
       asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&w.act)) : "memory");
       asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&w.wgt)) : "memory");
       int it = 0;
@@ -208,16 +273,19 @@ __global__ void __launch_bounds__(kWsThreads, 1) qgemm_sm90_ws_kernel(const __gr
   }
 
   // consumers: warpgroup wg owns weight rows 64 wg .. 64 wg + 63 of the tile
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kWsConsumerRegs));
   const int tid = threadIdx.x, q = lane % 4;
   const int row0 = (tid / 128) * 64 + ((tid / 32) % 4) * 16 + lane / 4;
   const bool leader = tid % 128 == 0;
-  uint32_t acc[64], f0[8][4] = {}, f1[8][4] = {};
+  uint32_t acc[64], f0[8][4], f1[8][4];
   int it0 = 0;
   for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     int tm, tn;
     tile_coords(tile, g.tiles_m, g.tiles_n, tm, tn);
     QV_UNROLL
     for (int i = 0; i < 64; ++i) acc[i] = 0;
+    QV_UNROLL
+    for (int i = 0; i < 32; ++i) (&f1[0][0])[i] = 0;  // (so the last tile's fragments are dead in its epilogue)
     mbar_wait(sbase + Plan::full(it0 % S), (it0 / S) & 1);
     build_frags<BITS>(sbase + Plan::p(it0 % S), g.tail && w.steps == 1, row0, q, f0);
     for (int t = 0; t < w.steps; t += 2) {
@@ -231,25 +299,12 @@ __global__ void __launch_bounds__(kWsThreads, 1) qgemm_sm90_ws_kernel(const __gr
     if (leader) mbar_arrive(sbase + Plan::empty((it0 + w.steps - 1) % S));
     it0 += w.steps;
 
-    // epilogue: accumulator i of this thread is weight row n0 + r, token m0 + c (wgmma_acc_coord)
     const Epi& e = g.epi;
-    const int m0 = tm * kBM, n0 = tn * kBN;
-    QV_UNROLL
-    for (int i = 0; i < 64; i += 4) {
-      QV_UNROLL
-      for (int j = 0; j < 2; ++j) {  // tokens m, m + 1
-        int r, c;
-        wgmma_acc_coord(tid, i + j, r, c);
-        const int m = m0 + c;
-        if (m >= e.m) continue;
-        const float sx = e.sx[m], um = e.u ? e.u[m] : 0.f;
-        const int32_t rs = e.rowsum[m];
-        QV_UNROLL
-        for (int h = 0; h < 2; ++h) {  // weight rows n, n + 8
-          const int n = n0 + r + 8 * h;
-          if (n < e.n) store_one(e, m, n, (int32_t)acc[i + j + 2 * h], sx, rs, um);
-        }
-      }
+    switch (e.out_kind) {
+      case 0: epilogue<0>(e, tm * kBM, tn * kBN, tid, acc); break;
+      case 1: epilogue<1>(e, tm * kBM, tn * kBN, tid, acc); break;
+      case 2: epilogue<2>(e, tm * kBM, tn * kBN, tid, acc); break;
+      default: epilogue<3>(e, tm * kBM, tn * kBN, tid, acc); break;
     }
   }
 #else

@@ -250,12 +250,15 @@ QV_HD void gemm_geometry(int bits, int k, int& steps, bool& tail, int& ka) {
 // registers: each consumer thread unpacks its fragment codes straight from the packed bytes (no unpacked
 // copy in shared memory), while the activations are the B operand, 128 tokens per tile, in shared memory
 // (SW128 K-major, written by TMA). A CTA = 2 consumer warpgroups (64 weight rows each, wgmma m64n128k32)
-// + 1 producer warp (TMA loads into a ring of kWsStages slots guarded by mbarriers). One step = 256 codes
+// + 1 producer warpgroup (one thread issues TMA loads into a ring of kWsStages slots guarded by mbarriers). One step = 256 codes
 // of K for W3 (one planes tile, or its 128-code tail) and W4 (two split-halves tiles).
 constexpr int kWsKS = 256;
 constexpr int kWsStages = 4;
 constexpr int kWsConsumers = 256;               // 2 warpgroups
-constexpr int kWsThreads = kWsConsumers + 32;   // + the producer warp (warp 8)
+constexpr int kWsThreads = kWsConsumers + 128;  // + the producer warpgroup (warp 8 issues the loads)
+// Registers per thread after setmaxnreg: 3 warps per SM sub-partition share its 16K registers, so the
+// producer gives its registers to the consumers (40 + 2 x 232 <= 512 per lane).
+constexpr int kWsProducerRegs = 40, kWsConsumerRegs = 232;
 
 // Packed bytes of one weight row per step as the TMA box lands in shared memory: W3 a dense 96-byte row
 // [A 32 | B 32 | C 32] (a tail tile [A 16 | B 16 | C 16 | 48 zero bytes]: the box runs past the row end and
