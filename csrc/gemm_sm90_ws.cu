@@ -2,7 +2,7 @@
 //
 // The CTA computes C^T = W X^T for 128 weight rows x 128 tokens (qvdit_layout.h, "warp-specialized sm90
 // path"): warps 0-7 are two consumer warpgroups, warpgroup 2 the producer (its registers go to the
-// consumers through setmaxnreg: 232 per consumer thread, room for the accumulators, two steps of weight
+// consumers through setmaxnreg: 240 per consumer thread, room for the accumulators, two groups of weight
 // fragments and the epilogue).
 //   producer (one thread): for every step of every tile this CTA owns, wait until ring slot s is empty,
 //     then TMA-load the activation tile (two SW128 boxes of 128 tokens x 128 codes) and the packed weight
@@ -17,6 +17,7 @@
 #include <cuda.h>  // CUtensorMap
 #include <cudaTypedefs.h>
 
+#include <cstdlib>
 #include <cstring>
 
 #include "qvdit_kernels.cuh"
@@ -28,6 +29,10 @@
 
 namespace qv {
 namespace {
+
+// Tile height (weight rows) of the ws kernel: 256 (MB = 2) from this N on, else 128; QVDIT_WS_ROWS=128|256
+// forces one (read per call).
+constexpr int kWsRows256MinN = 1024;
 
 struct WsArgs {
   CUtensorMap act;  // activation codes [m, ka] int8, box 128 codes x 128 rows, 128-byte swizzle
@@ -110,52 +115,69 @@ __device__ __forceinline__ void wgmma_rs_m64n128k32(uint32_t (&d)[64], const uin
       : "memory");
 }
 
-template <int BITS>
-__device__ __forceinline__ void build_frags(uint32_t p_slot, bool tail, int row0, int q, uint32_t (&f)[8][4]) {
+// Fragments of one MMA group, 8 (m-block, k32 slice) pairs = 8 wgmmas. MB = 1: all 8 slices of a step;
+// MB = 2: half h of a step (slices 4h..4h+3) for both m-blocks, f[4 mb + j] = slice 4h + j of m-block mb.
+// row0 = the thread's first weight row in the step buffer for m-block 0 (m-block 1 is 64 rows further).
+template <int BITS, int MB>
+__device__ __forceinline__ void build_group(uint32_t p_slot, bool tail, int h, int row0, int q, uint32_t (&f)[8][4]) {
   auto ld = [p_slot](uint32_t off) { return lds32(p_slot + off); };
-  if (BITS == 3 && tail)
-    ws_weight_frags<BITS, true>(ld, row0, q, f);
-  else
-    ws_weight_frags<BITS, false>(ld, row0, q, f);
-}
-
-// One mainloop step of a consumer warpgroup: MMAs of step t from fragments fc, then retire step t-1,
-// release its slot, and unpack step t+1 into fn (the registers step t-1 read).
-template <int BITS>
-__device__ __forceinline__ void consumer_step(const WsArgs& w, uint32_t sbase, int it0, int t, bool leader, int row0,
-                                              int q, uint32_t (&acc)[64], uint32_t (&fc)[8][4],
-                                              uint32_t (&fn)[8][4]) {
-  using Plan = WsPlan<BITS>;
-  constexpr int S = Plan::kStages;
-  const int it = it0 + t, s = it % S;
-  fence_regs<64>(acc);
-  fence_regs<32>(&fc[0][0]);
-  wgmma_fence();
-  QV_UNROLL
-  for (int kk = 0; kk < kWsKS / 32; ++kk)  // (a W3 tail step's slices 4..7 hold zero codes)
-    wgmma_rs_m64n128k32(acc, fc[kk], sw128_desc(wgmma_b_addr(sbase + Plan::a(s), kk)));
-  wgmma_commit();
-  fence_regs<64>(acc);
-  wgmma_wait<1>();  // step t-1 has retired: its slot and its fragment registers (fn) are free
-  fence_regs<32>(&fn[0][0]);
-  if (t > 0 && leader) mbar_arrive(sbase + Plan::empty((it - 1) % S));
-  if (t + 1 < w.steps) {
-    const int s1 = (it + 1) % S;
-    mbar_wait(sbase + Plan::full(s1), ((it + 1) / S) & 1);
-    build_frags<BITS>(sbase + Plan::p(s1), w.g.tail && t + 1 == w.steps - 1, row0, q, fn);
+  if (MB == 1) {
+    if (BITS == 3 && tail)
+      ws_weight_frags<BITS, true>(ld, row0, q, f);
+    else
+      ws_weight_frags<BITS, false>(ld, row0, q, f);
+  } else {
+    QV_UNROLL
+    for (int mb = 0; mb < 2; ++mb) {
+      if (BITS == 3 && tail)
+        ws_weight_frags_half<BITS, true>(ld, row0 + 64 * mb, q, h, f, 4 * mb);
+      else
+        ws_weight_frags_half<BITS, false>(ld, row0 + 64 * mb, q, h, f, 4 * mb);
+    }
   }
 }
 
-// Epilogue of one tile. Accumulator i of consumer thread tid is weight row n0 + r, token m0 + c
-// (wgmma_acc_coord): 2 weight rows (r, r + 8) x 32 tokens per thread. Every operand is loaded before the
+// One MMA group of a consumer warpgroup (group gi = step gi / MB, half gi % MB): its 8 MMAs from
+// fragments fc, then retire group gi-1 (release its step's slot if that was the step's last group) and
+// unpack group gi+1 into fn (the registers group gi-1 read), waiting for its slot first if it starts a step.
+template <int BITS, int MB>
+__device__ __forceinline__ void consumer_group(const WsArgs& w, uint32_t sbase, int it0, int gi, bool leader,
+                                               int row0, int q, uint32_t (&acc)[MB][64], uint32_t (&fc)[8][4],
+                                               uint32_t (&fn)[8][4]) {
+  using Plan = WsPlan<BITS, MB>;
+  constexpr int S = Plan::kStages;
+  const int t = gi / MB, h = gi % MB, s = (it0 + t) % S;
+  QV_UNROLL
+  for (int mb = 0; mb < MB; ++mb) fence_regs<64>(acc[mb]);
+  fence_regs<32>(&fc[0][0]);
+  wgmma_fence();
+  QV_UNROLL
+  for (int i = 0; i < 8; ++i) {  // (a W3 tail step's slices 4..7 hold zero codes)
+    const int mb = MB == 1 ? 0 : i / 4, kk = MB == 1 ? i : 4 * h + i % 4;
+    wgmma_rs_m64n128k32(acc[mb], fc[i], sw128_desc(wgmma_b_addr(sbase + Plan::a(s), kk)));
+  }
+  wgmma_commit();
+  QV_UNROLL
+  for (int mb = 0; mb < MB; ++mb) fence_regs<64>(acc[mb]);
+  wgmma_wait<1>();  // group gi-1 has retired: its fragment registers (fn) are free
+  fence_regs<32>(&fn[0][0]);
+  if (h == 0 && t > 0 && leader) mbar_arrive(sbase + Plan::empty((it0 + t - 1) % S));  // step t-1 done
+  const int g1 = gi + 1, t1 = g1 / MB, h1 = g1 % MB;
+  if (t1 < w.steps) {
+    if (h1 == 0) mbar_wait(sbase + Plan::full((it0 + t1) % S), ((it0 + t1) / S) & 1);
+    build_group<BITS, MB>(sbase + Plan::p((it0 + t1) % S), w.g.tail && t1 == w.steps - 1, h1, row0, q, fn);
+  }
+}
+
+// Epilogue of one m64 block of a tile. Accumulator i is weight row n0 + r + 8 ((i / 2) % 2), token
+// m0 + c + 8 (i / 4) + i % 2 (the wgmma accumulator layout; r = the thread's first row, c = 2 (lane % 4)):
+// 2 weight rows x 32 tokens per thread. Every operand is loaded before the
 // first store (a store through `out` could alias them, so loads after it would wait for it), then each
 // output is epilogue_value's float ops in the same order. 16-bit outputs leave as pairs along n: lanes
 // 4 apart hold neighbouring weight rows and swap one value, so each stores two adjacent outputs of one
 // token in one 32-bit store (N even; scalar stores otherwise).
-template <int OUT>
-__device__ __forceinline__ void epilogue(const Epi& e, int m0, int n0, int tid, const uint32_t (&acc)[64]) {
-  int r, c;
-  wgmma_acc_coord(tid, 0, r, c);  // r = this thread's first weight row, c = 2 (lane % 4)
+template <int OUT, int kChunk>
+__device__ __forceinline__ void epilogue(const Epi& e, int m0, int n0, int r, int c, const uint32_t (&acc)[64]) {
   float sw[2], zw[2], bias[2], beta[2];
   QV_UNROLL
   for (int h = 0; h < 2; ++h) {
@@ -167,7 +189,6 @@ __device__ __forceinline__ void epilogue(const Epi& e, int m0, int n0, int tid, 
   }
   const bool odd = (r & 1) != 0;  // lane / 4 odd: this thread holds weight row n = its partner's + 1
   const bool pairs = OUT <= 1 && e.n % 2 == 0;
-  constexpr int kChunk = 4;  // token pairs whose operands are loaded together (registers: 24 per chunk)
   QV_UNROLL
   for (int j0 = 0; j0 < 16; j0 += kChunk) {
     float sx[kChunk][2], um[kChunk][2];
@@ -229,10 +250,10 @@ __device__ __forceinline__ void epilogue(const Epi& e, int m0, int n0, int tid, 
 }
 #endif  // QV_SM90A
 
-template <int BITS>
+template <int BITS, int MB>
 __global__ void __launch_bounds__(kWsThreads, 1) qgemm_sm90_ws_kernel(const __grid_constant__ WsArgs w) {
 #ifdef QV_SM90A
-  using Plan = WsPlan<BITS>;
+  using Plan = WsPlan<BITS, MB>;
   constexpr int S = Plan::kStages;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t sbase = aligned_smem_base(smem_raw);
@@ -265,46 +286,56 @@ __global__ void __launch_bounds__(kWsThreads, 1) qgemm_sm90_ws_kernel(const __gr
           mbar_expect_tx(full, Plan::kSlotBytes);
           tma_load_2d(sbase + Plan::a(s), &w.act, full, t * kWsKS, tm * kBM);
           tma_load_2d(sbase + Plan::a(s) + kBM * 128, &w.act, full, t * kWsKS + 128, tm * kBM);
-          tma_load_2d(sbase + Plan::p(s), &w.wgt, full, t * WsFmt<BITS>::kRowBytes, tn * kBN);
+          tma_load_2d(sbase + Plan::p(s), &w.wgt, full, t * WsFmt<BITS>::kRowBytes, tn * Plan::kRows);
         }
       }
     }
     return;
   }
 
-  // consumers: warpgroup wg owns weight rows 64 wg .. 64 wg + 63 of the tile
+  // consumers: warpgroup wg owns weight rows 64 MB wg .. 64 MB (wg + 1) - 1 of the tile
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kWsConsumerRegs));
   const int tid = threadIdx.x, q = lane % 4;
-  const int row0 = (tid / 128) * 64 + ((tid / 32) % 4) * 16 + lane / 4;
+  const int row0 = (tid / 128) * 64 * MB + ((tid / 32) % 4) * 16 + lane / 4;
   const bool leader = tid % 128 == 0;
-  uint32_t acc[64], f0[8][4], f1[8][4];
+  const int groups = w.steps * MB;
+  uint32_t acc[MB][64], f0[8][4], f1[8][4];
   int it0 = 0;
   for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     int tm, tn;
     tile_coords(tile, g.tiles_m, g.tiles_n, tm, tn);
     QV_UNROLL
-    for (int i = 0; i < 64; ++i) acc[i] = 0;
+    for (int mb = 0; mb < MB; ++mb)
+      QV_UNROLL
+      for (int i = 0; i < 64; ++i) acc[mb][i] = 0;
     QV_UNROLL
     for (int i = 0; i < 32; ++i) (&f1[0][0])[i] = 0;  // (so the last tile's fragments are dead in its epilogue)
     mbar_wait(sbase + Plan::full(it0 % S), (it0 / S) & 1);
-    build_frags<BITS>(sbase + Plan::p(it0 % S), g.tail && w.steps == 1, row0, q, f0);
-    for (int t = 0; t < w.steps; t += 2) {
-      consumer_step<BITS>(w, sbase, it0, t, leader, row0, q, acc, f0, f1);
-      if (t + 1 < w.steps) consumer_step<BITS>(w, sbase, it0, t + 1, leader, row0, q, acc, f1, f0);
+    build_group<BITS, MB>(sbase + Plan::p(it0 % S), g.tail && w.steps == 1, 0, row0, q, f0);
+    for (int gi = 0; gi < groups; gi += 2) {
+      consumer_group<BITS, MB>(w, sbase, it0, gi, leader, row0, q, acc, f0, f1);
+      if (gi + 1 < groups) consumer_group<BITS, MB>(w, sbase, it0, gi + 1, leader, row0, q, acc, f1, f0);
     }
     wgmma_wait<0>();
-    fence_regs<64>(acc);
+    QV_UNROLL
+    for (int mb = 0; mb < MB; ++mb) fence_regs<64>(acc[mb]);
     fence_regs<32>(&f0[0][0]);
     fence_regs<32>(&f1[0][0]);
     if (leader) mbar_arrive(sbase + Plan::empty((it0 + w.steps - 1) % S));
     it0 += w.steps;
 
     const Epi& e = g.epi;
-    switch (e.out_kind) {
-      case 0: epilogue<0>(e, tm * kBM, tn * kBN, tid, acc); break;
-      case 1: epilogue<1>(e, tm * kBM, tn * kBN, tid, acc); break;
-      case 2: epilogue<2>(e, tm * kBM, tn * kBN, tid, acc); break;
-      default: epilogue<3>(e, tm * kBM, tn * kBN, tid, acc); break;
+    const int m0 = tm * kBM, n0 = tn * Plan::kRows, c = 2 * q;
+    constexpr int kEpiChunk = MB == 1 ? 4 : 2;  // token pairs loaded together (MB = 2: the other block's acc is live)
+    QV_UNROLL
+    for (int mb = 0; mb < MB; ++mb) {
+      const int r = row0 + 64 * mb;
+      switch (e.out_kind) {
+        case 0: epilogue<0, kEpiChunk>(e, m0, n0, r, c, acc[mb]); break;
+        case 1: epilogue<1, kEpiChunk>(e, m0, n0, r, c, acc[mb]); break;
+        case 2: epilogue<2, kEpiChunk>(e, m0, n0, r, c, acc[mb]); break;
+        default: epilogue<3, kEpiChunk>(e, m0, n0, r, c, acc[mb]); break;
+      }
     }
   }
 #else
@@ -339,23 +370,24 @@ bool encode_2d(CUtensorMap* map, const void* base, int64_t rows, int64_t cols, i
             CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <int BITS>
+template <int BITS, int MB>
 cudaError_t launch_ws(const GemmArgs& g, cudaStream_t stream) {
-  using Plan = WsPlan<BITS>;
+  using Plan = WsPlan<BITS, MB>;
   WsArgs w;
   std::memset(&w, 0, sizeof(w));
   w.g = g;
+  w.g.tiles_n = (g.epi.n + Plan::kRows - 1) / Plan::kRows;
   w.steps = ws_steps(g.ka);
   if (!encode_2d(&w.act, g.a, g.epi.m, g.ka, g.lda, 128, kBM, true) ||
-      !encode_2d(&w.wgt, g.w, g.epi.n, g.ldw, g.ldw, WsFmt<BITS>::kRowBytes, kBN, WsFmt<BITS>::kSwizzled))
+      !encode_2d(&w.wgt, g.w, g.epi.n, g.ldw, g.ldw, WsFmt<BITS>::kRowBytes, Plan::kRows, WsFmt<BITS>::kSwizzled))
     return cudaErrorInvalidValue;
-  auto kernel = qgemm_sm90_ws_kernel<BITS>;
+  auto kernel = qgemm_sm90_ws_kernel<BITS, MB>;
   const cudaError_t attr = allow_smem(reinterpret_cast<const void*>(kernel), Plan::kAllocBytes);
   if (attr != cudaSuccess) return attr;
   int dev = 0, sms = 0;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  const int tiles = g.tiles_m * g.tiles_n;
+  const int tiles = w.g.tiles_m * w.g.tiles_n;
   kernel<<<tiles < sms ? tiles : sms, kWsThreads, Plan::kAllocBytes, stream>>>(w);
   return cudaGetLastError();
 }
@@ -368,9 +400,18 @@ bool qgemm_sm90_ws_supported(const GemmArgs& g, int bits) {
          encode_fn() != nullptr;
 }
 
+int qgemm_sm90_ws_rows(int n) {
+  const char* env = std::getenv("QVDIT_WS_ROWS");  // 128 or 256 forces a tile height (benchmarks, tests)
+  if (env && std::atoi(env) == 128) return 128;
+  if (env && std::atoi(env) == 256) return 256;
+  return n >= kWsRows256MinN ? 256 : 128;
+}
+
 cudaError_t qgemm_sm90_ws(const GemmArgs& g, int bits, cudaStream_t stream) {
   if (!qgemm_sm90_ws_supported(g, bits)) return cudaErrorNotSupported;
-  return bits == 3 ? launch_ws<3>(g, stream) : launch_ws<4>(g, stream);
+  const bool tall = qgemm_sm90_ws_rows(g.epi.n) == 256;
+  if (bits == 3) return tall ? launch_ws<3, 2>(g, stream) : launch_ws<3, 1>(g, stream);
+  return tall ? launch_ws<4, 2>(g, stream) : launch_ws<4, 1>(g, stream);
 }
 
 }  // namespace qv

@@ -132,14 +132,15 @@ QV_HD uint32_t w4_lo(uint32_t p) { return p & 0x0F0F0F0Fu; }
 QV_HD uint32_t w4_hi(uint32_t p) { return (p >> 4) & 0x0F0F0F0Fu; }
 
 // W3 planes: lane bytes a, b, c (4 lanes per word) -> the 8 pieces c0..c7 of those 4 lanes.
+QV_HD uint32_t w3_c0(uint32_t plane) { return plane & 0x07070707u; }         // bits 0-2 of each lane byte
+QV_HD uint32_t w3_c1(uint32_t plane) { return (plane >> 3) & 0x07070707u; }  // bits 3-5
 QV_HD void w3_unpack_word(uint32_t a, uint32_t b, uint32_t c, uint32_t (&out)[8]) {
-  const uint32_t m3 = 0x07070707u;
-  out[0] = a & m3;
-  out[1] = (a >> 3) & m3;
-  out[2] = b & m3;
-  out[3] = (b >> 3) & m3;
-  out[4] = c & m3;
-  out[5] = (c >> 3) & m3;
+  out[0] = w3_c0(a);
+  out[1] = w3_c1(a);
+  out[2] = w3_c0(b);
+  out[3] = w3_c1(b);
+  out[4] = w3_c0(c);
+  out[5] = w3_c1(c);
   out[6] = ((a >> 6) & 0x03030303u) | ((b >> 4) & 0x04040404u);
   out[7] = ((b >> 7) & 0x01010101u) | ((c >> 5) & 0x06060606u);
 }
@@ -257,8 +258,8 @@ constexpr int kWsStages = 4;
 constexpr int kWsConsumers = 256;               // 2 warpgroups
 constexpr int kWsThreads = kWsConsumers + 128;  // + the producer warpgroup (warp 8 issues the loads)
 // Registers per thread after setmaxnreg: 3 warps per SM sub-partition share its 16K registers, so the
-// producer gives its registers to the consumers (40 + 2 x 232 <= 512 per lane).
-constexpr int kWsProducerRegs = 40, kWsConsumerRegs = 232;
+// producer gives its registers to the consumers (24 + 2 x 240 <= 512 per lane).
+constexpr int kWsProducerRegs = 24, kWsConsumerRegs = 240;
 
 // Packed bytes of one weight row per step as the TMA box lands in shared memory: W3 a dense 96-byte row
 // [A 32 | B 32 | C 32] (a tail tile [A 16 | B 16 | C 16 | 48 zero bytes]: the box runs past the row end and
@@ -278,11 +279,16 @@ struct WsFmt<4> {
   static constexpr bool kSwizzled = true;
 };
 
-template <int BITS>
+// MB = m64 blocks of weight rows per consumer warpgroup: a CTA tile is 128 MB weight rows x 128 tokens.
+// MB = 2 halves the activation bytes each MAC pulls from L2 into shared memory (the tile is read once per
+// 256 weight rows instead of per 128): at 128 x 128 an int8 mainloop at full rate needs ~43 B/clk/SM
+// from L2, more than the L2 delivers to all SMs at once.
+template <int BITS, int MB>
 struct WsPlan {
-  static constexpr int kStages = kWsStages;
+  static constexpr int kRows = 128 * MB;                         // weight rows per CTA tile
+  static constexpr int kStages = (BITS == 4 && MB == 2) ? 3 : kWsStages;
   static constexpr int kABytes = kBM * kWsKS;                    // two SW128 blocks of [128 tokens][128 B]
-  static constexpr int kPBytes = kBN * WsFmt<BITS>::kRowBytes;  // [128 weight rows][row bytes]
+  static constexpr int kPBytes = kRows * WsFmt<BITS>::kRowBytes;  // [weight rows][row bytes]
   static constexpr int kSlotBytes = kABytes + kPBytes;
   static constexpr int kBarBytes = 2 * kStages * 8;             // full[s], empty[s] (8-byte mbarriers)
   static constexpr int kBytes = kStages * kSlotBytes + kBarBytes;
@@ -349,6 +355,52 @@ QV_UNROLL
                        ld(ws_p_offset<BITS>(row, 64 + 16 * x + 4 * q)), c);
 QV_UNROLL
         for (int i = 0; i < 8; ++i) f[i][ri + 2 * x] = c[i];
+      }
+    }
+  }
+}
+
+// Half a step (k32 slices 4 h .. 4 h + 3) of one m64 block: what an MB = 2 tile unpacks at a time, so
+// two m-blocks' fragments (32 registers) fit where one step of one m-block does for MB = 1. f[j0 + j] is
+// slice 4 h + j. W3 half 0 needs planes A and B only (codes c0..c3), half 1 all three; a tail tile's 128 codes
+// are all in half 0 (half 1 is zero codes); W4 half h is split-halves tile h.
+template <int BITS, bool TAIL, class Ld32>
+QV_HD void ws_weight_frags_half(Ld32 ld, int row0, int q, int h, uint32_t (&f)[8][4], int j0) {
+QV_UNROLL
+  for (int ri = 0; ri < 2; ++ri) {
+    const int row = row0 + 8 * ri;
+    if (BITS == 4) {
+QV_UNROLL
+      for (int o = 0; o < 2; ++o)
+QV_UNROLL
+        for (int x = 0; x < 2; ++x) {
+          const uint32_t p = ld(ws_p_offset<BITS>(row, 64 * h + 32 * o + 16 * x + 4 * q));
+          f[j0 + o][ri + 2 * x] = w4_lo(p);
+          f[j0 + 2 + o][ri + 2 * x] = w4_hi(p);
+        }
+    } else if (TAIL) {
+      uint32_t c[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      if (h == 0)
+        w3_unpack_word(ld(ws_p_offset<BITS>(row, 4 * q)), ld(ws_p_offset<BITS>(row, 16 + 4 * q)),
+                       ld(ws_p_offset<BITS>(row, 32 + 4 * q)), c);
+QV_UNROLL
+      for (int i = 0; i < 8; ++i) f[j0 + i / 2][ri + 2 * (i % 2)] = c[i];
+    } else {
+QV_UNROLL
+      for (int x = 0; x < 2; ++x) {
+        const uint32_t a = ld(ws_p_offset<BITS>(row, 16 * x + 4 * q));
+        const uint32_t b = ld(ws_p_offset<BITS>(row, 32 + 16 * x + 4 * q));
+        if (h == 0) {
+          f[j0][ri + 2 * x] = w3_c0(a);
+          f[j0 + 1][ri + 2 * x] = w3_c1(a);
+          f[j0 + 2][ri + 2 * x] = w3_c0(b);
+          f[j0 + 3][ri + 2 * x] = w3_c1(b);
+        } else {
+          uint32_t c[8];
+          w3_unpack_word(a, b, ld(ws_p_offset<BITS>(row, 64 + 16 * x + 4 * q)), c);
+QV_UNROLL
+          for (int i = 0; i < 4; ++i) f[j0 + i][ri + 2 * x] = c[4 + i];
+        }
       }
     }
   }

@@ -6,8 +6,9 @@
 // barriers and pipeline timing (compute-sanitizer racecheck on the GPU covers those).
 //
 //   emulate gemm BITS M K N DIR  reads DIR/{xq,w,sx,sw,zw,bias,u,beta}.bin, writes DIR/{acc80,acc90}.bin
-//                                (int32 zero-corrected accumulators; W3/W4 also accws.bin, the
-//                                warp-specialized path) and DIR/y90.bin (float32 epilogue)
+//                                (int32 zero-corrected accumulators; W3/W4 also accws.bin / accws2.bin,
+//                                the warp-specialized path with 128 / 256-row tiles) and DIR/y90.bin
+//                                (float32 epilogue)
 //   emulate actq BITS M K G DIR  reads DIR/{x,alpha,gate,fid}.bin (float32, fid int32), writes
 //                                DIR/{xq,scale,u,rowsum}.bin
 #include <cmath>
@@ -311,26 +312,28 @@ void cta_sm90(const Problem& p, int tm, int tn, std::vector<int32_t>& out, std::
     }
 }
 
-// The warp-specialized sm90 path (gemm_sm90_ws.cu) as one persistent CTA of a grid of `grid` CTAs: TMA
-// boxes into the ring slot of the global step counter, fragments from ws_weight_frags, wgmma with A from
+// The warp-specialized sm90 path (gemm_sm90_ws.cu) as one persistent CTA of a grid of `grid` CTAs, tile
+// height 128 MB: TMA boxes into the ring slot of the global step counter, each MMA group's fragments as
+// the kernel builds them (ws_weight_frags, or two ws_weight_frags_half for MB = 2), wgmma with A from
 // registers (PTX "register fragment for A": thread T, register r holds row 16 (T / 32) + (T % 32) / 4 +
 // 8 (r % 2), codes 4 (T % 4) + 16 (r / 2) + 0..3 of the k32 slice) and B through its SW128 descriptor.
-template <int BITS>
+template <int BITS, int MB>
 void cta_ws(const Problem& p, int cta, int grid, std::vector<int32_t>& out, std::vector<int>& hits) {
-  using Plan = WsPlan<BITS>;
+  using Plan = WsPlan<BITS, MB>;
   constexpr int RB = WsFmt<BITS>::kRowBytes;
   const GemmArgs& g = p.g;
-  const int steps = ws_steps(g.ka), tiles = g.tiles_m * g.tiles_n;
+  const int steps = ws_steps(g.ka), tiles_n = (g.epi.n + Plan::kRows - 1) / Plan::kRows;
+  const int tiles = g.tiles_m * tiles_n;
   std::vector<uint8_t> sm(Plan::kBytes, 0x3C);
   int it = 0;
   for (int tile = cta; tile < tiles; tile += grid) {
     int tm, tn;
-    tile_coords(tile, g.tiles_m, g.tiles_n, tm, tn);
-    const int m0 = tm * kBM, n0 = tn * kBN;
-    std::vector<int32_t> acc(kWsConsumers * 64, 0);  // [tid][i]
+    tile_coords(tile, g.tiles_m, tiles_n, tm, tn);
+    const int m0 = tm * kBM, n0 = tn * Plan::kRows;
+    std::vector<int32_t> acc(kWsConsumers * MB * 64, 0);  // [tid][mb][i]
     for (int t = 0; t < steps; ++t, ++it) {
       const int s = it % Plan::kStages;
-      // TMA: activation boxes (128 rows x 128 codes, 128-byte swizzle), weight box (128 rows x RB bytes);
+      // TMA: activation boxes (128 rows x 128 codes, 128-byte swizzle), weight box (kRows rows x RB bytes);
       // a box element past the tensor's extent is zero
       for (int r = 0; r < kBM; ++r)
         for (int c = 0; c < kWsKS; ++c) {
@@ -338,59 +341,71 @@ void cta_ws(const Problem& p, int cta, int grid, std::vector<int32_t>& out, std:
           const bool in = row < g.epi.m && col < g.ka;
           sm[Plan::a(s) + sw128_offset(r, c, kBM)] = in ? (uint8_t)g.a[row * g.lda + col] : 0;
         }
-      for (int r = 0; r < kBN; ++r)
+      for (int r = 0; r < Plan::kRows; ++r)
         for (int c = 0; c < RB; ++c) {
           const int64_t row = n0 + r, col = (int64_t)t * RB + c;
           const bool in = row < g.epi.n && col < g.ldw;
           sm[Plan::p(s) + ws_p_offset<BITS>(r, c)] = in ? g.w[row * g.ldw + col] : 0;
         }
       const bool tail = g.tail && t == steps - 1;
-      for (int wg = 0; wg < kWsConsumers / 128; ++wg) {
-        static uint32_t frag[128][8][4];
-        for (int tr = 0; tr < 128; ++tr) {
-          const int tid = wg * 128 + tr, lane = tid % 32;
-          const int row0 = (tid / 128) * 64 + ((tid / 32) % 4) * 16 + lane / 4;
-          auto ld = [&](uint32_t off) {
-            expect(off % 4 == 0 && off + 4 <= (uint32_t)Plan::kPBytes, "fragment load misaligned or out of the slot");
-            return load32(sm, Plan::p(s) + off);
-          };
-          if (BITS == 3 && tail)
-            ws_weight_frags<BITS, true>(ld, row0, lane % 4, frag[tr]);
-          else
-            ws_weight_frags<BITS, false>(ld, row0, lane % 4, frag[tr]);
-        }
-        for (int kk = 0; kk < kWsKS / 32; ++kk) {
-          static int A[64][32], B[128][32];
-          for (int tr = 0; tr < 128; ++tr)
-            for (int r = 0; r < 4; ++r)
-              for (int b = 0; b < 4; ++b)
-                A[16 * (tr / 32) + (tr % 32) / 4 + 8 * (r % 2)][4 * (tr % 4) + 16 * (r / 2) + b] =
-                    byte_of(frag[tr][kk][r], b);
-          const uint64_t db = sw128_desc(wgmma_b_addr(Plan::a(s), kk));
-          for (int r = 0; r < 128; ++r)
-            for (int x = 0; x < 32; ++x) B[r][x] = desc_read(sm, db, r, x);
+      auto ld = [&](uint32_t off) {
+        expect(off % 4 == 0 && off + 4 <= (uint32_t)Plan::kPBytes, "fragment load misaligned or out of the slot");
+        return load32(sm, Plan::p(s) + off);
+      };
+      for (int h = 0; h < MB; ++h)  // MMA groups of the step
+        for (int wg = 0; wg < kWsConsumers / 128; ++wg) {
+          static uint32_t frag[128][8][4];  // [thread][group slot i][register]
           for (int tr = 0; tr < 128; ++tr) {
-            const int w = tr / 32, g4 = (tr % 32) / 4, t4 = tr % 4;
-            for (int i = 0; i < 64; ++i) {
-              const int r = 16 * w + g4 + 8 * ((i / 2) % 2), c = 8 * (i / 4) + 2 * t4 + i % 2;
-              int32_t sum = 0;
-              for (int x = 0; x < 32; ++x) sum += A[r][x] * B[c][x];
-              acc[(wg * 128 + tr) * 64 + i] += sum;
+            const int lane = tr % 32, row0 = wg * 64 * MB + (tr / 32) * 16 + lane / 4;
+            if (MB == 1) {
+              if (BITS == 3 && tail)
+                ws_weight_frags<BITS, true>(ld, row0, lane % 4, frag[tr]);
+              else
+                ws_weight_frags<BITS, false>(ld, row0, lane % 4, frag[tr]);
+            } else {
+              for (int mb = 0; mb < 2; ++mb) {
+                if (BITS == 3 && tail)
+                  ws_weight_frags_half<BITS, true>(ld, row0 + 64 * mb, lane % 4, h, frag[tr], 4 * mb);
+                else
+                  ws_weight_frags_half<BITS, false>(ld, row0 + 64 * mb, lane % 4, h, frag[tr], 4 * mb);
+              }
+            }
+          }
+          for (int i = 0; i < 8; ++i) {
+            const int mb = MB == 1 ? 0 : i / 4, kk = MB == 1 ? i : 4 * h + i % 4;
+            static int A[64][32], B[128][32];
+            for (int tr = 0; tr < 128; ++tr)
+              for (int r = 0; r < 4; ++r)
+                for (int b = 0; b < 4; ++b)
+                  A[16 * (tr / 32) + (tr % 32) / 4 + 8 * (r % 2)][4 * (tr % 4) + 16 * (r / 2) + b] =
+                      byte_of(frag[tr][i][r], b);
+            const uint64_t db = sw128_desc(wgmma_b_addr(Plan::a(s), kk));
+            for (int r = 0; r < 128; ++r)
+              for (int x = 0; x < 32; ++x) B[r][x] = desc_read(sm, db, r, x);
+            for (int tr = 0; tr < 128; ++tr) {
+              const int w = tr / 32, g4 = (tr % 32) / 4, t4 = tr % 4;
+              for (int e = 0; e < 64; ++e) {
+                const int r = 16 * w + g4 + 8 * ((e / 2) % 2), c = 8 * (e / 4) + 2 * t4 + e % 2;
+                int32_t sum = 0;
+                for (int x = 0; x < 32; ++x) sum += A[r][x] * B[c][x];
+                acc[((wg * 128 + tr) * MB + mb) * 64 + e] += sum;
+              }
             }
           }
         }
-      }
     }
     for (int tid = 0; tid < kWsConsumers; ++tid)
-      for (int i = 0; i < 64; ++i) {
-        int r, c;
-        wgmma_acc_coord(tid, i, r, c);
-        const int n = n0 + r, m = m0 + c;  // transposed: rows of the accumulator are weight rows
-        if (m >= p.m || n >= p.n) continue;
-        const size_t idx = (size_t)m * p.n + n;
-        out[idx] = zero_corrected(acc[tid * 64 + i], p.zw[n], p.rowsum[m]);
-        ++hits[idx];
-      }
+      for (int mb = 0; mb < MB; ++mb)
+        for (int e = 0; e < 64; ++e) {
+          const int lane = tid % 32;
+          const int r = (tid / 128) * 64 * MB + 64 * mb + ((tid / 32) % 4) * 16 + lane / 4 + 8 * ((e / 2) % 2);
+          const int c = 8 * (e / 4) + 2 * (lane % 4) + e % 2;
+          const int n = n0 + r, m = m0 + c;  // transposed: rows of the accumulator are weight rows
+          if (m >= p.m || n >= p.n) continue;
+          const size_t idx = (size_t)m * p.n + n;
+          out[idx] = zero_corrected(acc[(tid * MB + mb) * 64 + e], p.zw[n], p.rowsum[m]);
+          ++hits[idx];
+        }
   }
 }
 
@@ -410,12 +425,19 @@ void run_gemm(Problem& p, const std::string& dir) {
   }
   for (int h : tiles) expect(h == 1, "tile_coords does not visit every tile exactly once");
   for (size_t i = 0; i < mn; ++i) expect(hits80[i] == 1 && hits90[i] == 1, "an output is not written exactly once");
-  if constexpr (BITS != 8) {  // the ws path as a persistent grid of 3 CTAs (tiles strided, ring slots carried)
-    std::vector<int32_t> accws(mn, 0);
-    std::vector<int> hitsws(mn, 0);
-    for (int cta = 0; cta < 3; ++cta) cta_ws<BITS>(p, cta, 3, accws, hitsws);
-    for (size_t i = 0; i < mn; ++i) expect(hitsws[i] == 1, "ws path: an output is not written exactly once");
-    write_file(dir + "/accws.bin", accws);
+  if constexpr (BITS != 8) {  // the ws path (both tile heights) as a persistent grid of 3 CTAs
+    for (int mb = 1; mb <= 2; ++mb) {
+      std::vector<int32_t> accws(mn, 0);
+      std::vector<int> hitsws(mn, 0);
+      for (int cta = 0; cta < 3; ++cta) {
+        if (mb == 1)
+          cta_ws<BITS, 1>(p, cta, 3, accws, hitsws);
+        else
+          cta_ws<BITS, 2>(p, cta, 3, accws, hitsws);
+      }
+      for (size_t i = 0; i < mn; ++i) expect(hitsws[i] == 1, "ws path: an output is not written exactly once");
+      write_file(dir + (mb == 1 ? "/accws.bin" : "/accws2.bin"), accws);
+    }
   }
   std::vector<float> y(mn);
   for (int r = 0; r < p.m; ++r)
