@@ -169,83 +169,111 @@ __device__ __forceinline__ void consumer_group(const WsArgs& w, uint32_t sbase, 
   }
 }
 
+__device__ __forceinline__ void sts32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+__device__ __forceinline__ float ldsf(uint32_t addr) { return __uint_as_float(lds32(addr)); }
+
+// Epilogue operands of one tile, in two halves so that their global-load latency hides under the tile's
+// first MMAs: load_params (consumer thread tid: token tid's sx, rowsum, u if tid < 128, weight row tid's
+// sw, zw, bias, beta if tid < 128 MB; indices past M or N clamped, those outputs are never stored), then
+// store_params into shared-memory buffer `pb` (WsPlan::param).
+struct Params {
+  float v[7];
+};
+template <class Plan>
+__device__ __forceinline__ Params load_params(const Epi& e, int m0, int n0, int tid) {
+  Params p;
+  const int m = min(m0 + min(tid, kBM - 1), e.m - 1), n = min(n0 + min(tid, Plan::kRows - 1), e.n - 1);
+  p.v[0] = e.sx[m];
+  p.v[1] = __int_as_float(e.rowsum[m]);
+  p.v[2] = e.u ? e.u[m] : 0.f;
+  p.v[3] = e.sw[n];
+  p.v[4] = e.zw[n];
+  p.v[5] = e.bias ? e.bias[n] : 0.f;
+  p.v[6] = e.u ? e.beta[n] : 0.f;
+  return p;
+}
+template <class Plan>
+__device__ __forceinline__ void store_params(const Params& p, uint32_t sbase, int pb, int tid) {
+  QV_UNROLL
+  for (int a = 0; a < 7; ++a)
+    if ((a < 3 && tid < kBM) || (a >= 3 && tid < Plan::kRows))
+      sts32(sbase + Plan::param(pb, a) + 4 * tid, __float_as_uint(p.v[a]));
+}
+
 // Epilogue of one m64 block of a tile. Accumulator i is weight row n0 + r + 8 ((i / 2) % 2), token
-// m0 + c + 8 (i / 4) + i % 2 (the wgmma accumulator layout; r = the thread's first row, c = 2 (lane % 4)):
-// 2 weight rows x 32 tokens per thread. Every operand is loaded before the
-// first store (a store through `out` could alias them, so loads after it would wait for it), then each
-// output is epilogue_value's float ops in the same order. 16-bit outputs leave as pairs along n: lanes
-// 4 apart hold neighbouring weight rows and swap one value, so each stores two adjacent outputs of one
-// token in one 32-bit store (N even; scalar stores otherwise).
-template <int OUT, int kChunk>
-__device__ __forceinline__ void epilogue(const Epi& e, int m0, int n0, int r, int c, const uint32_t (&acc)[64]) {
+// m0 + c + 8 (i / 4) + i % 2 (the wgmma accumulator layout; r = the thread's first row in the tile, c =
+// 2 (lane % 4)): 2 weight rows x 32 tokens per thread. The operands come from the tile's shared-memory
+// buffer (stage_params); each output is epilogue_value's float ops in the same order. 16-bit outputs
+// leave as pairs along n: lanes 4 apart hold neighbouring weight rows and swap one value, so each stores
+// two adjacent outputs of one token in one 32-bit store (N even; scalar stores otherwise).
+template <int OUT, class Plan>
+__device__ __forceinline__ void epilogue(const Epi& e, uint32_t sbase, int pb, int m0, int n0, int r, int c,
+                                         const uint32_t (&acc)[64]) {
   float sw[2], zw[2], bias[2], beta[2];
   QV_UNROLL
   for (int h = 0; h < 2; ++h) {
-    const int n = min(n0 + r + 8 * h, e.n - 1);
-    sw[h] = e.sw[n];
-    zw[h] = e.zw[n];
-    bias[h] = e.bias ? e.bias[n] : 0.f;
-    beta[h] = e.u ? e.beta[n] : 0.f;
+    sw[h] = ldsf(sbase + Plan::param(pb, 3) + 4 * (r + 8 * h));
+    zw[h] = ldsf(sbase + Plan::param(pb, 4) + 4 * (r + 8 * h));
+    bias[h] = ldsf(sbase + Plan::param(pb, 5) + 4 * (r + 8 * h));
+    beta[h] = ldsf(sbase + Plan::param(pb, 6) + 4 * (r + 8 * h));
   }
   const bool odd = (r & 1) != 0;  // lane / 4 odd: this thread holds weight row n = its partner's + 1
   const bool pairs = OUT <= 1 && e.n % 2 == 0;
   QV_UNROLL
-  for (int j0 = 0; j0 < 16; j0 += kChunk) {
-    float sx[kChunk][2], um[kChunk][2];
-    int32_t rs[kChunk][2];
+  for (int jb = 0; jb < 16; ++jb) {
+    float sx[2], um[2];
+    int32_t rs[2];
     QV_UNROLL
-    for (int jb = 0; jb < kChunk; ++jb)
+    for (int j = 0; j < 2; ++j) {
+      const int cm = c + 8 * jb + j;
+      sx[j] = ldsf(sbase + Plan::param(pb, 0) + 4 * cm);
+      rs[j] = (int32_t)lds32(sbase + Plan::param(pb, 1) + 4 * cm);
+      um[j] = ldsf(sbase + Plan::param(pb, 2) + 4 * cm);
+    }
+    QV_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      const int n = n0 + r + 8 * h;
+      float y[2];
+      int32_t cv[2];
       QV_UNROLL
       for (int j = 0; j < 2; ++j) {
-        const int m = min(m0 + c + 8 * (j0 + jb) + j, e.m - 1);  // clamped: rows past M are computed, not stored
-        sx[jb][j] = e.sx[m];
-        rs[jb][j] = e.rowsum[m];
-        um[jb][j] = e.u ? e.u[m] : 0.f;
+        cv[j] = zero_corrected((int32_t)acc[4 * jb + 2 * h + j], zw[h], rs[j]);
+        float v = QV_FMUL(QV_FMUL((float)cv[j], sx[j]), sw[h]);
+        if (e.bias) v = QV_FADD(v, bias[h]);
+        if (e.u) v = QV_FADD(v, QV_FMUL(um[j], beta[h]));
+        y[j] = v;
       }
-    QV_UNROLL
-    for (int jb = 0; jb < kChunk; ++jb)
-      QV_UNROLL
-      for (int h = 0; h < 2; ++h) {
-        const int n = n0 + r + 8 * h;
-        float y[2];
-        int32_t cv[2];
-        QV_UNROLL
-        for (int j = 0; j < 2; ++j) {
-          cv[j] = zero_corrected((int32_t)acc[4 * (j0 + jb) + 2 * h + j], zw[h], rs[jb][j]);
-          float v = QV_FMUL(QV_FMUL((float)cv[j], sx[jb][j]), sw[h]);
-          if (e.bias) v = QV_FADD(v, bias[h]);
-          if (e.u) v = QV_FADD(v, QV_FMUL(um[jb][j], beta[h]));
-          y[j] = v;
-        }
-        const int m = m0 + c + 8 * (j0 + jb);  // tokens m (j = 0) and m + 1 (j = 1)
-        if (pairs) {
-          // even thread: (m, n), (m, n + 1); odd thread: (m + 1, n - 1), (m + 1, n)
-          const float got = __shfl_xor_sync(0xffffffffu, odd ? y[0] : y[1], 4);
-          const int mm = odd ? m + 1 : m, nn = odd ? n - 1 : n;
-          const float lo = odd ? got : y[0], hi = odd ? y[1] : got;
-          if (mm < e.m && nn < e.n) {  // N even: nn + 1 < N too
-            const size_t idx = (size_t)mm * e.n + nn;
-            if (OUT == 0)
-              *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(e.out) + idx) = __floats2bfloat162_rn(lo, hi);
-            else
-              *reinterpret_cast<__half2*>(static_cast<__half*>(e.out) + idx) = __floats2half2_rn(lo, hi);
-          }
-          continue;
-        }
-        QV_UNROLL
-        for (int j = 0; j < 2; ++j) {
-          if (m + j >= e.m || n >= e.n) continue;
-          const size_t idx = (size_t)(m + j) * e.n + n;
-          if (OUT == 3)
-            static_cast<int32_t*>(e.out)[idx] = cv[j];
-          else if (OUT == 2)
-            static_cast<float*>(e.out)[idx] = y[j];
-          else if (OUT == 1)
-            static_cast<__half*>(e.out)[idx] = __float2half_rn(y[j]);
+      const int m = m0 + c + 8 * jb;  // tokens m (j = 0) and m + 1 (j = 1)
+      if (pairs) {
+        // even thread: (m, n), (m, n + 1); odd thread: (m + 1, n - 1), (m + 1, n)
+        const float got = __shfl_xor_sync(0xffffffffu, odd ? y[0] : y[1], 4);
+        const int mm = odd ? m + 1 : m, nn = odd ? n - 1 : n;
+        const float lo = odd ? got : y[0], hi = odd ? y[1] : got;
+        if (mm < e.m && nn < e.n) {  // N even: nn + 1 < N too
+          const size_t idx = (size_t)mm * e.n + nn;
+          if (OUT == 0)
+            *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(e.out) + idx) = __floats2bfloat162_rn(lo, hi);
           else
-            static_cast<__nv_bfloat16*>(e.out)[idx] = __float2bfloat16_rn(y[j]);
+            *reinterpret_cast<__half2*>(static_cast<__half*>(e.out) + idx) = __floats2half2_rn(lo, hi);
         }
+        continue;
       }
+      QV_UNROLL
+      for (int j = 0; j < 2; ++j) {
+        if (m + j >= e.m || n >= e.n) continue;
+        const size_t idx = (size_t)(m + j) * e.n + n;
+        if (OUT == 3)
+          static_cast<int32_t*>(e.out)[idx] = cv[j];
+        else if (OUT == 2)
+          static_cast<float*>(e.out)[idx] = y[j];
+        else if (OUT == 1)
+          static_cast<__half*>(e.out)[idx] = __float2half_rn(y[j]);
+        else
+          static_cast<__nv_bfloat16*>(e.out)[idx] = __float2bfloat16_rn(y[j]);
+      }
+    }
   }
 }
 #endif  // QV_SM90A
@@ -300,8 +328,8 @@ __global__ void __launch_bounds__(kWsThreads, 1) qgemm_sm90_ws_kernel(const __gr
   const bool leader = tid % 128 == 0;
   const int groups = w.steps * MB;
   uint32_t acc[MB][64], f0[8][4], f1[8][4];
-  int it0 = 0;
-  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+  int it0 = 0, ntile = 0;
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x, ++ntile) {
     int tm, tn;
     tile_coords(tile, g.tiles_m, g.tiles_n, tm, tn);
     QV_UNROLL
@@ -310,10 +338,13 @@ __global__ void __launch_bounds__(kWsThreads, 1) qgemm_sm90_ws_kernel(const __gr
       for (int i = 0; i < 64; ++i) acc[mb][i] = 0;
     QV_UNROLL
     for (int i = 0; i < 32; ++i) (&f1[0][0])[i] = 0;  // (so the last tile's fragments are dead in its epilogue)
+    const int pb = ntile & 1;  // this tile's epilogue-operand buffer (read only after the barrier below)
+    const Params params = load_params<Plan>(g.epi, tm * kBM, tn * Plan::kRows, tid);
     mbar_wait(sbase + Plan::full(it0 % S), (it0 / S) & 1);
     build_group<BITS, MB>(sbase + Plan::p(it0 % S), g.tail && w.steps == 1, 0, row0, q, f0);
     for (int gi = 0; gi < groups; gi += 2) {
       consumer_group<BITS, MB>(w, sbase, it0, gi, leader, row0, q, acc, f0, f1);
+      if (gi == 0) store_params<Plan>(params, sbase, pb, tid);  // (its loads waited under group 0's MMAs)
       if (gi + 1 < groups) consumer_group<BITS, MB>(w, sbase, it0, gi + 1, leader, row0, q, acc, f1, f0);
     }
     wgmma_wait<0>();
@@ -323,18 +354,20 @@ __global__ void __launch_bounds__(kWsThreads, 1) qgemm_sm90_ws_kernel(const __gr
     fence_regs<32>(&f1[0][0]);
     if (leader) mbar_arrive(sbase + Plan::empty((it0 + w.steps - 1) % S));
     it0 += w.steps;
+    // Every consumer has staged this tile's operands, and has finished the epilogue of the tile before
+    // this one, which read the buffer that the next tile's store_params overwrites.
+    asm volatile("bar.sync 1, %0;\n" ::"n"(kWsConsumers) : "memory");
 
     const Epi& e = g.epi;
     const int m0 = tm * kBM, n0 = tn * Plan::kRows, c = 2 * q;
-    constexpr int kEpiChunk = MB == 1 ? 4 : 2;  // token pairs loaded together (MB = 2: the other block's acc is live)
     QV_UNROLL
     for (int mb = 0; mb < MB; ++mb) {
       const int r = row0 + 64 * mb;
       switch (e.out_kind) {
-        case 0: epilogue<0, kEpiChunk>(e, m0, n0, r, c, acc[mb]); break;
-        case 1: epilogue<1, kEpiChunk>(e, m0, n0, r, c, acc[mb]); break;
-        case 2: epilogue<2, kEpiChunk>(e, m0, n0, r, c, acc[mb]); break;
-        default: epilogue<3, kEpiChunk>(e, m0, n0, r, c, acc[mb]); break;
+        case 0: epilogue<0, Plan>(e, sbase, pb, m0, n0, r, c, acc[mb]); break;
+        case 1: epilogue<1, Plan>(e, sbase, pb, m0, n0, r, c, acc[mb]); break;
+        case 2: epilogue<2, Plan>(e, sbase, pb, m0, n0, r, c, acc[mb]); break;
+        default: epilogue<3, Plan>(e, sbase, pb, m0, n0, r, c, acc[mb]); break;
       }
     }
   }

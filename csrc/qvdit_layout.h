@@ -286,17 +286,25 @@ struct WsFmt<4> {
 template <int BITS, int MB>
 struct WsPlan {
   static constexpr int kRows = 128 * MB;                         // weight rows per CTA tile
-  static constexpr int kStages = (BITS == 4 && MB == 2) ? 3 : kWsStages;
+  static constexpr int kStages = MB == 2 ? 3 : kWsStages;     // (a 256-row slot is 56-64 KB)
   static constexpr int kABytes = kBM * kWsKS;                    // two SW128 blocks of [128 tokens][128 B]
   static constexpr int kPBytes = kRows * WsFmt<BITS>::kRowBytes;  // [weight rows][row bytes]
   static constexpr int kSlotBytes = kABytes + kPBytes;
   static constexpr int kBarBytes = 2 * kStages * 8;             // full[s], empty[s] (8-byte mbarriers)
-  static constexpr int kBytes = kStages * kSlotBytes + kBarBytes;
+  // The epilogue's operands of one tile, staged by the consumers while the tile's MMAs run (two buffers,
+  // alternating per tile): per token sx, rowsum, u; per weight row sw, zw, bias, beta (4-byte each).
+  static constexpr int kParamBytes = kBM * 12 + kRows * 16;
+  static constexpr int kBytes = kStages * kSlotBytes + kBarBytes + 2 * kParamBytes;
   static constexpr int kAllocBytes = kBytes + 1024;
   QV_HD static uint32_t a(int slot) { return (uint32_t)(slot * kSlotBytes); }
   QV_HD static uint32_t p(int slot) { return (uint32_t)(slot * kSlotBytes + kABytes); }
   QV_HD static uint32_t full(int slot) { return (uint32_t)(kStages * kSlotBytes + 8 * slot); }
   QV_HD static uint32_t empty(int slot) { return (uint32_t)(kStages * kSlotBytes + 8 * (kStages + slot)); }
+  // operand arrays of buffer b: [kBM] sx, rowsum, u, then [kRows] sw, zw, bias, beta
+  QV_HD static uint32_t param(int b, int array) {
+    const uint32_t base = (uint32_t)(kStages * kSlotBytes + kBarBytes + b * kParamBytes);
+    return array < 3 ? base + (uint32_t)(array * kBM * 4) : base + (uint32_t)(3 * kBM * 4 + (array - 3) * kRows * 4);
+  }
   static_assert(kABytes % 1024 == 0 && kPBytes % 1024 == 0, "1024-aligned slots (SW128 and TMA)");
   static_assert(kAllocBytes <= 227 * 1024, "shared memory of one CTA");
 };
