@@ -6,7 +6,7 @@
 //       u is [M] when alpha is given, else [0]; rowsum is [M] when want_rowsum, else [0].
 //   torch.ops.qvdit.cuda_qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum,
 //                              out_dtype, path) -> [M, N]
-//       path 0 = wgmma (gemm_sm90.cu) where available, else mma.sync,
+//       path 0 = the fastest kernel here (W3/W4: warp-specialized wgmma; W8: wgmma; mma.sync without sm_90a),
 //       1 = mma.sync, 2 = wgmma (gemm_sm90.cu), 3 = warp-specialized wgmma for W3/W4 (gemm_sm90_ws.cu; W8
 //       takes gemm_sm90.cu); 2 and 3 are an error where sm_90a is absent.
 // Arguments are validated by qvdit_kernels.ops before they get here; the checks below guard direct calls.
@@ -189,7 +189,7 @@ Tensor qgemm_cuda(const Tensor& xq_in, const Tensor& x_scale, const Tensor& w_in
   const bool sm90 = qv::qgemm_sm90_available();
   TORCH_CHECK((path != 2 && path != 3) || sm90, "qgemm path ", path,
               " (sm90 wgmma) needs an sm_90 GPU and an extension built for sm_90a");
-  if (path == 3 && qv::qgemm_sm90_ws_supported(g, (int)w_bits)) {
+  if ((path == 3 || (path == 0 && sm90)) && qv::qgemm_sm90_ws_supported(g, (int)w_bits)) {
     check_launch(qv::qgemm_sm90_ws(g, (int)w_bits, stream), "qgemm (sm90 warp-specialized)");
   } else if (path == 2 || path == 3 || (path == 0 && sm90)) {
     check_launch(qv::qgemm_sm90(g, (int)w_bits, stream), "qgemm (sm90)");

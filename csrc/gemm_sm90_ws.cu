@@ -30,9 +30,12 @@
 namespace qv {
 namespace {
 
-// Tile height (weight rows) of the ws kernel: 256 (MB = 2) from this N on, else 128; QVDIT_WS_ROWS=128|256
-// forces one (read per call).
-constexpr int kWsRows256MinN = 1024;
+// Tile height (weight rows) of the ws kernel: 256 (MB = 2) from this K on when N is a multiple of 256,
+// else 128; QVDIT_WS_ROWS=128|256 forces one (read per call). Measured on the H200 with both heights per
+// shape (BENCHMARKS.md, CUDA backend): 256 rows won at K >= 3072 by 2-19% (half the activation traffic
+// from L2), 128 rows at K <= 1536 (per-tile cost, more tiles to balance) and at N = 1152 (a half-empty
+// last 256-row tile).
+constexpr int kWsRows256MinK = 2048;
 
 struct WsArgs {
   CUtensorMap act;  // activation codes [m, ka] int8, box 128 codes x 128 rows, 128-byte swizzle
@@ -433,16 +436,16 @@ bool qgemm_sm90_ws_supported(const GemmArgs& g, int bits) {
          encode_fn() != nullptr;
 }
 
-int qgemm_sm90_ws_rows(int n) {
+int qgemm_sm90_ws_rows(int n, int k) {
   const char* env = std::getenv("QVDIT_WS_ROWS");  // 128 or 256 forces a tile height (benchmarks, tests)
   if (env && std::atoi(env) == 128) return 128;
   if (env && std::atoi(env) == 256) return 256;
-  return n >= kWsRows256MinN ? 256 : 128;
+  return k >= kWsRows256MinK && n % 256 == 0 ? 256 : 128;
 }
 
 cudaError_t qgemm_sm90_ws(const GemmArgs& g, int bits, cudaStream_t stream) {
   if (!qgemm_sm90_ws_supported(g, bits)) return cudaErrorNotSupported;
-  const bool tall = qgemm_sm90_ws_rows(g.epi.n) == 256;
+  const bool tall = qgemm_sm90_ws_rows(g.epi.n, g.ka) == 256;
   if (bits == 3) return tall ? launch_ws<3, 2>(g, stream) : launch_ws<3, 1>(g, stream);
   return tall ? launch_ws<4, 2>(g, stream) : launch_ws<4, 1>(g, stream);
 }

@@ -45,7 +45,8 @@ bool qgemm_sm90_available();
 // maps; qgemm_sm90_ws returns cudaErrorNotSupported otherwise (the caller then takes gemm_sm90.cu).
 bool qgemm_sm90_ws_supported(const GemmArgs& g, int bits);
 cudaError_t qgemm_sm90_ws(const GemmArgs& g, int bits, cudaStream_t stream);
-// Its tile height for N output features (128 or 256 weight rows; QVDIT_WS_ROWS overrides).
-int qgemm_sm90_ws_rows(int n);
+// Its tile height for N output features and K input features (128 or 256 weight rows; QVDIT_WS_ROWS
+// overrides).
+int qgemm_sm90_ws_rows(int n, int k);
 
 }  // namespace qv

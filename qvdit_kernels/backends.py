@@ -4,8 +4,9 @@
 - "triton": kernels registered by `qvdit_kernels.triton` (imported lazily, on first use), for CUDA
   tensors, or for CPU tensors under `TRITON_INTERPRET=1` (how CI tests them).
 - "cuda": kernels of the compiled extension `qvdit_kernels._C`, loaded by `qvdit_kernels.cuda`.
-- "auto": for CUDA tensors the first available backend implementing the op, in the order triton, cuda
-  (a per-shape chooser from device measurements will replace the fixed order), otherwise "torch".
+- "auto": for CUDA tensors the first available backend implementing the op, in the order triton, cuda,
+  except for GEMM shapes that `auto.py`'s measured per-GPU table gives to another backend (ops.py asks it);
+  otherwise "torch".
 
 An op with no kernel in a named backend that is *offline* (weight quantization, packing) runs its
 reference; any other op raises `BackendUnavailableError` naming the backend and the reason.
@@ -94,8 +95,8 @@ def resolve(op: str, backend: str, device: torch.device, fallback: bool = True) 
         return ref
     if backend == "auto":
         if device.type == "cuda":
-            # Triton first: the CUDA kernels are compile-checked but not yet measured on a GPU (issue 7);
-            # a per-shape chooser replaces this order once they are.
+            # Triton first: its act-quant and its GEMM at small K measured faster; the GEMM shapes where the
+            # CUDA kernel wins are routed by ops.py from auto.py's table before they get here.
             for name in ("triton", "cuda"):
                 if availability(name, device)[0] and (op, name) in _IMPLS:
                     return _IMPLS[(op, name)]
@@ -124,6 +125,13 @@ def act_quant_results(xq, scale, u, rowsum, alpha, want_rowsum):
     """A kernel's 4 outputs as the op returns them: u None without alpha, rowsum only when asked for."""
     u = u if alpha is not None else None
     return (xq, scale, u, rowsum) if want_rowsum else (xq, scale, u)
+
+
+def implemented_here(op: str, backend: str) -> bool:
+    """Whether `backend` has its own kernel for `op` registered (loading the backend's module if needed)."""
+    if backend != "torch":
+        _load(backend)
+    return (op, backend) in _IMPLS
 
 
 def implemented(op: str) -> list[str]:

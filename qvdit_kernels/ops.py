@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import backends, reference
+from . import auto, backends, reference
 from .backends import register
 from .formats import get_format
 
@@ -215,6 +215,17 @@ def _run_gemm(fn, args, activation, residual, residual_gate):
     return reference.epilogue_tail(fn(*args), activation, residual, residual_gate)
 
 
+def _auto_gemm_backend(backend, device, w_bits, k, tail) -> str:
+    """backend="auto": the GEMM backend the measured table (`auto.py`) names for this shape when it can run
+    here, else "auto" (the default order)."""
+    if backend != "auto":
+        return backend
+    name = auto.gemm_backend(device, w_bits, k, tail)
+    if name is not None and backends.availability(name, device)[0] and backends.implemented_here("qgemm", name):
+        return name
+    return "auto"
+
+
 def qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias=None, u=None, beta=None, x_rowsum=None,
           out_dtype=torch.bfloat16, backend="auto", format=None, activation=None, residual=None, residual_gate=None):
     """y = (xq @ (qw - zw)^T) * sx[m] * sw[n] + bias[n] + u[m] * beta[n]  ->  [M, N] in out_dtype.
@@ -235,6 +246,7 @@ def qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias=None, u=None, bet
         raise ValueError("u and beta must be given together (the TQE term is u[m] * beta[n])")
     _check_weight_args(k, xq.device, w_packed, w_bits, w_scale, w_zero, bias, beta, out_dtype, format)
     _check_tail(m, w_packed.shape[0], xq.device, out_dtype, activation, residual, residual_gate)
+    backend = _auto_gemm_backend(backend, xq.device, w_bits, k, _has_tail(activation, residual))
     fn = backends.resolve("qgemm", backend, xq.device)
     return _run_gemm(fn, (xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum, out_dtype, format),
                      activation, residual, residual_gate)
@@ -260,7 +272,8 @@ def qlinear(x, w_packed, w_bits, w_scale, w_zero, a_bits, bias=None, alpha=None,
     if residual is not None:
         check_tensor("residual", residual, None, (*lead, None))
         res2 = residual.reshape(x2.shape[0], residual.shape[-1])
-    fused = backends.resolve("qlinear", backend, x.device, fallback=False)
+    gemm_backend = _auto_gemm_backend(backend, x.device, w_bits, k, _has_tail(activation, residual))
+    fused = backends.resolve("qlinear", backend, x.device, fallback=False) if gemm_backend == backend else None
     if fused is not None:
         check_bits("a_bits", a_bits, A_BITS)
         _check_tqe(x2.shape[0], k, x.device, alpha, gate, frame_id)
@@ -273,6 +286,6 @@ def qlinear(x, w_packed, w_bits, w_scale, w_zero, a_bits, bias=None, alpha=None,
         res = _quantize_activation_checked(x2, a_bits, alpha, gate, frame_id, backend, want_rowsum=need_rowsum)
         xq, sx, u = res[:3]
         rowsum = res[3] if need_rowsum else None
-        y = qgemm(xq, sx, w_packed, w_bits, w_scale, w_zero, bias, u, beta, rowsum, out_dtype, backend, format,
+        y = qgemm(xq, sx, w_packed, w_bits, w_scale, w_zero, bias, u, beta, rowsum, out_dtype, gemm_backend, format,
                   activation, res2, residual_gate)
     return y.reshape(*lead, y.shape[-1])

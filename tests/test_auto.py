@@ -1,0 +1,79 @@
+"""backend="auto" for the GEMM from the measured per-GPU table (qvdit_kernels/auto.py, configs/auto.json)."""
+import json
+
+import pytest
+import torch
+
+import qvdit_kernels as qk
+from qvdit_kernels import auto, backends, reference
+
+from conftest import DEVICE, KERNEL_BACKENDS, gen
+
+H200, H100 = "NVIDIA H200", "NVIDIA H100 80GB HBM3"
+CUDA_DEV = torch.device("cuda", 0)
+
+
+def test_table_is_well_formed():
+    with open(auto.TABLE) as fh:
+        table = json.load(fh)
+    assert table["_doc"]
+    for key, entry in table.items():
+        if key.startswith("_"):
+            continue
+        for rule in entry["qgemm"]:
+            assert set(rule["w_bits"]) <= {3, 4, 8} and rule["min_k"] >= 1
+            assert rule["backend"] in ("triton", "cuda")
+
+
+@pytest.mark.parametrize("w_bits,k,tail,name,want", [
+    (3, 5120, False, H200, "cuda"),
+    (4, 2048, False, H200, "cuda"),
+    (3, 1536, False, H200, None),   # small K: Triton measured as fast or faster
+    (3, 5120, True, H200, None),    # an epilogue tail: only the Triton GEMM fuses it
+    (8, 5120, False, H200, None),   # W8: no rule (the warp-specialized kernel is W3/W4)
+    (3, 5120, False, H100, None),   # not measured there: default order
+])
+def test_rules(w_bits, k, tail, name, want):
+    assert auto.gemm_backend(CUDA_DEV, w_bits, k, tail, device_name=name) == want
+
+
+def test_cpu_tensors_take_no_rule():
+    assert auto.gemm_backend(torch.device("cpu"), 3, 5120, False) is None
+
+
+def test_rule_for_an_unavailable_backend_keeps_the_default(monkeypatch):
+    """On a machine without the CUDA extension the table's "cuda" choice is ignored, not an error."""
+    monkeypatch.setattr(auto, "gemm_backend", lambda *a, **k: "cuda")
+    x = torch.randn(5, 300, generator=gen(0))
+    q, sw, zw = qk.quantize_weight(torch.randn(7, 300, generator=gen(1)), 3)
+    wp = qk.pack_weight(q, 3)
+    y = qk.qlinear(x, wp, 3, sw, zw, 6, backend="auto")
+    assert torch.equal(y, qk.qlinear(x, wp, 3, sw, zw, 6, backend="torch"))
+
+
+@pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="needs the Triton backend (GPU or TRITON_INTERPRET=1)")
+def test_routed_qlinear_is_act_quant_then_the_named_gemm(monkeypatch):
+    """When the table names a GEMM backend, qlinear(backend="auto") runs the default act-quant, then that
+    backend's qgemm (not the fused qlinear of the default backend), and gives the same result."""
+    calls = []
+    backends.resolve("qgemm", "triton", DEVICE)  # loads the Triton backend
+    tri_gemm = backends._IMPLS[("qgemm", "triton")]
+
+    def spy(*a, **k):
+        calls.append(a[3])
+        return tri_gemm(*a, **k)
+
+    spy.fuses_tail = getattr(tri_gemm, "fuses_tail", False)
+    x = torch.randn(37, 300, generator=gen(2)).to(DEVICE)
+    q, sw, zw = qk.quantize_weight(torch.randn(40, 300, generator=gen(3)), 4)
+    wp, sw, zw = qk.pack_weight(q, 4).to(DEVICE), sw.to(DEVICE), zw.to(DEVICE)
+    alpha, beta = (torch.randn(300, generator=gen(4)) * 0.1).to(DEVICE), torch.randn(40, generator=gen(5)).to(DEVICE)
+    want = qk.qlinear(x, wp, 4, sw, zw, 8, alpha=alpha, beta=beta, backend="triton")
+    monkeypatch.setattr(auto, "gemm_backend", lambda dev, w_bits, k, tail, device_name=None: "triton")
+    monkeypatch.setitem(backends._IMPLS, ("qgemm", "triton"), spy)
+    got = qk.qlinear(x, wp, 4, sw, zw, 8, alpha=alpha, beta=beta, backend="auto")
+    assert calls == [4], "the routed GEMM did not run (or ran more than once)"
+    xq, sx, u, rs = reference.quantize_activation(x.cpu(), 8, alpha.cpu(), want_rowsum=True)
+    ref = reference.qgemm(xq, sx, wp.cpu(), 4, sw.cpu(), zw.cpu(), None, u, beta.cpu(), rs, torch.float32)
+    assert torch.allclose(got.float().cpu(), ref, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(got.float(), want.float(), rtol=1e-5, atol=1e-4)
