@@ -10,6 +10,7 @@ backend ("auto_table") that backend="auto" is to read.
     python benchmarks/bench_cuda.py [--shapes PATH] [--only NAME ...] [--variants W3A6,W4A8] [--tag TAG]
     python benchmarks/bench_cuda.py --kernels triton,"cuda sm90ws"    # a subset of the kernels
     python benchmarks/bench_cuda.py --profile SHAPE --variants W3A6   # a few sm90ws GEMM calls, for ncu
+    python benchmarks/bench_cuda.py --plot RUN.json[:LABEL] ... --tag NAME   # figure of saved runs (CPU)
 
 Writes benchmarks/results/cuda_<tag>.json (device, versions, date, command) and a markdown table.
 Problem set-up, timing and validation helpers are bench_linear.py's and common.py's.
@@ -147,6 +148,33 @@ def markdown(rows, summary, env):
     return "\n".join(lines)
 
 
+def plot(runs, path):
+    """GEMM-alone speed-up over cuBLAS bf16 per shape, Triton and each CUDA kernel, from one or more result
+    JSONs: runs = [(json dict, label suffix)] (e.g. the same kernel at two tile heights)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series, shapes = [], []
+    for result, suffix in runs:
+        big = [r for r in result["rows"] if r["M"] >= BIG_M and r.get("ratio_bf16") and r["mode"] == "gemm"]
+        shapes = shapes or list(dict.fromkeys(r["shape"] for r in big))
+        for method in dict.fromkeys(r["method"] for r in big):
+            vals = {r["shape"]: r["ratio_bf16"] for r in big if r["method"] == method}
+            series.append((f"{method}{suffix}", [vals.get(s, 0) for s in shapes]))
+    fig, ax = plt.subplots(figsize=(14, 5))
+    width = 0.8 / max(len(series), 1)
+    for i, (label, vals) in enumerate(series):
+        ax.bar([j + i * width for j in range(len(shapes))], vals, width, label=label)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], shapes, rotation=30, ha="right")
+    ax.set_ylabel("GEMM speed-up over cuBLAS bf16")
+    ax.legend(fontsize=8, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def profile(shape, wb, ab, shapes, path="sm90ws"):
     """A few GEMM calls of one CUDA kernel on one shape (for ncu --kernel-name regex:qgemm_sm90)."""
     m, k, n = shapes[shape]
@@ -170,7 +198,17 @@ def main(argv=None):
     ap.add_argument("--profile", default=None, metavar="SHAPE")
     ap.add_argument("--kernels", default=None,
                     help="comma list of kernel labels to run (default all: " + ", ".join(k[0] for k in KERNELS) + ")")
+    ap.add_argument("--plot", nargs="+", default=None, metavar="JSON[:SUFFIX]",
+                    help="only draw the GEMM figure of saved result JSONs (no GPU needed) into --out/<tag>.png")
     args = ap.parse_args(argv)
+    if args.plot:
+        runs = []
+        for item in args.plot:
+            fname, _, suffix = item.partition(":")
+            with open(fname) as fh:
+                runs.append((json.load(fh), f" {suffix}" if suffix else ""))
+        plot(runs, os.path.join(args.out, f"{args.tag or 'cuda_plot'}.png"))
+        return
     if not torch.cuda.is_available():
         sys.exit("bench_cuda.py needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = True  # cuBLAS default
@@ -213,6 +251,7 @@ def main(argv=None):
     md = markdown(rows, result["summary"], env)
     with open(stem + ".md", "w") as fh:
         fh.write(md + "\n")
+    plot([(result, "")], stem + ".png")
     print(md)
 
 
