@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_linear import BIG_M, Problem, record  # noqa: E402
-from benchmarks.common import REPO, bench_ms, environment, load_shapes, spec_violation  # noqa: E402
+from benchmarks.common import REPO, bar_chart, bench_ms, environment, load_shapes, spec_violation  # noqa: E402
 
 import qvdit_kernels as qk  # noqa: E402
 from qvdit_kernels import reference as ref  # noqa: E402
@@ -151,11 +151,6 @@ def markdown(rows, summary, env):
 def plot(runs, path):
     """GEMM-alone speed-up over cuBLAS bf16 per shape, Triton and each CUDA kernel, from one or more result
     JSONs: runs = [(json dict, label suffix)] (e.g. the same kernel at two tile heights)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     series, shapes = [], []
     for result, suffix in runs:
         big = [r for r in result["rows"] if r["M"] >= BIG_M and r.get("ratio_bf16") and r["mode"] == "gemm"]
@@ -163,16 +158,7 @@ def plot(runs, path):
         for method in dict.fromkeys(r["method"] for r in big):
             vals = {r["shape"]: r["ratio_bf16"] for r in big if r["method"] == method}
             series.append((f"{method}{suffix}", [vals.get(s, 0) for s in shapes]))
-    fig, ax = plt.subplots(figsize=(14, 5))
-    width = 0.8 / max(len(series), 1)
-    for i, (label, vals) in enumerate(series):
-        ax.bar([j + i * width for j in range(len(shapes))], vals, width, label=label)
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], shapes, rotation=30, ha="right")
-    ax.set_ylabel("GEMM speed-up over cuBLAS bf16")
-    ax.legend(fontsize=8, ncol=3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    bar_chart(shapes, series, "GEMM speed-up over cuBLAS bf16", path)
 
 
 def profile(shape, wb, ab, shapes, path="sm90ws"):

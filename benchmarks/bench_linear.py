@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import (REPO, bench_ms, copy_bandwidth_gbs, environment, load_shapes, rel_err,  # noqa: E402
-                               spec_violation)
+from benchmarks.common import (REPO, bar_chart, bench_ms, copy_bandwidth_gbs, environment, load_shapes,  # noqa: E402
+                               rel_err, spec_violation)
 
 import qvdit_kernels as qk  # noqa: E402
 from qvdit_kernels import reference as ref  # noqa: E402
@@ -297,27 +297,13 @@ def markdown(rows, summary, env, copy_gbs):
 
 
 def plot(rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     big = [r for r in rows if r["M"] >= BIG_M and r.get("ratio_bf16")]
     shapes = list(dict.fromkeys(r["shape"] for r in big))
     series = [("ours W3A6 +TQE", "gemm"), ("ours W4A8 +TQE", "gemm"), ("ours W3A6 +TQE", "full"),
               ("ours W4A8 +TQE", "full"), ("torchao W8A8 fp8-rowwise", "full"), ("gemlite A8W4", "full")]
-    fig, ax = plt.subplots(figsize=(14, 5))
-    width = 0.8 / len(series)
-    for i, (m, mode) in enumerate(series):
-        vals = [next((r["ratio_bf16"] for r in big if r["shape"] == s and r["method"] == m and r["mode"] == mode), 0)
-                for s in shapes]
-        ax.bar([j + i * width for j in range(len(shapes))], vals, width, label=f"{m} ({mode})")
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], shapes, rotation=30, ha="right")
-    ax.set_ylabel("speed-up over cuBLAS bf16")
-    ax.legend(fontsize=8, ncol=3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    bars = [(f"{m} ({mode})", [next((r["ratio_bf16"] for r in big if r["shape"] == s and r["method"] == m
+                                     and r["mode"] == mode), 0) for s in shapes]) for m, mode in series]
+    bar_chart(shapes, bars, "speed-up over cuBLAS bf16", path)
 
 
 def main(argv=None):

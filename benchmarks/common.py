@@ -103,3 +103,24 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| (Frobenius), for peers whose quantization differs from ours."""
     out, ref = out.float(), ref.float()
     return float((out - ref).norm() / ref.norm().clamp(min=1e-30))
+
+
+def bar_chart(shapes: list[str], series: list[tuple[str, list[float]]], ylabel: str, path: str) -> None:
+    """Grouped bars, one group per shape and one bar per series (label, values), with the 1.0 line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(14, 5))
+    width = 0.8 / max(len(series), 1)
+    for i, (label, vals) in enumerate(series):
+        ax.bar([j + i * width for j in range(len(shapes))], vals, width, label=label)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], shapes, rotation=30, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+

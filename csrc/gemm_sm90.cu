@@ -9,65 +9,27 @@
 // Shared memory written by ordinary stores and cp.async is fenced into the async proxy before wgmma.
 #include "qvdit_kernels.cuh"
 #include "qvdit_kernels.h"
+#include "wgmma.cuh"
 
 #include <map>
 
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define QV_SM90A 1
-#endif
 
 namespace qv {
 namespace {
 
 #ifdef QV_SM90A
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
-
-// Keep the compiler from moving accumulator reads/writes across the async MMA.
-__device__ __forceinline__ void fence_operands(int32_t (&d)[64]) {
-  QV_UNROLL
-  for (int i = 0; i < 64; ++i) asm volatile("" : "+r"(d[i])::"memory");
-}
-
-// d += A (64 x 32, desc a) * B^T (128 x 32, desc b), s8 inputs, s32 accumulators.
-__device__ __forceinline__ void wgmma_m64n128k32(int32_t (&d)[64], uint64_t a, uint64_t b) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, 1, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-      "%64, %65, p;\n"
-      "}\n"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
-        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
-        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
-        "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
-        "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]),
-        "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]),
-        "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]),
-        "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
-      : "l"(a), "l"(b)
-      : "memory");
-}
-
 template <int BITS>
 __device__ __forceinline__ void issue_step(int32_t (&acc)[64], uint32_t a_tile, uint32_t b_tile, int wg, bool tail) {
   constexpr int KS = Fmt<BITS>::KS;
-  fence_operands(acc);
+  fence_regs<64>(acc);
   wgmma_fence();
   QV_UNROLL
   for (int kk = 0; kk < KS / 32; ++kk) {
     if (tail && kk >= 4) break;  // a W3 tail tile has 128 codes
-    wgmma_m64n128k32(acc, sw128_desc(wgmma_a_addr(a_tile, wg, kk)), sw128_desc(wgmma_b_addr(b_tile, kk)));
+    wgmma_ss_m64n128k32(acc, sw128_desc(wgmma_a_addr(a_tile, wg, kk)), sw128_desc(wgmma_b_addr(b_tile, kk)));
   }
   wgmma_commit();
-  fence_operands(acc);
+  fence_regs<64>(acc);
 }
 #endif  // QV_SM90A
 
@@ -116,8 +78,8 @@ __global__ void __launch_bounds__(kThreads, Fmt<BITS>::kCtas) qgemm_sm90_kernel(
     const uint32_t b_tile = kUnpack ? sbase + Plan::u(t & 1) : sbase + Plan::p(t % S);
     issue_step<BITS>(acc, sbase + Plan::a(t % S), b_tile, wg, is_tail(t));
     if (kUnpack && t + 1 < steps) unpack_step<BITS>(sbase + Plan::p((t + 1) % S), sbase + Plan::u((t + 1) & 1), is_tail(t + 1));
-    wgmma_wait0();
-    fence_operands(acc);
+    wgmma_wait<0>();
+    fence_regs<64>(acc);
   }
 
   QV_UNROLL
