@@ -5,7 +5,10 @@
 //   torch.ops.qvdit.cuda_act_quant(x, bits, alpha, gate, frame_id, want_rowsum) -> (xq, scale, u, rowsum)
 //       u is [M] when alpha is given, else [0]; rowsum is [M] when want_rowsum, else [0].
 //   torch.ops.qvdit.cuda_qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum,
-//                              out_dtype, path) -> [M, N]
+//                              out_dtype, path, activation, residual, residual_gate) -> [M, N]
+//       activation 0 none / 1 gelu_tanh, residual [M, N] (out dtype), residual_gate f32 [G, N]: the epilogue
+//       tail (reference.epilogue_tail), fused by the warp-specialized kernel only (an error on any other
+//       path; qvdit_kernels/cuda.py applies it after those).
 //       path 0 = the fastest kernel here (W3/W4: warp-specialized wgmma; W8: wgmma; mma.sync without sm_90a),
 //       1 = mma.sync, 2 = wgmma (gemm_sm90.cu), 3 = warp-specialized wgmma for W3/W4 (gemm_sm90_ws.cu; W8
 //       takes gemm_sm90.cu); 2 and 3 are an error where sm_90a is absent.
@@ -107,7 +110,8 @@ Tensor padded_rows(const Tensor& t, int64_t cols) {
 
 Tensor qgemm_cuda(const Tensor& xq_in, const Tensor& x_scale, const Tensor& w_in, int64_t w_bits,
                   const Tensor& w_scale, const Tensor& w_zero, const OptT& bias, const OptT& u, const OptT& beta,
-                  const OptT& x_rowsum, at::ScalarType out_dtype, int64_t path) {
+                  const OptT& x_rowsum, at::ScalarType out_dtype, int64_t path, int64_t activation,
+                  const OptT& residual, const OptT& residual_gate) {
   TORCH_CHECK(xq_in.is_cuda() && xq_in.dim() == 2 && xq_in.scalar_type() == at::kChar,
               "xq must be a 2-D int8 CUDA tensor");
   TORCH_CHECK(w_bits == 3 || w_bits == 4 || w_bits == 8, "w_bits must be 3, 4 or 8, got ", w_bits);
@@ -185,11 +189,38 @@ Tensor qgemm_cuda(const Tensor& xq_in, const Tensor& x_scale, const Tensor& w_in
   g.epi.out_kind = out_kind;
   g.epi.m = (int)m;
   g.epi.n = (int)n;
+  TORCH_CHECK(activation == 0 || activation == 1, "activation must be 0 (none) or 1 (gelu_tanh), got ", activation);
+  TORCH_CHECK(residual || !residual_gate, "residual_gate given without residual");
+  const bool tail = activation != 0 || residual.has_value();
+  TORCH_CHECK(!tail || out_kind != 3, "activation/residual need a float out_dtype");
+  g.epi.activation = (int)activation;
+  Tensor res, rgate;
+  if (residual) {
+    check_cuda(*residual, "residual", xq_in);
+    TORCH_CHECK(residual->dim() == 2 && residual->size(0) == m && residual->size(1) == n &&
+                    residual->scalar_type() == out_dtype,
+                "residual must be [M, N] in out_dtype, got ", residual->sizes(), " ", residual->scalar_type());
+    res = residual->stride(1) == 1 ? *residual : residual->contiguous();
+    g.epi.residual = res.data_ptr();
+    g.epi.ld_res = res.stride(0);
+    if (residual_gate) {
+      check_cuda(*residual_gate, "residual_gate", xq_in);
+      TORCH_CHECK(residual_gate->dim() == 2 && residual_gate->size(1) == n && residual_gate->size(0) >= 1 &&
+                      m % residual_gate->size(0) == 0 && residual_gate->scalar_type() == at::kFloat,
+                  "residual_gate must be float32 [G, N] with G dividing M, got ", residual_gate->sizes());
+      rgate = residual_gate->contiguous();
+      g.epi.rgate = rgate.data_ptr<float>();
+      g.epi.gate_div = (int)(m / rgate.size(0));
+    }
+  }
 
   const bool sm90 = qv::qgemm_sm90_available();
   TORCH_CHECK((path != 2 && path != 3) || sm90, "qgemm path ", path,
               " (sm90 wgmma) needs an sm_90 GPU and an extension built for sm_90a");
-  if ((path == 3 || (path == 0 && sm90)) && qv::qgemm_sm90_ws_supported(g, (int)w_bits)) {
+  const bool ws = (path == 3 || (path == 0 && sm90)) && qv::qgemm_sm90_ws_supported(g, (int)w_bits);
+  TORCH_CHECK(ws || !tail, "the epilogue tail (activation/residual) is fused by the warp-specialized kernel only "
+              "(W3/W4 on sm_90a, path auto or sm90ws); this call takes another path");
+  if (ws) {
     check_launch(qv::qgemm_sm90_ws(g, (int)w_bits, stream), "qgemm (sm90 warp-specialized)");
   } else if (path == 2 || path == 3 || (path == 0 && sm90)) {
     check_launch(qv::qgemm_sm90(g, (int)w_bits, stream), "qgemm (sm90)");
@@ -216,7 +247,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> act_quant_meta(const Tensor& x, int64
 }
 
 Tensor qgemm_meta(const Tensor& xq, const Tensor&, const Tensor& w, int64_t, const Tensor&, const Tensor&, const OptT&,
-                  const OptT&, const OptT&, const OptT&, at::ScalarType out_dtype, int64_t) {
+                  const OptT&, const OptT&, const OptT&, at::ScalarType out_dtype, int64_t, int64_t, const OptT&,
+                  const OptT&) {
   return at::empty_symint({xq.sym_size(0), w.sym_size(0)}, xq.options().dtype(out_dtype));
 }
 
@@ -226,7 +258,8 @@ TORCH_LIBRARY_FRAGMENT(qvdit, m) {  // a fragment: the Triton ops (triton/librar
   m.def("cuda_act_quant(Tensor x, int bits, Tensor? alpha, Tensor? gate, Tensor? frame_id, bool want_rowsum)"
         " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("cuda_qgemm(Tensor xq, Tensor x_scale, Tensor w_packed, int w_bits, Tensor w_scale, Tensor w_zero,"
-        " Tensor? bias, Tensor? u, Tensor? beta, Tensor? x_rowsum, ScalarType out_dtype, int path) -> Tensor");
+        " Tensor? bias, Tensor? u, Tensor? beta, Tensor? x_rowsum, ScalarType out_dtype, int path,"
+        " int activation=0, Tensor? residual=None, Tensor? residual_gate=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qvdit, CUDA, m) {
@@ -241,6 +274,9 @@ TORCH_LIBRARY_IMPL(qvdit, Meta, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "qvdit CUDA kernels; the ops are torch.ops.qvdit.cuda_act_quant and torch.ops.qvdit.cuda_qgemm";
+  m.def("ws_takes", [](int64_t w_bits, int64_t path) {
+    return (w_bits == 3 || w_bits == 4) && (path == 0 || path == 3) && qv::qgemm_sm90_available();
+  }, "True when cuda_qgemm with these w_bits and path runs the warp-specialized kernel (which fuses the tail)");
   m.def("sm90_available", &qv::qgemm_sm90_available,
         "True when the current GPU is sm_90 and the extension holds the sm_90a wgmma kernels");
 }

@@ -13,7 +13,8 @@
 // So the tensor cores always have the next step queued (what Triton 3.6 cannot do with int32
 // accumulators: it waits for every int8 wgmma), loads run ahead across tiles (persistent CTAs, one per
 // SM), and no CTA-wide barrier is in the mainloop. The epilogue is the one of the other kernels
-// (qvdit_layout.h::epilogue_value), transposed. W8 stays on gemm_sm90.cu.
+// (qvdit_layout.h::epilogue_value), transposed, plus reference.epilogue_tail (GELU, gated residual add),
+// which only this kernel fuses. W8 stays on gemm_sm90.cu.
 #include <cuda.h>  // CUtensorMap
 #include <cudaTypedefs.h>
 
@@ -164,22 +165,65 @@ __device__ __forceinline__ void store_params(const Params& p, uint32_t sbase, in
       sts32(sbase + Plan::param(pb, a) + 4 * tid, __float_as_uint(p.v[a]));
 }
 
+// y as the out dtype holds it (the block sees the linear's output rounded), back in float32.
+template <int OUT>
+__device__ __forceinline__ float round_to_out(float y) {
+  if (OUT == 0) return __bfloat162float(__float2bfloat16_rn(y));
+  if (OUT == 1) return __half2float(__float2half_rn(y));
+  return y;
+}
+
+// reference.epilogue_tail's activation on one output: y rounded to the out dtype, gelu_tanh in float32
+// (torch's formula, x * sigmoid(2 z) == 0.5 x (1 + tanh z), as the Triton kernel writes it), rounded again.
+template <int OUT, bool TAIL>
+__device__ __forceinline__ float tail_activation(const Epi& e, float y) {
+  if (!TAIL) return y;
+  y = round_to_out<OUT>(y);
+  if (e.activation == 1) {
+    const float inner = 0.7978845608028654f * (y + 0.044715f * (y * y * y));
+    y = round_to_out<OUT>(y / (1.0f + expf(-2.0f * inner)));
+  }
+  return y;
+}
+
+// reference.epilogue_tail's residual add on output (m, n): residual + gate * y in float32.
+template <int OUT, bool TAIL>
+__device__ __forceinline__ float tail_residual(const Epi& e, int m, int n, float y) {
+  if (!TAIL || !e.residual) return y;
+  if (e.rgate) y = y * e.rgate[(size_t)(m / e.gate_div) * e.n + n];
+  const size_t i = (size_t)m * e.ld_res + n;
+  float r;
+  if (OUT == 0)
+    r = __bfloat162float(static_cast<const __nv_bfloat16*>(e.residual)[i]);
+  else if (OUT == 1)
+    r = __half2float(static_cast<const __half*>(e.residual)[i]);
+  else
+    r = static_cast<const float*>(e.residual)[i];
+  return r + y;
+}
+
 // Epilogue of one m64 block of a tile. Accumulator i is weight row n0 + r + 8 ((i / 2) % 2), token
 // m0 + c + 8 (i / 4) + i % 2 (the wgmma accumulator layout; r = the thread's first row in the tile, c =
 // 2 (lane % 4)): 2 weight rows x 32 tokens per thread. The operands come from the tile's shared-memory
-// buffer (stage_params); each output is epilogue_value's float ops in the same order. 16-bit outputs
+// buffer (stage_params); each output is epilogue_value's float ops in the same order, then the optional
+// tail (activation before the pairing below, the residual add after it). 16-bit outputs
 // leave as pairs along n: lanes 4 apart hold neighbouring weight rows and swap one value, so each stores
 // two adjacent outputs of one token in one 32-bit store (N even; scalar stores otherwise).
-template <int OUT, class Plan>
+template <int OUT, bool TAIL, class Plan>
 __device__ __forceinline__ void epilogue(const Epi& e, uint32_t sbase, int pb, int m0, int n0, int r, int c,
                                          const uint32_t (&acc)[64]) {
+  // weight-row operands of rows r and r + 8: kept in registers, or (TAIL, which needs registers for the
+  // residual) read from shared memory where they are used
   float sw[2], zw[2], bias[2], beta[2];
-  QV_UNROLL
-  for (int h = 0; h < 2; ++h) {
+  auto row_operands = [&](int h) {
     sw[h] = ldsf(sbase + Plan::param(pb, 3) + 4 * (r + 8 * h));
     zw[h] = ldsf(sbase + Plan::param(pb, 4) + 4 * (r + 8 * h));
     bias[h] = ldsf(sbase + Plan::param(pb, 5) + 4 * (r + 8 * h));
     beta[h] = ldsf(sbase + Plan::param(pb, 6) + 4 * (r + 8 * h));
+  };
+  if (!TAIL) {
+    row_operands(0);
+    row_operands(1);
   }
   const bool odd = (r & 1) != 0;  // lane / 4 odd: this thread holds weight row n = its partner's + 1
   const bool pairs = OUT <= 1 && e.n % 2 == 0;
@@ -196,6 +240,7 @@ __device__ __forceinline__ void epilogue(const Epi& e, uint32_t sbase, int pb, i
     }
     QV_UNROLL
     for (int h = 0; h < 2; ++h) {
+      if (TAIL) row_operands(h);
       const int n = n0 + r + 8 * h;
       float y[2];
       int32_t cv[2];
@@ -205,15 +250,17 @@ __device__ __forceinline__ void epilogue(const Epi& e, uint32_t sbase, int pb, i
         float v = QV_FMUL(QV_FMUL((float)cv[j], sx[j]), sw[h]);
         if (e.bias) v = QV_FADD(v, bias[h]);
         if (e.u) v = QV_FADD(v, QV_FMUL(um[j], beta[h]));
-        y[j] = v;
+        y[j] = tail_activation<OUT, TAIL>(e, v);
       }
       const int m = m0 + c + 8 * jb;  // tokens m (j = 0) and m + 1 (j = 1)
       if (pairs) {
         // even thread: (m, n), (m, n + 1); odd thread: (m + 1, n - 1), (m + 1, n)
         const float got = __shfl_xor_sync(0xffffffffu, odd ? y[0] : y[1], 4);
         const int mm = odd ? m + 1 : m, nn = odd ? n - 1 : n;
-        const float lo = odd ? got : y[0], hi = odd ? y[1] : got;
+        float lo = odd ? got : y[0], hi = odd ? y[1] : got;
         if (mm < e.m && nn < e.n) {  // N even: nn + 1 < N too
+          lo = tail_residual<OUT, TAIL>(e, mm, nn, lo);
+          hi = tail_residual<OUT, TAIL>(e, mm, nn + 1, hi);
           const size_t idx = (size_t)mm * e.n + nn;
           if (OUT == 0)
             *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(e.out) + idx) = __floats2bfloat162_rn(lo, hi);
@@ -226,14 +273,15 @@ __device__ __forceinline__ void epilogue(const Epi& e, uint32_t sbase, int pb, i
       for (int j = 0; j < 2; ++j) {
         if (m + j >= e.m || n >= e.n) continue;
         const size_t idx = (size_t)(m + j) * e.n + n;
+        const float v = OUT == 3 ? 0.f : tail_residual<OUT, TAIL>(e, m + j, n, y[j]);
         if (OUT == 3)
           static_cast<int32_t*>(e.out)[idx] = cv[j];
         else if (OUT == 2)
-          static_cast<float*>(e.out)[idx] = y[j];
+          static_cast<float*>(e.out)[idx] = v;
         else if (OUT == 1)
-          static_cast<__half*>(e.out)[idx] = __float2half_rn(y[j]);
+          static_cast<__half*>(e.out)[idx] = __float2half_rn(v);
         else
-          static_cast<__nv_bfloat16*>(e.out)[idx] = __float2bfloat16_rn(y[j]);
+          static_cast<__nv_bfloat16*>(e.out)[idx] = __float2bfloat16_rn(v);
       }
     }
   }
@@ -325,11 +373,27 @@ __global__ void __launch_bounds__(kWsThreads, 1) qgemm_sm90_ws_kernel(const __gr
     QV_UNROLL
     for (int mb = 0; mb < MB; ++mb) {
       const int r = row0 + 64 * mb;
+      const bool tail = e.activation || e.residual;  // (never with int32 outputs)
       switch (e.out_kind) {
-        case 0: epilogue<0, Plan>(e, sbase, pb, m0, n0, r, c, acc[mb]); break;
-        case 1: epilogue<1, Plan>(e, sbase, pb, m0, n0, r, c, acc[mb]); break;
-        case 2: epilogue<2, Plan>(e, sbase, pb, m0, n0, r, c, acc[mb]); break;
-        default: epilogue<3, Plan>(e, sbase, pb, m0, n0, r, c, acc[mb]); break;
+        case 0:
+          if (tail)
+            epilogue<0, true, Plan>(e, sbase, pb, m0, n0, r, c, acc[mb]);
+          else
+            epilogue<0, false, Plan>(e, sbase, pb, m0, n0, r, c, acc[mb]);
+          break;
+        case 1:
+          if (tail)
+            epilogue<1, true, Plan>(e, sbase, pb, m0, n0, r, c, acc[mb]);
+          else
+            epilogue<1, false, Plan>(e, sbase, pb, m0, n0, r, c, acc[mb]);
+          break;
+        case 2:
+          if (tail)
+            epilogue<2, true, Plan>(e, sbase, pb, m0, n0, r, c, acc[mb]);
+          else
+            epilogue<2, false, Plan>(e, sbase, pb, m0, n0, r, c, acc[mb]);
+          break;
+        default: epilogue<3, false, Plan>(e, sbase, pb, m0, n0, r, c, acc[mb]); break;
       }
     }
   }

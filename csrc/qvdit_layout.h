@@ -438,6 +438,12 @@ struct Epi {
   void* out;
   int out_kind;  // 0 bf16, 1 fp16, 2 fp32, 3 int32 (zero-corrected acc)
   int m, n;
+  // Optional tail (reference.epilogue_tail; only gemm_sm90_ws.cu applies it): out = residual + gate * act(y)
+  int activation;        // 0 none, 1 gelu_tanh
+  const void* residual;  // [m, n] in the out dtype, row stride ld_res; null = none
+  int64_t ld_res;
+  const float* rgate;    // [g, n] float32, row m takes gate row m / gate_div; null = none
+  int gate_div;
 };
 
 // Arguments of one GEMM launch (device pointers). The activation buffer has ka columns (K rounded up

@@ -18,14 +18,15 @@ import os
 import torch
 
 try:
-    from . import _C  # noqa: F401  (the compiled extension; registers torch.ops.qvdit.*)
+    from . import _C  # (the compiled extension; registers torch.ops.qvdit.*)
 except ImportError as exc:  # not built: CPU torch, no toolkit, or QVDIT_BUILD_EXT=0
     raise ImportError(
         "the CUDA extension qvdit_kernels._C is not built (it needs a CUDA torch and a CUDA toolkit at "
         "install time: pip install -e . --no-build-isolation with QVDIT_BUILD_EXT unset)"
     ) from exc
 
-from .backends import act_quant_results, register, require_default_format
+from . import reference
+from .backends import act_quant_results, fuses_tail, register, require_default_format
 
 GEMM_PATHS = {"auto": 0, "sm80": 1, "sm90": 2, "sm90ws": 3}
 
@@ -44,20 +45,45 @@ def quantize_activation(x, bits, alpha=None, gate=None, frame_id=None, want_rows
     return act_quant_results(*out, alpha, want_rowsum)
 
 
+ACTIVATIONS = {None: 0, "gelu_tanh": 1}
+
+
+@torch.compiler.assume_constant_result  # a fixed property of the GPU and build: traced as a constant
+def _ws_takes(w_bits: int, path: int) -> bool:
+    return bool(_C.ws_takes(w_bits, path))
+
+
+def _gemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum, out_dtype, activation, residual,
+          residual_gate):
+    """cuda_qgemm with the epilogue tail in the kernel where the warp-specialized kernel runs (it alone fuses
+    it), else the tail after the kernel (reference.epilogue_tail)."""
+    path = gemm_path()
+    tail = activation is not None or residual is not None
+    if not tail or _ws_takes(w_bits, path):
+        return torch.ops.qvdit.cuda_qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum,
+                                          out_dtype, path, ACTIVATIONS[activation], residual, residual_gate)
+    y = torch.ops.qvdit.cuda_qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum,
+                                   out_dtype, path)
+    return reference.epilogue_tail(y, activation, residual, residual_gate)
+
+
 @register("qgemm", "cuda")
+@fuses_tail
 def qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias=None, u=None, beta=None, x_rowsum=None,
-          out_dtype=torch.bfloat16, format=None):
+          out_dtype=torch.bfloat16, format=None, activation=None, residual=None, residual_gate=None):
     require_default_format("cuda", w_bits, format)
-    return torch.ops.qvdit.cuda_qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum,
-                                      out_dtype, gemm_path())
+    return _gemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum, out_dtype, activation,
+                 residual, residual_gate)
 
 
 @register("qlinear", "cuda")
-def qlinear(x2, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, gate, frame_id, out_dtype, format):
+@fuses_tail
+def qlinear(x2, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, gate, frame_id, out_dtype, format,
+            activation=None, residual=None, residual_gate=None):
     """act-quant (codes, scale, TQE u and the row sums in one pass) then the GEMM; TQE on when alpha/beta given."""
     require_default_format("cuda", w_bits, format)
     xq, sx, u, rowsum = torch.ops.qvdit.cuda_act_quant(x2, a_bits, alpha, gate, frame_id, True)
     if alpha is None:
         u = None
-    return torch.ops.qvdit.cuda_qgemm(xq, sx, w_packed, w_bits, w_scale, w_zero, bias, u, beta, rowsum, out_dtype,
-                                      gemm_path())
+    return _gemm(xq, sx, w_packed, w_bits, w_scale, w_zero, bias, u, beta, rowsum, out_dtype, activation, residual,
+                 residual_gate)

@@ -42,6 +42,39 @@ def test_compile_check_fails_loudly(tmp_path):
     assert res.returncode != 0 and "broken.cu FAILED" in res.stderr and "undeclared_name" in res.stderr
 
 
+def _cuda_include() -> Path | None:
+    """The CUDA toolkit's include folder (beside the nvcc that compile_check uses)."""
+    cands = [os.environ.get("CUDA_HOME", "/usr/local/cuda"), "/usr/local/cuda"]
+    if NVCC:
+        real = Path(subprocess.run(["bash", "-c", f"command -v {NVCC}"], capture_output=True, text=True).stdout.strip())
+        cands.insert(0, str(real.resolve().parents[1]))
+    cands += sorted(str(p) for p in Path("/usr/local").glob("cuda-*"))
+    for c in cands:
+        if (Path(c) / "include" / "cuda_runtime_api.h").exists():
+            return Path(c) / "include"
+    return None
+
+
+@pytest.mark.skipif(CXX is None, reason="no host C++ compiler")
+def test_bindings_parse_with_the_torch_headers(tmp_path):
+    """csrc/bindings.cpp (the one file with torch headers, built only where torch has CUDA) parses and type-checks
+    against this torch's headers, so a broken binding shows before a GPU build. A CPU torch ships the c10/cuda
+    headers but not the build-generated cuda_cmake_macros.h, which gets an empty stand-in here."""
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    cuda_inc = _cuda_include()
+    if cuda_inc is None:
+        pytest.skip("no CUDA toolkit headers (cuda_runtime_api.h) found")
+    (tmp_path / "c10" / "cuda" / "impl").mkdir(parents=True)
+    (tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").write_text("#pragma once\n")
+    incs = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"], str(tmp_path), str(cuda_inc), str(CSRC)]
+    res = subprocess.run([CXX, "-std=c++17", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=_C",
+                          *[f"-I{i}" for i in incs], str(CSRC / "bindings.cpp")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-4000:]
+
+
 def test_cuda_module_import_error_is_clear():
     """Without the built extension, importing qvdit_kernels.cuda fails with the one clear ImportError."""
     try:

@@ -12,7 +12,7 @@ import torch
 import qvdit_kernels as qk
 from qvdit_kernels import reference as ref
 
-from conftest import KERNEL_BACKENDS, assert_within_spec, capture_cuda_graph, gen
+from conftest import KERNEL_BACKENDS, assert_within_spec, capture_cuda_graph, gen, ulp
 from test_gemm import make_problem
 
 pytestmark = pytest.mark.skipif("cuda" not in KERNEL_BACKENDS, reason="needs a GPU and the built CUDA extension")
@@ -218,6 +218,39 @@ def test_cuda_graph_replay_equals_eager():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, f()) and not torch.equal(out, eager)
+
+
+@pytest.mark.parametrize("rows", ["128", "256"])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("tail", ["gelu", "residual", "gated", "gelu+per_token_gate"])
+def test_ws_epilogue_tail(monkeypatch, rows, out_dtype, tail):
+    """The warp-specialized kernel's fused tail (GELU, residual + gate * y) on both tile heights and on the
+    paired 16-bit stores (N even; test_gemm.py's shared tail test has N odd): equal to reference.epilogue_tail
+    on the same kernel's plain output within test_gemm's bound, a residual with a row stride != N."""
+    from qvdit_kernels import _C
+
+    if not _C.sm90_available():
+        pytest.skip("the warp-specialized kernel needs an sm_90 GPU and an sm_90a build")
+    monkeypatch.setenv("QVDIT_CUDA_GEMM_PATH", "sm90ws")
+    monkeypatch.setenv("QVDIT_WS_ROWS", rows)
+    m, k, n = 300, 2304, 640
+    a, _ = gpu_problem(m, k, n, 3, 6, seed=31)
+    a["x_scale"] = a["x_scale"].clamp(max=1e-3)
+    g = torch.Generator(device=DEV).manual_seed(32)
+    gelu = tail.startswith("gelu")
+    residual = None
+    if tail != "gelu":
+        residual = (torch.randn(m, n + 8, generator=g, device=DEV) * 4).to(out_dtype)[:, :n]  # row stride n + 8
+    gate = {"gated": torch.rand(1, n, generator=g, device=DEV) * 2 - 0.5,
+            "gelu+per_token_gate": torch.randn(m, n, generator=g, device=DEV)}.get(tail)
+    act = "gelu_tanh" if gelu else None
+    plain = qk.qgemm(**a, out_dtype=out_dtype, backend="cuda")
+    want = ref.epilogue_tail(plain, act, residual, gate)
+    got = qk.qgemm(**a, out_dtype=out_dtype, backend="cuda", activation=act, residual=residual, residual_gate=gate)
+    h = ref.epilogue_tail(plain, act) if gelu else plain
+    bound = 2 * ulp(want) + (ulp(h) * (1 if gate is None else gate.abs()) if gelu else 0) + 1e-6
+    err = (got.float() - want.float()).abs()
+    assert (err <= bound).all(), f"{tail}: max error {(err / bound).max():.2f}x the bound"
 
 
 def test_sanitizer_smoke(path):
