@@ -103,11 +103,11 @@ __device__ __forceinline__ void build_group(uint32_t p_slot, bool tail, int h, i
 // One MMA group of a consumer warpgroup (group gi = step gi / MB, half gi % MB): its 8 MMAs from
 // fragments fc, then retire group gi-1 (release its step's slot if that was the step's last group) and
 // unpack group gi+1 into fn (the registers group gi-1 read), waiting for its slot first if it starts a step.
-template <int BITS, int MB>
+template <int BITS, int MODE, int MB = WsPlan<BITS, MODE>::MB>
 __device__ __forceinline__ void consumer_group(const WsArgs& w, uint32_t sbase, int it0, int gi, bool leader,
                                                int row0, int q, uint32_t (&acc)[MB][64], uint32_t (&fc)[8][4],
                                                uint32_t (&fn)[8][4]) {
-  using Plan = WsPlan<BITS, MB>;
+  using Plan = WsPlan<BITS, MODE>;
   constexpr int S = Plan::kStages;
   const int t = gi / MB, h = gi % MB, s = (it0 + t) % S;
   QV_UNROLL
@@ -138,11 +138,11 @@ __device__ __forceinline__ void sts32(uint32_t addr, uint32_t v) {
 __device__ __forceinline__ float ldsf(uint32_t addr) { return __uint_as_float(lds32(addr)); }
 
 // Epilogue operands of one tile, in two halves so that their global-load latency hides under the tile's
-// first MMAs: load_params (consumer thread tid: token tid's sx, rowsum, u if tid < 128, weight row tid's
-// sw, zw, bias, beta if tid < 128 MB; indices past M or N clamped, those outputs are never stored), then
-// store_params into shared-memory buffer `pb` (WsPlan::param).
+// first MMAs: load_params (consumer thread tid: token tid's sx, rowsum, u and gate-row offset if tid < 128,
+// weight row tid's sw, zw, bias, beta if tid < the tile's rows; indices past M or N clamped, those outputs
+// are never stored), then store_params into shared-memory buffer `pb` (WsPlan::param).
 struct Params {
-  float v[7];
+  float v[8];
 };
 template <class Plan>
 __device__ __forceinline__ Params load_params(const Epi& e, int m0, int n0, int tid) {
@@ -151,17 +151,18 @@ __device__ __forceinline__ Params load_params(const Epi& e, int m0, int n0, int 
   p.v[0] = e.sx[m];
   p.v[1] = __int_as_float(e.rowsum[m]);
   p.v[2] = e.u ? e.u[m] : 0.f;
-  p.v[3] = e.sw[n];
-  p.v[4] = e.zw[n];
-  p.v[5] = e.bias ? e.bias[n] : 0.f;
-  p.v[6] = e.u ? e.beta[n] : 0.f;
+  p.v[3] = __int_as_float(e.rgate ? (m / e.gate_div) * e.n : 0);
+  p.v[4] = e.sw[n];
+  p.v[5] = e.zw[n];
+  p.v[6] = e.bias ? e.bias[n] : 0.f;
+  p.v[7] = e.u ? e.beta[n] : 0.f;
   return p;
 }
 template <class Plan>
 __device__ __forceinline__ void store_params(const Params& p, uint32_t sbase, int pb, int tid) {
   QV_UNROLL
-  for (int a = 0; a < 7; ++a)
-    if ((a < 3 && tid < kBM) || (a >= 3 && tid < Plan::kRows))
+  for (int a = 0; a < 8; ++a)
+    if ((a < Plan::kTokenArrays && tid < kBM) || (a >= Plan::kTokenArrays && tid < Plan::kRows))
       sts32(sbase + Plan::param(pb, a) + 4 * tid, __float_as_uint(p.v[a]));
 }
 
@@ -186,11 +187,12 @@ __device__ __forceinline__ float tail_activation(const Epi& e, float y) {
   return y;
 }
 
-// reference.epilogue_tail's residual add on output (m, n): residual + gate * y in float32.
+// reference.epilogue_tail's residual add on output (m, n): residual + gate * y in float32 (grow = the
+// offset of token m's gate row, staged per token).
 template <int OUT, bool TAIL>
-__device__ __forceinline__ float tail_residual(const Epi& e, int m, int n, float y) {
+__device__ __forceinline__ float tail_residual(const Epi& e, int m, int n, int grow, float y) {
   if (!TAIL || !e.residual) return y;
-  if (e.rgate) y = y * e.rgate[(size_t)(m / e.gate_div) * e.n + n];
+  if (e.rgate) y = y * e.rgate[(size_t)grow + n];
   const size_t i = (size_t)m * e.ld_res + n;
   float r;
   if (OUT == 0)
@@ -216,10 +218,10 @@ __device__ __forceinline__ void epilogue(const Epi& e, uint32_t sbase, int pb, i
   // residual) read from shared memory where they are used
   float sw[2], zw[2], bias[2], beta[2];
   auto row_operands = [&](int h) {
-    sw[h] = ldsf(sbase + Plan::param(pb, 3) + 4 * (r + 8 * h));
-    zw[h] = ldsf(sbase + Plan::param(pb, 4) + 4 * (r + 8 * h));
-    bias[h] = ldsf(sbase + Plan::param(pb, 5) + 4 * (r + 8 * h));
-    beta[h] = ldsf(sbase + Plan::param(pb, 6) + 4 * (r + 8 * h));
+    sw[h] = ldsf(sbase + Plan::param(pb, 4) + 4 * (r + 8 * h));
+    zw[h] = ldsf(sbase + Plan::param(pb, 5) + 4 * (r + 8 * h));
+    bias[h] = ldsf(sbase + Plan::param(pb, 6) + 4 * (r + 8 * h));
+    beta[h] = ldsf(sbase + Plan::param(pb, 7) + 4 * (r + 8 * h));
   };
   if (!TAIL) {
     row_operands(0);
@@ -238,6 +240,8 @@ __device__ __forceinline__ void epilogue(const Epi& e, uint32_t sbase, int pb, i
       rs[j] = (int32_t)lds32(sbase + Plan::param(pb, 1) + 4 * cm);
       um[j] = ldsf(sbase + Plan::param(pb, 2) + 4 * cm);
     }
+    // (TAIL) gate-row offsets of the token(s) this thread stores: the pair's token, or tokens c + 8 jb + j
+    auto grow = [&](int cm) { return TAIL ? (int)lds32(sbase + Plan::param(pb, 3) + 4 * cm) : 0; };
     QV_UNROLL
     for (int h = 0; h < 2; ++h) {
       if (TAIL) row_operands(h);
@@ -259,8 +263,9 @@ __device__ __forceinline__ void epilogue(const Epi& e, uint32_t sbase, int pb, i
         const int mm = odd ? m + 1 : m, nn = odd ? n - 1 : n;
         float lo = odd ? got : y[0], hi = odd ? y[1] : got;
         if (mm < e.m && nn < e.n) {  // N even: nn + 1 < N too
-          lo = tail_residual<OUT, TAIL>(e, mm, nn, lo);
-          hi = tail_residual<OUT, TAIL>(e, mm, nn + 1, hi);
+          const int gr = grow(c + 8 * jb + (odd ? 1 : 0));
+          lo = tail_residual<OUT, TAIL>(e, mm, nn, gr, lo);
+          hi = tail_residual<OUT, TAIL>(e, mm, nn + 1, gr, hi);
           const size_t idx = (size_t)mm * e.n + nn;
           if (OUT == 0)
             *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(e.out) + idx) = __floats2bfloat162_rn(lo, hi);
@@ -273,7 +278,7 @@ __device__ __forceinline__ void epilogue(const Epi& e, uint32_t sbase, int pb, i
       for (int j = 0; j < 2; ++j) {
         if (m + j >= e.m || n >= e.n) continue;
         const size_t idx = (size_t)(m + j) * e.n + n;
-        const float v = OUT == 3 ? 0.f : tail_residual<OUT, TAIL>(e, m + j, n, y[j]);
+        const float v = OUT == 3 ? 0.f : tail_residual<OUT, TAIL>(e, m + j, n, grow(c + 8 * jb + j), y[j]);
         if (OUT == 3)
           static_cast<int32_t*>(e.out)[idx] = cv[j];
         else if (OUT == 2)
@@ -288,10 +293,11 @@ __device__ __forceinline__ void epilogue(const Epi& e, uint32_t sbase, int pb, i
 }
 #endif  // QV_SM90A
 
-template <int BITS, int MB>
+template <int BITS, int MODE>
 __global__ void __launch_bounds__(kWsThreads, 1) qgemm_sm90_ws_kernel(const __grid_constant__ WsArgs w) {
 #ifdef QV_SM90A
-  using Plan = WsPlan<BITS, MB>;
+  using Plan = WsPlan<BITS, MODE>;
+  constexpr int MB = Plan::MB;
   constexpr int S = Plan::kStages;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t sbase = aligned_smem_base(smem_raw);
@@ -302,7 +308,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) qgemm_sm90_ws_kernel(const __gr
   if (threadIdx.x == 0) {
     for (int s = 0; s < S; ++s) {
       mbar_init(sbase + Plan::full(s), 1);               // the producer's arrive (+ the TMA bytes)
-      mbar_init(sbase + Plan::empty(s), kWsConsumers / 128);  // one arrive per consumer warpgroup
+      mbar_init(sbase + Plan::empty(s), Plan::kSlotConsumers);  // one arrive per warpgroup that reads it
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -331,15 +337,18 @@ __global__ void __launch_bounds__(kWsThreads, 1) qgemm_sm90_ws_kernel(const __gr
     return;
   }
 
-  // consumers: warpgroup wg owns weight rows 64 MB wg .. 64 MB (wg + 1) - 1 of the tile
+  // consumers: warpgroup wg computes weight rows wg_row0(wg) .. + 64 MB - 1 of its tiles
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kWsConsumerRegs));
   const int tid = threadIdx.x, q = lane % 4;
-  const int row0 = (tid / 128) * 64 * MB + ((tid / 32) % 4) * 16 + lane / 4;
+  const int wg = tid / 128, row0 = Plan::wg_row0(wg) + ((tid / 32) % 4) * 16 + lane / 4;
+  const int ptid = Plan::kPingPong ? tid % 128 : tid;  // this thread's index among the tile's consumers
   const bool leader = tid % 128 == 0;
   const int groups = w.steps * MB;
   uint32_t acc[MB][64], f0[8][4], f1[8][4];
-  int it0 = 0, ntile = 0;
+  int ntile = 0;  // tiles of this CTA so far (both warpgroups')
   for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x, ++ntile) {
+    if (Plan::kPingPong && (ntile & 1) != wg) continue;  // the other warpgroup's tile
+    const int it0 = ntile * w.steps;                     // the ring's step counter at this tile's first step
     int tm, tn;
     tile_coords(tile, g.tiles_m, g.tiles_n, tm, tn);
     QV_UNROLL
@@ -348,14 +357,15 @@ __global__ void __launch_bounds__(kWsThreads, 1) qgemm_sm90_ws_kernel(const __gr
       for (int i = 0; i < 64; ++i) acc[mb][i] = 0;
     QV_UNROLL
     for (int i = 0; i < 32; ++i) (&f1[0][0])[i] = 0;  // (so the last tile's fragments are dead in its epilogue)
-    const int pb = ntile & 1;  // this tile's epilogue-operand buffer (read only after the barrier below)
-    const Params params = load_params<Plan>(g.epi, tm * kBM, tn * Plan::kRows, tid);
+    // this tile's epilogue-operand buffer (read only after the barrier below): two per tile owner
+    const int pb = Plan::kPingPong ? 2 * wg + ((ntile >> 1) & 1) : (ntile & 1);
+    const Params params = load_params<Plan>(g.epi, tm * kBM, tn * Plan::kRows, ptid);
     mbar_wait(sbase + Plan::full(it0 % S), (it0 / S) & 1);
     build_group<BITS, MB>(sbase + Plan::p(it0 % S), g.tail && w.steps == 1, 0, row0, q, f0);
     for (int gi = 0; gi < groups; gi += 2) {
-      consumer_group<BITS, MB>(w, sbase, it0, gi, leader, row0, q, acc, f0, f1);
-      if (gi == 0) store_params<Plan>(params, sbase, pb, tid);  // (its loads waited under group 0's MMAs)
-      if (gi + 1 < groups) consumer_group<BITS, MB>(w, sbase, it0, gi + 1, leader, row0, q, acc, f1, f0);
+      consumer_group<BITS, MODE>(w, sbase, it0, gi, leader, row0, q, acc, f0, f1);
+      if (gi == 0) store_params<Plan>(params, sbase, pb, ptid);  // (its loads waited under group 0's MMAs)
+      if (gi + 1 < groups) consumer_group<BITS, MODE>(w, sbase, it0, gi + 1, leader, row0, q, acc, f1, f0);
     }
     wgmma_wait<0>();
     QV_UNROLL
@@ -363,33 +373,38 @@ __global__ void __launch_bounds__(kWsThreads, 1) qgemm_sm90_ws_kernel(const __gr
     fence_regs<32>(&f0[0][0]);
     fence_regs<32>(&f1[0][0]);
     if (leader) mbar_arrive(sbase + Plan::empty((it0 + w.steps - 1) % S));
-    it0 += w.steps;
-    // Every consumer has staged this tile's operands, and has finished the epilogue of the tile before
-    // this one, which read the buffer that the next tile's store_params overwrites.
-    asm volatile("bar.sync 1, %0;\n" ::"n"(kWsConsumers) : "memory");
+    // Every consumer of the tile has staged its operands, and has finished the epilogue of its tile before
+    // this one, which read the buffer that its next tile's store_params overwrites. (Named barrier 1 for
+    // both warpgroups, 1 + wg for one.)
+    if (Plan::kPingPong)
+      asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
+    else
+      asm volatile("bar.sync 1, %0;\n" ::"n"(kWsConsumers) : "memory");
 
     const Epi& e = g.epi;
     const int m0 = tm * kBM, n0 = tn * Plan::kRows, c = 2 * q;
     QV_UNROLL
     for (int mb = 0; mb < MB; ++mb) {
       const int r = row0 + 64 * mb;
-      const bool tail = e.activation || e.residual;  // (never with int32 outputs)
+      // (never with int32 outputs; never in ping-pong mode, whose registers are too tight: the host takes the
+      // cooperative 128-row kernel for a tail)
+      const bool tail = !Plan::kPingPong && (e.activation || e.residual);
       switch (e.out_kind) {
         case 0:
           if (tail)
-            epilogue<0, true, Plan>(e, sbase, pb, m0, n0, r, c, acc[mb]);
+            epilogue<0, !Plan::kPingPong, Plan>(e, sbase, pb, m0, n0, r, c, acc[mb]);
           else
             epilogue<0, false, Plan>(e, sbase, pb, m0, n0, r, c, acc[mb]);
           break;
         case 1:
           if (tail)
-            epilogue<1, true, Plan>(e, sbase, pb, m0, n0, r, c, acc[mb]);
+            epilogue<1, !Plan::kPingPong, Plan>(e, sbase, pb, m0, n0, r, c, acc[mb]);
           else
             epilogue<1, false, Plan>(e, sbase, pb, m0, n0, r, c, acc[mb]);
           break;
         case 2:
           if (tail)
-            epilogue<2, true, Plan>(e, sbase, pb, m0, n0, r, c, acc[mb]);
+            epilogue<2, !Plan::kPingPong, Plan>(e, sbase, pb, m0, n0, r, c, acc[mb]);
           else
             epilogue<2, false, Plan>(e, sbase, pb, m0, n0, r, c, acc[mb]);
           break;
@@ -429,9 +444,9 @@ bool encode_2d(CUtensorMap* map, const void* base, int64_t rows, int64_t cols, i
             CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <int BITS, int MB>
+template <int BITS, int MODE>
 cudaError_t launch_ws(const GemmArgs& g, cudaStream_t stream) {
-  using Plan = WsPlan<BITS, MB>;
+  using Plan = WsPlan<BITS, MODE>;
   WsArgs w;
   std::memset(&w, 0, sizeof(w));
   w.g = g;
@@ -440,7 +455,7 @@ cudaError_t launch_ws(const GemmArgs& g, cudaStream_t stream) {
   if (!encode_2d(&w.act, g.a, g.epi.m, g.ka, g.lda, 128, kBM, true) ||
       !encode_2d(&w.wgt, g.w, g.epi.n, g.ldw, g.ldw, WsFmt<BITS>::kRowBytes, Plan::kRows, WsFmt<BITS>::kSwizzled))
     return cudaErrorInvalidValue;
-  auto kernel = qgemm_sm90_ws_kernel<BITS, MB>;
+  auto kernel = qgemm_sm90_ws_kernel<BITS, MODE>;
   const cudaError_t attr = allow_smem(reinterpret_cast<const void*>(kernel), Plan::kAllocBytes);
   if (attr != cudaSuccess) return attr;
   int dev = 0, sms = 0;
@@ -466,11 +481,19 @@ int qgemm_sm90_ws_rows(int n, int k) {
   return k >= kWsRows256MinK && n % 256 == 0 ? 256 : 128;
 }
 
+int qgemm_sm90_ws_mode(int n, int k, bool tail) {
+  const char* pp = std::getenv("QVDIT_WS_PINGPONG");  // 1: ping-pong for 128-row tiles (not yet measured)
+  if (qgemm_sm90_ws_rows(n, k) == 256) return kWsCoop256;
+  return pp && std::atoi(pp) == 1 && !tail ? kWsPingPong : kWsCoop128;
+}
+
 cudaError_t qgemm_sm90_ws(const GemmArgs& g, int bits, cudaStream_t stream) {
   if (!qgemm_sm90_ws_supported(g, bits)) return cudaErrorNotSupported;
-  const bool tall = qgemm_sm90_ws_rows(g.epi.n, g.ka) == 256;
-  if (bits == 3) return tall ? launch_ws<3, 2>(g, stream) : launch_ws<3, 1>(g, stream);
-  return tall ? launch_ws<4, 2>(g, stream) : launch_ws<4, 1>(g, stream);
+  switch (qgemm_sm90_ws_mode(g.epi.n, g.ka, g.epi.activation != 0 || g.epi.residual != nullptr)) {
+    case kWsCoop256: return bits == 3 ? launch_ws<3, kWsCoop256>(g, stream) : launch_ws<4, kWsCoop256>(g, stream);
+    case kWsPingPong: return bits == 3 ? launch_ws<3, kWsPingPong>(g, stream) : launch_ws<4, kWsPingPong>(g, stream);
+    default: return bits == 3 ? launch_ws<3, kWsCoop128>(g, stream) : launch_ws<4, kWsCoop128>(g, stream);
+  }
 }
 
 }  // namespace qv

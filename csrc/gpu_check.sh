@@ -47,6 +47,8 @@ if has test; then
   QVDIT_CUDA_GEMM_PATH=sm80 step test_shared_sm80 python3 -m pytest -q -p no:cacheprovider tests/test_gemm.py -k cuda
   QVDIT_CUDA_GEMM_PATH=sm90ws QVDIT_WS_ROWS=256 step test_shared_sm90ws_256 \
     python3 -m pytest -q -p no:cacheprovider tests/test_gemm.py -k cuda
+  QVDIT_CUDA_GEMM_PATH=sm90ws QVDIT_WS_PINGPONG=1 step test_shared_sm90ws_pingpong \
+    python3 -m pytest -q -p no:cacheprovider tests/test_gemm.py -k cuda
 fi
 if has sanitize; then
   for tool in memcheck racecheck; do

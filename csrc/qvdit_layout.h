@@ -279,32 +279,49 @@ struct WsFmt<4> {
   static constexpr bool kSwizzled = true;
 };
 
-// MB = m64 blocks of weight rows per consumer warpgroup: a CTA tile is 128 MB weight rows x 128 tokens.
-// MB = 2 halves the activation bytes each MAC pulls from L2 into shared memory (the tile is read once per
-// 256 weight rows instead of per 128): at 128 x 128 an int8 mainloop at full rate needs ~43 B/clk/SM
-// from L2, more than the L2 delivers to all SMs at once.
-template <int BITS, int MB>
+// Tile modes of the ws kernel (MODE), each tile 128 tokens wide:
+//   kWsCoop128: both consumer warpgroups share a 128-row tile, 64 rows (MB = 1 m64 block) each;
+//   kWsCoop256: both share a 256-row tile, 128 rows (MB = 2) each. This halves the activation bytes each MAC
+//               pulls from L2 into shared memory (the tile is read once per 256 weight rows, not 128): at
+//               128 x 128 an int8 mainloop at full rate needs ~43 B/clk/SM from L2, more than the L2 delivers
+//               to all SMs at once;
+//   kWsPingPong: each warpgroup owns whole 128-row tiles (MB = 2), taking every other tile of the CTA. The
+//               ring's load order alternates the two, so one warpgroup's epilogue runs while the other's
+//               MMAs do (for small K, where the per-tile epilogue is a large share).
+constexpr int kWsCoop128 = 1, kWsCoop256 = 2, kWsPingPong = 3;
+
+template <int BITS, int MODE>
 struct WsPlan {
-  static constexpr int kRows = 128 * MB;                         // weight rows per CTA tile
-  static constexpr int kStages = MB == 2 ? 3 : kWsStages;     // (a 256-row slot is 56-64 KB)
+  static constexpr int MB = MODE == kWsCoop128 ? 1 : 2;          // m64 blocks per consumer warpgroup
+  static constexpr bool kPingPong = MODE == kWsPingPong;
+  static constexpr int kRows = MODE == kWsCoop256 ? 256 : 128;  // weight rows per tile
+  static constexpr int kSlotConsumers = kPingPong ? 1 : 2;       // warpgroups that read (and release) a slot
+  static constexpr int kStages = kRows == 256 ? 3 : kWsStages;  // (a 256-row slot is 56-64 KB)
   static constexpr int kABytes = kBM * kWsKS;                    // two SW128 blocks of [128 tokens][128 B]
   static constexpr int kPBytes = kRows * WsFmt<BITS>::kRowBytes;  // [weight rows][row bytes]
   static constexpr int kSlotBytes = kABytes + kPBytes;
   static constexpr int kBarBytes = 2 * kStages * 8;             // full[s], empty[s] (8-byte mbarriers)
-  // The epilogue's operands of one tile, staged by the consumers while the tile's MMAs run (two buffers,
-  // alternating per tile): per token sx, rowsum, u; per weight row sw, zw, bias, beta (4-byte each).
-  static constexpr int kParamBytes = kBM * 12 + kRows * 16;
-  static constexpr int kBytes = kStages * kSlotBytes + kBarBytes + 2 * kParamBytes;
+  // The epilogue's operands of one tile, staged by its consumers while the tile's MMAs run (two buffers per
+  // tile owner, alternating per tile): per token sx, rowsum, u and the offset of its residual-gate row
+  // ((m / gate_div) * N: one division per token, not per output); per weight row sw, zw, bias, beta (4 bytes).
+  static constexpr int kTokenArrays = 4;
+  static constexpr int kParamBytes = kBM * 4 * kTokenArrays + kRows * 16;
+  static constexpr int kParamBufs = kPingPong ? 4 : 2;
+  static constexpr int kBytes = kStages * kSlotBytes + kBarBytes + kParamBufs * kParamBytes;
   static constexpr int kAllocBytes = kBytes + 1024;
   QV_HD static uint32_t a(int slot) { return (uint32_t)(slot * kSlotBytes); }
   QV_HD static uint32_t p(int slot) { return (uint32_t)(slot * kSlotBytes + kABytes); }
   QV_HD static uint32_t full(int slot) { return (uint32_t)(kStages * kSlotBytes + 8 * slot); }
   QV_HD static uint32_t empty(int slot) { return (uint32_t)(kStages * kSlotBytes + 8 * (kStages + slot)); }
-  // operand arrays of buffer b: [kBM] sx, rowsum, u, then [kRows] sw, zw, bias, beta
+  // operand arrays of buffer b: [kBM] sx, rowsum, u, gate row offset (arrays 0-3), then [kRows] sw, zw,
+  // bias, beta (arrays 4-7)
   QV_HD static uint32_t param(int b, int array) {
     const uint32_t base = (uint32_t)(kStages * kSlotBytes + kBarBytes + b * kParamBytes);
-    return array < 3 ? base + (uint32_t)(array * kBM * 4) : base + (uint32_t)(3 * kBM * 4 + (array - 3) * kRows * 4);
+    return array < kTokenArrays ? base + (uint32_t)(array * kBM * 4)
+                                : base + (uint32_t)(kTokenArrays * kBM * 4 + (array - kTokenArrays) * kRows * 4);
   }
+  // Warpgroup wg's first weight row in the tile (its m-blocks are 64 rows apart).
+  QV_HD static int wg_row0(int wg) { return kPingPong ? 0 : wg * 64 * MB; }
   static_assert(kABytes % 1024 == 0 && kPBytes % 1024 == 0, "1024-aligned slots (SW128 and TMA)");
   static_assert(kAllocBytes <= 227 * 1024, "shared memory of one CTA");
 };

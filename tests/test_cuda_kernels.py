@@ -17,7 +17,15 @@ from test_gemm import make_problem
 
 pytestmark = pytest.mark.skipif("cuda" not in KERNEL_BACKENDS, reason="needs a GPU and the built CUDA extension")
 DEV = torch.device("cuda")
-PATHS = ["sm80", "sm90", "sm90ws"]  # sm90ws: the warp-specialized kernel (W3/W4; W8 takes sm90)
+# sm90ws: the warp-specialized kernel (W3/W4; W8 takes sm90); sm90ws_pp: the same in ping-pong tile mode
+# (QVDIT_WS_PINGPONG=1, which applies to its 128-row tiles)
+PATHS = ["sm80", "sm90", "sm90ws", "sm90ws_pp"]
+
+
+def set_path(monkeypatch, name):
+    """Select one GEMM kernel through the environment (read per call)."""
+    monkeypatch.setenv("QVDIT_CUDA_GEMM_PATH", "sm90ws" if name == "sm90ws_pp" else name)
+    monkeypatch.setenv("QVDIT_WS_PINGPONG", "1" if name == "sm90ws_pp" else "0")
 
 
 @pytest.fixture(params=PATHS)
@@ -27,7 +35,7 @@ def path(request, monkeypatch):
 
     if request.param.startswith("sm90") and not _C.sm90_available():
         pytest.skip("wgmma path needs an sm_90 GPU and an sm_90a build")
-    monkeypatch.setenv("QVDIT_CUDA_GEMM_PATH", request.param)
+    set_path(monkeypatch, request.param)
     return request.param
 
 
@@ -78,7 +86,7 @@ def test_real_shapes_bit_exact(w_bits, a_bits, monkeypatch):
                             torch.float32).to(torch.bfloat16).double()
         ys = []
         for p in available_paths():
-            monkeypatch.setenv("QVDIT_CUDA_GEMM_PATH", p)
+            set_path(monkeypatch, p)
             acc = qk.qgemm(**a, out_dtype=torch.int32, backend="cuda")
             assert torch.equal(acc.double(), want), (p, k, n)
             y = qk.qgemm(**a, out_dtype=torch.bfloat16, backend="cuda")
@@ -131,7 +139,7 @@ def test_paths_agree_bitwise(w_bits, out_dtype, monkeypatch):
     a["x_scale"] = a["x_scale"].clamp(max=1e-2)
     outs = []
     for p in PATHS:
-        monkeypatch.setenv("QVDIT_CUDA_GEMM_PATH", p)
+        set_path(monkeypatch, p)
         outs.append(qk.qgemm(**a, out_dtype=out_dtype, backend="cuda"))
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 

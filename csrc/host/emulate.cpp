@@ -6,9 +6,8 @@
 // barriers and pipeline timing (compute-sanitizer racecheck on the GPU covers those).
 //
 //   emulate gemm BITS M K N DIR  reads DIR/{xq,w,sx,sw,zw,bias,u,beta}.bin, writes DIR/{acc80,acc90}.bin
-//                                (int32 zero-corrected accumulators; W3/W4 also accws.bin / accws2.bin,
-//                                the warp-specialized path with 128 / 256-row tiles) and DIR/y90.bin
-//                                (float32 epilogue)
+//                                (int32 zero-corrected accumulators; W3/W4 also accws{1,2,3}.bin, the
+//                                warp-specialized path in each tile mode) and DIR/y90.bin (float32 epilogue)
 //   emulate actq BITS M K G DIR  reads DIR/{x,alpha,gate,fid}.bin (float32, fid int32), writes
 //                                DIR/{xq,scale,u,rowsum}.bin
 #include <cmath>
@@ -312,14 +311,16 @@ void cta_sm90(const Problem& p, int tm, int tn, std::vector<int32_t>& out, std::
     }
 }
 
-// The warp-specialized sm90 path (gemm_sm90_ws.cu) as one persistent CTA of a grid of `grid` CTAs, tile
-// height 128 MB: TMA boxes into the ring slot of the global step counter, each MMA group's fragments as
-// the kernel builds them (ws_weight_frags, or two ws_weight_frags_half for MB = 2), wgmma with A from
+// The warp-specialized sm90 path (gemm_sm90_ws.cu) as one persistent CTA of a grid of `grid` CTAs in tile
+// mode MODE: TMA boxes into the ring slot of the global step counter, each MMA group's fragments as the
+// kernel builds them (ws_weight_frags, or two ws_weight_frags_half for MB = 2) for each warpgroup that
+// computes the tile (both, or in ping-pong mode the tile's owner, rows from 0), wgmma with A from
 // registers (PTX "register fragment for A": thread T, register r holds row 16 (T / 32) + (T % 32) / 4 +
 // 8 (r % 2), codes 4 (T % 4) + 16 (r / 2) + 0..3 of the k32 slice) and B through its SW128 descriptor.
-template <int BITS, int MB>
+template <int BITS, int MODE>
 void cta_ws(const Problem& p, int cta, int grid, std::vector<int32_t>& out, std::vector<int>& hits) {
-  using Plan = WsPlan<BITS, MB>;
+  using Plan = WsPlan<BITS, MODE>;
+  constexpr int MB = Plan::MB, kWgs = Plan::kPingPong ? 1 : 2;  // warpgroups computing one tile
   constexpr int RB = WsFmt<BITS>::kRowBytes;
   const GemmArgs& g = p.g;
   const int steps = ws_steps(g.ka), tiles_n = (g.epi.n + Plan::kRows - 1) / Plan::kRows;
@@ -330,7 +331,7 @@ void cta_ws(const Problem& p, int cta, int grid, std::vector<int32_t>& out, std:
     int tm, tn;
     tile_coords(tile, g.tiles_m, tiles_n, tm, tn);
     const int m0 = tm * kBM, n0 = tn * Plan::kRows;
-    std::vector<int32_t> acc(kWsConsumers * MB * 64, 0);  // [tid][mb][i]
+    std::vector<int32_t> acc(kWgs * 128 * MB * 64, 0);  // [tid][mb][i]
     for (int t = 0; t < steps; ++t, ++it) {
       const int s = it % Plan::kStages;
       // TMA: activation boxes (128 rows x 128 codes, 128-byte swizzle), weight box (kRows rows x RB bytes);
@@ -353,10 +354,10 @@ void cta_ws(const Problem& p, int cta, int grid, std::vector<int32_t>& out, std:
         return load32(sm, Plan::p(s) + off);
       };
       for (int h = 0; h < MB; ++h)  // MMA groups of the step
-        for (int wg = 0; wg < kWsConsumers / 128; ++wg) {
+        for (int wg = 0; wg < kWgs; ++wg) {
           static uint32_t frag[128][8][4];  // [thread][group slot i][register]
           for (int tr = 0; tr < 128; ++tr) {
-            const int lane = tr % 32, row0 = wg * 64 * MB + (tr / 32) * 16 + lane / 4;
+            const int lane = tr % 32, row0 = Plan::wg_row0(wg) + (tr / 32) * 16 + lane / 4;
             if (MB == 1) {
               if (BITS == 3 && tail)
                 ws_weight_frags<BITS, true>(ld, row0, lane % 4, frag[tr]);
@@ -394,11 +395,11 @@ void cta_ws(const Problem& p, int cta, int grid, std::vector<int32_t>& out, std:
           }
         }
     }
-    for (int tid = 0; tid < kWsConsumers; ++tid)
+    for (int tid = 0; tid < kWgs * 128; ++tid)
       for (int mb = 0; mb < MB; ++mb)
         for (int e = 0; e < 64; ++e) {
           const int lane = tid % 32;
-          const int r = (tid / 128) * 64 * MB + 64 * mb + ((tid / 32) % 4) * 16 + lane / 4 + 8 * ((e / 2) % 2);
+          const int r = Plan::wg_row0(tid / 128) + 64 * mb + ((tid / 32) % 4) * 16 + lane / 4 + 8 * ((e / 2) % 2);
           const int c = 8 * (e / 4) + 2 * (lane % 4) + e % 2;
           const int n = n0 + r, m = m0 + c;  // transposed: rows of the accumulator are weight rows
           if (m >= p.m || n >= p.n) continue;
@@ -425,18 +426,20 @@ void run_gemm(Problem& p, const std::string& dir) {
   }
   for (int h : tiles) expect(h == 1, "tile_coords does not visit every tile exactly once");
   for (size_t i = 0; i < mn; ++i) expect(hits80[i] == 1 && hits90[i] == 1, "an output is not written exactly once");
-  if constexpr (BITS != 8) {  // the ws path (both tile heights) as a persistent grid of 3 CTAs
-    for (int mb = 1; mb <= 2; ++mb) {
+  if constexpr (BITS != 8) {  // the ws path (every tile mode) as a persistent grid of 3 CTAs
+    for (int mode : {kWsCoop128, kWsCoop256, kWsPingPong}) {
       std::vector<int32_t> accws(mn, 0);
       std::vector<int> hitsws(mn, 0);
       for (int cta = 0; cta < 3; ++cta) {
-        if (mb == 1)
-          cta_ws<BITS, 1>(p, cta, 3, accws, hitsws);
+        if (mode == kWsCoop128)
+          cta_ws<BITS, kWsCoop128>(p, cta, 3, accws, hitsws);
+        else if (mode == kWsCoop256)
+          cta_ws<BITS, kWsCoop256>(p, cta, 3, accws, hitsws);
         else
-          cta_ws<BITS, 2>(p, cta, 3, accws, hitsws);
+          cta_ws<BITS, kWsPingPong>(p, cta, 3, accws, hitsws);
       }
       for (size_t i = 0; i < mn; ++i) expect(hitsws[i] == 1, "ws path: an output is not written exactly once");
-      write_file(dir + (mb == 1 ? "/accws.bin" : "/accws2.bin"), accws);
+      write_file(dir + "/accws" + std::to_string(mode) + ".bin", accws);
     }
   }
   std::vector<float> y(mn);
