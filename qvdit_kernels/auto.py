@@ -33,6 +33,7 @@ def _device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
 
+@torch.compiler.assume_constant_result  # a table lookup on fixed facts: traced as a constant, never a graph break
 def gemm_backend(device: torch.device, w_bits: int, k: int, has_tail: bool, device_name: str | None = None):
     """The backend the table names for this GEMM on `device`, or None (then the default order applies).
     `device_name` overrides the name read from the device (tests)."""

@@ -37,6 +37,19 @@ def test_rules(w_bits, k, tail, name, want):
     assert auto.gemm_backend(CUDA_DEV, w_bits, k, tail, device_name=name) == want
 
 
+def test_lookup_traces_as_a_constant(monkeypatch):
+    """Under torch.compile(fullgraph=True) the table lookup (device name, cached table) is a constant."""
+    monkeypatch.setattr(auto, "_device_name", lambda index: H200)
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(x):
+        return x + (1.0 if auto.gemm_backend(CUDA_DEV, 3, 5120, False) == "cuda" else 0.0)
+
+    assert f(torch.zeros(2)).tolist() == [1.0, 1.0]
+    torch._dynamo.reset()
+
+
 def test_cpu_tensors_take_no_rule():
     assert auto.gemm_backend(torch.device("cpu"), 3, 5120, False) is None
 
