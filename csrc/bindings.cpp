@@ -275,7 +275,8 @@ TORCH_LIBRARY_IMPL(qvdit, Meta, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "qvdit CUDA kernels; the ops are torch.ops.qvdit.cuda_act_quant and torch.ops.qvdit.cuda_qgemm";
   m.def("ws_takes", [](int64_t w_bits, int64_t path) {
-    return (w_bits == 3 || w_bits == 4) && (path == 0 || path == 3) && qv::qgemm_sm90_available();
+    qv::GemmArgs aligned{};  // the binding pads and aligns the operands it passes: only bits and the driver matter
+    return (path == 0 || path == 3) && qv::qgemm_sm90_available() && qv::qgemm_sm90_ws_supported(aligned, (int)w_bits);
   }, "True when cuda_qgemm with these w_bits and path runs the warp-specialized kernel (which fuses the tail)");
   m.def("sm90_available", &qv::qgemm_sm90_available,
         "True when the current GPU is sm_90 and the extension holds the sm_90a wgmma kernels");

@@ -1,7 +1,7 @@
 // qgemm on Hopper (sm_90a), warp-specialized, W3/W4 weights unpacked into wgmma's register operand.
 //
-// The CTA computes C^T = W X^T for 128 weight rows x 128 tokens (qvdit_layout.h, "warp-specialized sm90
-// path"): warps 0-7 are two consumer warpgroups, warpgroup 2 the producer (its registers go to the
+// The CTA computes C^T = W X^T in tiles of 128 or 256 weight rows x 128 tokens (qvdit_layout.h,
+// "warp-specialized sm90 path", tile modes): warps 0-7 are two consumer warpgroups, warpgroup 2 the producer (its registers go to the
 // consumers through setmaxnreg: 240 per consumer thread, room for the accumulators, two groups of weight
 // fragments and the epilogue).
 //   producer (one thread): for every step of every tile this CTA owns, wait until ring slot s is empty,
@@ -146,16 +146,21 @@ struct Params {
 };
 template <class Plan>
 __device__ __forceinline__ Params load_params(const Epi& e, int m0, int n0, int tid) {
-  Params p;
-  const int m = min(m0 + min(tid, kBM - 1), e.m - 1), n = min(n0 + min(tid, Plan::kRows - 1), e.n - 1);
-  p.v[0] = e.sx[m];
-  p.v[1] = __int_as_float(e.rowsum[m]);
-  p.v[2] = e.u ? e.u[m] : 0.f;
-  p.v[3] = __int_as_float(e.rgate ? (m / e.gate_div) * e.n : 0);
-  p.v[4] = e.sw[n];
-  p.v[5] = e.zw[n];
-  p.v[6] = e.bias ? e.bias[n] : 0.f;
-  p.v[7] = e.u ? e.beta[n] : 0.f;
+  Params p = {};
+  if (tid < kBM) {
+    const int m = min(m0 + tid, e.m - 1);
+    p.v[0] = e.sx[m];
+    p.v[1] = __int_as_float(e.rowsum[m]);
+    p.v[2] = e.u ? e.u[m] : 0.f;
+    p.v[3] = __int_as_float(e.rgate ? (m / e.gate_div) * e.n : 0);
+  }
+  if (tid < Plan::kRows) {
+    const int n = min(n0 + tid, e.n - 1);
+    p.v[4] = e.sw[n];
+    p.v[5] = e.zw[n];
+    p.v[6] = e.bias ? e.bias[n] : 0.f;
+    p.v[7] = e.u ? e.beta[n] : 0.f;
+  }
   return p;
 }
 template <class Plan>
@@ -192,7 +197,7 @@ __device__ __forceinline__ float tail_activation(const Epi& e, float y) {
 template <int OUT, bool TAIL>
 __device__ __forceinline__ float tail_residual(const Epi& e, int m, int n, int grow, float y) {
   if (!TAIL || !e.residual) return y;
-  if (e.rgate) y = y * e.rgate[(size_t)grow + n];
+  if (e.rgate) y = QV_FMUL(y, e.rgate[(size_t)grow + n]);
   const size_t i = (size_t)m * e.ld_res + n;
   float r;
   if (OUT == 0)
@@ -201,7 +206,7 @@ __device__ __forceinline__ float tail_residual(const Epi& e, int m, int n, int g
     r = __half2float(static_cast<const __half*>(e.residual)[i]);
   else
     r = static_cast<const float*>(e.residual)[i];
-  return r + y;
+  return QV_FADD(r, y);  // separate multiply and add, as the reference (never contracted into an FMA)
 }
 
 // Epilogue of one m64 block of a tile. Accumulator i is weight row n0 + r + 8 ((i / 2) % 2), token
@@ -310,6 +315,8 @@ __global__ void __launch_bounds__(kWsThreads, 1) qgemm_sm90_ws_kernel(const __gr
       mbar_init(sbase + Plan::full(s), 1);               // the producer's arrive (+ the TMA bytes)
       mbar_init(sbase + Plan::empty(s), Plan::kSlotConsumers);  // one arrive per warpgroup that reads it
     }
+    mbar_init(sbase + Plan::turn(0), 1);  // (ping-pong) the other warpgroup's leader, once per tile
+    mbar_init(sbase + Plan::turn(1), 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
@@ -349,6 +356,8 @@ __global__ void __launch_bounds__(kWsThreads, 1) qgemm_sm90_ws_kernel(const __gr
   for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x, ++ntile) {
     if (Plan::kPingPong && (ntile & 1) != wg) continue;  // the other warpgroup's tile
     const int it0 = ntile * w.steps;                     // the ring's step counter at this tile's first step
+    if (Plan::kPingPong && ntile > 0)  // the other warpgroup has passed all waits of tile ntile - 1 (its
+      mbar_wait(sbase + Plan::turn(wg), ((ntile - 1) >> 1) & 1);  // ((ntile - 1) / 2)-th arrive here)
     int tm, tn;
     tile_coords(tile, g.tiles_m, g.tiles_n, tm, tn);
     QV_UNROLL
@@ -368,6 +377,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) qgemm_sm90_ws_kernel(const __gr
       if (gi + 1 < groups) consumer_group<BITS, MODE>(w, sbase, it0, gi + 1, leader, row0, q, acc, f1, f0);
     }
     wgmma_wait<0>();
+    if (Plan::kPingPong && leader) mbar_arrive(sbase + Plan::turn(1 - wg));  // the other's next tile may start
     QV_UNROLL
     for (int mb = 0; mb < MB; ++mb) fence_regs<64>(acc[mb]);
     fence_regs<32>(&f0[0][0]);
@@ -376,10 +386,12 @@ __global__ void __launch_bounds__(kWsThreads, 1) qgemm_sm90_ws_kernel(const __gr
     // Every consumer of the tile has staged its operands, and has finished the epilogue of its tile before
     // this one, which read the buffer that its next tile's store_params overwrites. (Named barrier 1 for
     // both warpgroups, 1 + wg for one.)
-    if (Plan::kPingPong)
-      asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
-    else
+    if (!Plan::kPingPong)
       asm volatile("bar.sync 1, %0;\n" ::"n"(kWsConsumers) : "memory");
+    else if (wg == 0)  // (constant barrier ids: a register id makes ptxas reserve all 16)
+      asm volatile("bar.sync 1, 128;\n" ::: "memory");
+    else
+      asm volatile("bar.sync 2, 128;\n" ::: "memory");
 
     const Epi& e = g.epi;
     const int m0 = tm * kBM, n0 = tn * Plan::kRows, c = 2 * q;
@@ -462,7 +474,9 @@ cudaError_t launch_ws(const GemmArgs& g, cudaStream_t stream) {
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   const int tiles = w.g.tiles_m * w.g.tiles_n;
-  kernel<<<tiles < sms ? tiles : sms, kWsThreads, Plan::kAllocBytes, stream>>>(w);
+  const int per_cta = Plan::kPingPong ? 2 : 1;  // (ping-pong: at least two tiles per CTA, one per warpgroup)
+  const int grid = (tiles + per_cta - 1) / per_cta;
+  kernel<<<grid < sms ? grid : sms, kWsThreads, Plan::kAllocBytes, stream>>>(w);
   return cudaGetLastError();
 }
 

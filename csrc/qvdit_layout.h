@@ -286,8 +286,9 @@ struct WsFmt<4> {
 //               128 x 128 an int8 mainloop at full rate needs ~43 B/clk/SM from L2, more than the L2 delivers
 //               to all SMs at once;
 //   kWsPingPong: each warpgroup owns whole 128-row tiles (MB = 2), taking every other tile of the CTA. The
-//               ring's load order alternates the two, so one warpgroup's epilogue runs while the other's
-//               MMAs do (for small K, where the per-tile epilogue is a large share).
+//               ring's load order alternates the two, and a warpgroup starts a tile only when the other has
+//               finished the mainloop of the tile before (WsPlan::turn), so one warpgroup's epilogue runs
+//               while the other's MMAs do (for small K, where the per-tile epilogue is a large share).
 constexpr int kWsCoop128 = 1, kWsCoop256 = 2, kWsPingPong = 3;
 
 template <int BITS, int MODE>
@@ -300,7 +301,8 @@ struct WsPlan {
   static constexpr int kABytes = kBM * kWsKS;                    // two SW128 blocks of [128 tokens][128 B]
   static constexpr int kPBytes = kRows * WsFmt<BITS>::kRowBytes;  // [weight rows][row bytes]
   static constexpr int kSlotBytes = kABytes + kPBytes;
-  static constexpr int kBarBytes = 2 * kStages * 8;             // full[s], empty[s] (8-byte mbarriers)
+  // full[s], empty[s], and (ping-pong) turn[2]: 8-byte mbarriers
+  static constexpr int kBarBytes = 2 * kStages * 8 + 16;
   // The epilogue's operands of one tile, staged by its consumers while the tile's MMAs run (two buffers per
   // tile owner, alternating per tile): per token sx, rowsum, u and the offset of its residual-gate row
   // ((m / gate_div) * N: one division per token, not per output); per weight row sw, zw, bias, beta (4 bytes).
@@ -313,6 +315,10 @@ struct WsPlan {
   QV_HD static uint32_t p(int slot) { return (uint32_t)(slot * kSlotBytes + kABytes); }
   QV_HD static uint32_t full(int slot) { return (uint32_t)(kStages * kSlotBytes + 8 * slot); }
   QV_HD static uint32_t empty(int slot) { return (uint32_t)(kStages * kSlotBytes + 8 * (kStages + slot)); }
+  // Ping-pong: warpgroup wg may wait on its next tile's slots once turn[wg] says the other warpgroup has
+  // passed every wait of its tile before (else a slot's barrier can still be a phase behind, and a parity
+  // wait for this warpgroup's fill would pass on the other's unfinished one).
+  QV_HD static uint32_t turn(int wg) { return (uint32_t)(kStages * kSlotBytes + 8 * (2 * kStages + wg)); }
   // operand arrays of buffer b: [kBM] sx, rowsum, u, gate row offset (arrays 0-3), then [kRows] sw, zw,
   // bias, beta (arrays 4-7)
   QV_HD static uint32_t param(int b, int array) {

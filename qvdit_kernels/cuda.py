@@ -49,7 +49,8 @@ ACTIVATIONS = {None: 0, "gelu_tanh": 1}
 
 
 @torch.compiler.assume_constant_result  # a fixed property of the GPU and build: traced as a constant
-def _ws_takes(w_bits: int, path: int) -> bool:
+def ws_takes(w_bits: int, path: int) -> bool:
+    """Whether cuda_qgemm with these w_bits and path (GEMM_PATHS) runs the warp-specialized kernel."""
     return bool(_C.ws_takes(w_bits, path))
 
 
@@ -59,7 +60,7 @@ def _gemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsu
     it), else the tail after the kernel (reference.epilogue_tail)."""
     path = gemm_path()
     tail = activation is not None or residual is not None
-    if not tail or _ws_takes(w_bits, path):
+    if not tail or ws_takes(w_bits, path):
         return torch.ops.qvdit.cuda_qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum,
                                           out_dtype, path, ACTIVATIONS[activation], residual, residual_gate)
     y = torch.ops.qvdit.cuda_qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum,

@@ -221,9 +221,14 @@ def _auto_gemm_backend(backend, device, w_bits, k, tail) -> str:
     if backend != "auto":
         return backend
     name = auto.gemm_backend(device, w_bits, k, tail)
-    if name is not None and backends.availability(name, device)[0] and backends.implemented_here("qgemm", name):
-        return name
-    return "auto"
+    if name is None or not backends.availability(name, device)[0] or not backends.implemented_here("qgemm", name):
+        return "auto"
+    if name == "cuda":  # the table means the warp-specialized kernel: not an extension built without sm_90a
+        from . import cuda
+
+        if not cuda.ws_takes(w_bits, 0):
+            return "auto"
+    return name
 
 
 def qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias=None, u=None, beta=None, x_rowsum=None,
