@@ -109,7 +109,7 @@ __device__ __forceinline__ void consumer_group(const WsArgs& w, uint32_t sbase, 
                                                uint32_t (&fn)[8][4]) {
   using Plan = WsPlan<BITS, MODE>;
   constexpr int S = Plan::kStages;
-  const int t = gi / MB, h = gi % MB, s = (it0 + t) % S;
+  const int t = gi / MB, h = gi % MB, s = ws_slot(it0 + t, S);
   QV_UNROLL
   for (int mb = 0; mb < MB; ++mb) fence_regs<64>(acc[mb]);
   fence_regs<32>(&fc[0][0]);
@@ -124,11 +124,11 @@ __device__ __forceinline__ void consumer_group(const WsArgs& w, uint32_t sbase, 
   for (int mb = 0; mb < MB; ++mb) fence_regs<64>(acc[mb]);
   wgmma_wait<1>();  // group gi-1 has retired: its fragment registers (fn) are free
   fence_regs<32>(&fn[0][0]);
-  if (h == 0 && t > 0 && leader) mbar_arrive(sbase + Plan::empty((it0 + t - 1) % S));  // step t-1 done
+  if (h == 0 && t > 0 && leader) mbar_arrive(sbase + Plan::empty(ws_slot(it0 + t - 1, S)));  // step t-1 done
   const int g1 = gi + 1, t1 = g1 / MB, h1 = g1 % MB;
   if (t1 < w.steps) {
-    if (h1 == 0) mbar_wait(sbase + Plan::full((it0 + t1) % S), ((it0 + t1) / S) & 1);
-    build_group<BITS, MB>(sbase + Plan::p((it0 + t1) % S), w.g.tail && t1 == w.steps - 1, h1, row0, q, fn);
+    if (h1 == 0) mbar_wait(sbase + Plan::full(ws_slot(it0 + t1, S)), ws_full_parity(it0 + t1, S));
+    build_group<BITS, MB>(sbase + Plan::p(ws_slot(it0 + t1, S)), w.g.tail && t1 == w.steps - 1, h1, row0, q, fn);
   }
 }
 
@@ -331,8 +331,8 @@ __global__ void __launch_bounds__(kWsThreads, 1) qgemm_sm90_ws_kernel(const __gr
         int tm, tn;
         tile_coords(tile, g.tiles_m, g.tiles_n, tm, tn);
         for (int t = 0; t < w.steps; ++t, ++it) {
-          const int s = it % S;
-          mbar_wait(sbase + Plan::empty(s), ((it / S) & 1) ^ 1);  // the first round passes at once
+          const int s = ws_slot(it, S);
+          mbar_wait(sbase + Plan::empty(s), ws_empty_parity(it, S));  // the first round passes at once
           const uint32_t full = sbase + Plan::full(s);
           mbar_expect_tx(full, Plan::kSlotBytes);
           tma_load_2d(sbase + Plan::a(s), &w.act, full, t * kWsKS, tm * kBM);
@@ -354,10 +354,10 @@ __global__ void __launch_bounds__(kWsThreads, 1) qgemm_sm90_ws_kernel(const __gr
   uint32_t acc[MB][64], f0[8][4], f1[8][4];
   int ntile = 0;  // tiles of this CTA so far (both warpgroups')
   for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x, ++ntile) {
-    if (Plan::kPingPong && (ntile & 1) != wg) continue;  // the other warpgroup's tile
+    if (!ws_owns(Plan::kPingPong, ntile, wg)) continue;  // the other warpgroup's tile
     const int it0 = ntile * w.steps;                     // the ring's step counter at this tile's first step
-    if (Plan::kPingPong && ntile > 0)  // the other warpgroup has passed all waits of tile ntile - 1 (its
-      mbar_wait(sbase + Plan::turn(wg), ((ntile - 1) >> 1) & 1);  // ((ntile - 1) / 2)-th arrive here)
+    if (Plan::kPingPong && ntile > 0)  // the other warpgroup has passed all waits of tile ntile - 1
+      mbar_wait(sbase + Plan::turn(wg), ws_turn_parity(ntile));
     int tm, tn;
     tile_coords(tile, g.tiles_m, g.tiles_n, tm, tn);
     QV_UNROLL
@@ -369,8 +369,8 @@ __global__ void __launch_bounds__(kWsThreads, 1) qgemm_sm90_ws_kernel(const __gr
     // this tile's epilogue-operand buffer (read only after the barrier below): two per tile owner
     const int pb = Plan::kPingPong ? 2 * wg + ((ntile >> 1) & 1) : (ntile & 1);
     const Params params = load_params<Plan>(g.epi, tm * kBM, tn * Plan::kRows, ptid);
-    mbar_wait(sbase + Plan::full(it0 % S), (it0 / S) & 1);
-    build_group<BITS, MB>(sbase + Plan::p(it0 % S), g.tail && w.steps == 1, 0, row0, q, f0);
+    mbar_wait(sbase + Plan::full(ws_slot(it0, S)), ws_full_parity(it0, S));
+    build_group<BITS, MB>(sbase + Plan::p(ws_slot(it0, S)), g.tail && w.steps == 1, 0, row0, q, f0);
     for (int gi = 0; gi < groups; gi += 2) {
       consumer_group<BITS, MODE>(w, sbase, it0, gi, leader, row0, q, acc, f0, f1);
       if (gi == 0) store_params<Plan>(params, sbase, pb, ptid);  // (its loads waited under group 0's MMAs)
@@ -382,7 +382,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) qgemm_sm90_ws_kernel(const __gr
     for (int mb = 0; mb < MB; ++mb) fence_regs<64>(acc[mb]);
     fence_regs<32>(&f0[0][0]);
     fence_regs<32>(&f1[0][0]);
-    if (leader) mbar_arrive(sbase + Plan::empty((it0 + w.steps - 1) % S));
+    if (leader) mbar_arrive(sbase + Plan::empty(ws_slot(it0 + w.steps - 1, S)));
     // Every consumer of the tile has staged its operands, and has finished the epilogue of its tile before
     // this one, which read the buffer that its next tile's store_params overwrites. (Named barrier 1 for
     // both warpgroups, 1 + wg for one.)

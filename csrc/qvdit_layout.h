@@ -332,6 +332,19 @@ struct WsPlan {
   static_assert(kAllocBytes <= 227 * 1024, "shared memory of one CTA");
 };
 
+// The ring's protocol, shared by the kernel and its host model (emulate.cpp "ring", which plays producer and
+// consumers against modelled mbarriers in random orders). Fill `it` (the CTA's it-th step over all its tiles)
+// goes to slot it % S; the consumers wait for it on full[slot] with the parity of its round it / S, the
+// producer waits on empty[slot] for the round before (the first round passes at once on fresh barriers).
+QV_HD int ws_slot(int it, int stages) { return it % stages; }
+QV_HD uint32_t ws_full_parity(int it, int stages) { return (uint32_t)((it / stages) & 1); }
+QV_HD uint32_t ws_empty_parity(int it, int stages) { return ws_full_parity(it, stages) ^ 1u; }
+// Whether warpgroup wg computes the CTA's ntile-th tile (both do in cooperative modes).
+QV_HD bool ws_owns(bool pingpong, int ntile, int wg) { return !pingpong || (ntile & 1) == wg; }
+// Ping-pong: before its tile ntile >= 1 a warpgroup waits on its turn barrier for the other warpgroup's
+// arrive after tile ntile - 1, the ((ntile - 1) / 2)-th arrive on that barrier.
+QV_HD uint32_t ws_turn_parity(int ntile) { return (uint32_t)(((ntile - 1) >> 1) & 1); }
+
 // Byte offset of packed byte `col` of weight row `row` in a W3/W4 step buffer.
 template <int BITS>
 QV_HD uint32_t ws_p_offset(int row, int col) {

@@ -144,6 +144,20 @@ def test_emulated_gemm_paths_bit_exact(emulator, tmp_path, w_bits, m, k, n):
     assert torch.equal(y, ref)
 
 
+@pytest.mark.parametrize("mode", [1, 2, 3])  # kWsCoop128, kWsCoop256, kWsPingPong (qvdit_layout.h)
+def test_ws_ring_protocol(emulator, mode):
+    """The warp-specialized kernel's producer/consumer barrier protocol (its slot, parity and turn formulas from
+    qvdit_layout.h) in random interleavings against modelled mbarriers: every wait passes only on its own fill,
+    no slot is refilled under MMAs still reading it, nothing deadlocks. (Without the ping-pong turn barrier
+    this fails at 6 steps per tile.)"""
+    stages = 3 if mode == 2 else 4
+    for steps in (1, 2, 3, 5, 6, 9):
+        for tiles in (1, 4, 7):
+            res = subprocess.run([str(emulator), "ring", str(mode), str(steps), str(tiles), str(stages), "25"],
+                                 capture_output=True, text=True)
+            assert res.returncode == 0, res.stderr
+
+
 def _act_input(m, k, seed):
     g = gen(seed)
     x = torch.randn(m, k, generator=g) * torch.exp(torch.randn(m, 1, generator=g))
