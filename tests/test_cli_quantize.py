@@ -102,8 +102,9 @@ def test_bench_e2e_tiny_through_the_cli(tmp_path):
 def test_bench_cuda_figure_from_saved_results(tmp_path):
     """The CUDA benchmark's figure is drawn from saved result JSONs without a GPU (how the committed figure of
     BENCHMARKS.md is made), one bar series per method and run."""
-    runs = [str(ROOT / "benchmarks" / "results" / "cuda_h200_ws4.json") + ":(256-row tiles)",
-            str(ROOT / "benchmarks" / "results" / "cuda_h200_ws4_rows128.json") + ":(128-row tiles)"]
+    results = os.path.join(ROOT, "benchmarks", "results")
+    runs = [os.path.join(results, "cuda_h200_ws4.json") + ":(256-row tiles)",
+            os.path.join(results, "cuda_h200_ws4_rows128.json") + ":(128-row tiles)"]
     res = subprocess.run([sys.executable, "-m", "qvdit", "bench", "cuda", "--plot", *runs, "--out", str(tmp_path),
                           "--tag", "fig"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
