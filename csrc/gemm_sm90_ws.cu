@@ -138,7 +138,7 @@ __device__ __forceinline__ void sts32(uint32_t addr, uint32_t v) {
 __device__ __forceinline__ float ldsf(uint32_t addr) { return __uint_as_float(lds32(addr)); }
 
 // Epilogue operands of one tile, in two halves so that their global-load latency hides under the tile's
-// first MMAs: load_params (consumer thread tid: token tid's sx, rowsum, u and gate-row offset if tid < 128,
+// first MMAs: load_params (consumer thread tid: token tid's sx, rowsum, u and gate row if tid < 128,
 // weight row tid's sw, zw, bias, beta if tid < the tile's rows; indices past M or N clamped, those outputs
 // are never stored), then store_params into shared-memory buffer `pb` (WsPlan::param).
 struct Params {
@@ -152,7 +152,7 @@ __device__ __forceinline__ Params load_params(const Epi& e, int m0, int n0, int 
     p.v[0] = e.sx[m];
     p.v[1] = __int_as_float(e.rowsum[m]);
     p.v[2] = e.u ? e.u[m] : 0.f;
-    p.v[3] = __int_as_float(e.rgate ? (m / e.gate_div) * e.n : 0);
+    p.v[3] = __int_as_float(e.rgate ? m / e.gate_div : 0);  // its residual-gate row
   }
   if (tid < Plan::kRows) {
     const int n = min(n0 + tid, e.n - 1);
@@ -192,12 +192,12 @@ __device__ __forceinline__ float tail_activation(const Epi& e, float y) {
   return y;
 }
 
-// reference.epilogue_tail's residual add on output (m, n): residual + gate * y in float32 (grow = the
-// offset of token m's gate row, staged per token).
+// reference.epilogue_tail's residual add on output (m, n): residual + gate * y in float32 (grow = token m's
+// gate row, staged per token).
 template <int OUT, bool TAIL>
 __device__ __forceinline__ float tail_residual(const Epi& e, int m, int n, int grow, float y) {
   if (!TAIL || !e.residual) return y;
-  if (e.rgate) y = QV_FMUL(y, e.rgate[(size_t)grow + n]);
+  if (e.rgate) y = QV_FMUL(y, e.rgate[(size_t)grow * e.n + n]);
   const size_t i = (size_t)m * e.ld_res + n;
   float r;
   if (OUT == 0)
@@ -245,7 +245,7 @@ __device__ __forceinline__ void epilogue(const Epi& e, uint32_t sbase, int pb, i
       rs[j] = (int32_t)lds32(sbase + Plan::param(pb, 1) + 4 * cm);
       um[j] = ldsf(sbase + Plan::param(pb, 2) + 4 * cm);
     }
-    // (TAIL) gate-row offsets of the token(s) this thread stores: the pair's token, or tokens c + 8 jb + j
+    // (TAIL) gate rows of the token(s) this thread stores: the pair's token, or tokens c + 8 jb + j
     auto grow = [&](int cm) { return TAIL ? (int)lds32(sbase + Plan::param(pb, 3) + 4 * cm) : 0; };
     QV_UNROLL
     for (int h = 0; h < 2; ++h) {

@@ -304,8 +304,8 @@ struct WsPlan {
   // full[s], empty[s], and (ping-pong) turn[2]: 8-byte mbarriers
   static constexpr int kBarBytes = 2 * kStages * 8 + 16;
   // The epilogue's operands of one tile, staged by its consumers while the tile's MMAs run (two buffers per
-  // tile owner, alternating per tile): per token sx, rowsum, u and the offset of its residual-gate row
-  // ((m / gate_div) * N: one division per token, not per output); per weight row sw, zw, bias, beta (4 bytes).
+  // tile owner, alternating per tile): per token sx, rowsum, u and its residual-gate row (m / gate_div: one
+  // division per token, not per output); per weight row sw, zw, bias, beta (4 bytes).
   static constexpr int kTokenArrays = 4;
   static constexpr int kParamBytes = kBM * 4 * kTokenArrays + kRows * 16;
   static constexpr int kParamBufs = kPingPong ? 4 : 2;
@@ -319,7 +319,7 @@ struct WsPlan {
   // passed every wait of its tile before (else a slot's barrier can still be a phase behind, and a parity
   // wait for this warpgroup's fill would pass on the other's unfinished one).
   QV_HD static uint32_t turn(int wg) { return (uint32_t)(kStages * kSlotBytes + 8 * (2 * kStages + wg)); }
-  // operand arrays of buffer b: [kBM] sx, rowsum, u, gate row offset (arrays 0-3), then [kRows] sw, zw,
+  // operand arrays of buffer b: [kBM] sx, rowsum, u, gate row (arrays 0-3), then [kRows] sw, zw,
   // bias, beta (arrays 4-7)
   QV_HD static uint32_t param(int b, int array) {
     const uint32_t base = (uint32_t)(kStages * kSlotBytes + kBarBytes + b * kParamBytes);
