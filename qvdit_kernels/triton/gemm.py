@@ -146,7 +146,7 @@ def _tail(y, res_ptr, rgate_ptr, offs_m, rm, rn, stride_rm, gate_div, N, mask, O
     if HAS_RES:
         r = tl.load(res_ptr + offs_m.to(tl.int64)[None, :] * stride_rm + rn[:, None], mask=mask, other=0.0)
         if HAS_RGATE:
-            grow = (rm // gate_div).to(tl.int64)  # (int64: a per-token gate has M x N entries, past 2^31 for long videos)
+            grow = (rm // gate_div).to(tl.int64)  # int64: a per-token gate has M x N entries (> 2^31 possible)
             y = y * tl.load(rgate_ptr + grow[None, :] * N + rn[:, None])
         y = r.to(tl.float32) + y
     return y
