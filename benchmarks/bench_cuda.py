@@ -66,6 +66,7 @@ def run_variant(p, wb, ab, shape, t_bf16, rows, do_aq, kernels):
     rq, rsx, ru, rrs = ref.quantize_activation(p.x[idx], ab, p.alpha, p.gate, p.fid[idx], want_rowsum=True)
     ref_y = ref.qgemm(rq, rsx, wp, wb, sw, zw, p.bias, ru, p.beta, out_dtype=torch.float32).to(torch.bfloat16)
     ref_acc = ref.qgemm(rq, rsx, wp, wb, sw, zw, out_dtype=torch.int32)
+    aq_done = set()
     for label, backend, path in kernels:
         set_path(path)
         try:
@@ -86,7 +87,8 @@ def run_variant(p, wb, ab, shape, t_bf16, rows, do_aq, kernels):
                 ms = bench_ms(fn) if ok else None
                 record(rows, p, shape, f"{label} {name} +TQE", mode, ms, t_bf16, variant=name, kernel=label,
                        valid=dict(spec_ratio=viol, act_quant_exact=aq_ok, acc_exact=acc_ok), ok=ok)
-            if do_aq and path in (None, "sm90ws"):  # one act-quant row per backend (the GEMM path is irrelevant)
+            if do_aq and backend not in aq_done:  # one act-quant row per backend (the GEMM path is irrelevant)
+                aq_done.add(backend)
                 ms = bench_ms(lambda: qk.quantize_activation_rowsum(p.x, ab, backend=backend, **aq_kw))
                 nbytes = p.m * p.k * (p.x.element_size() + 1) + p.m * 12
                 record(rows, p, shape, f"{label} act_quant A{ab} +TQE", "act_quant", ms, None, variant=f"A{ab}",

@@ -296,6 +296,15 @@ __device__ __forceinline__ void epilogue(const Epi& e, uint32_t sbase, int pb, i
     }
   }
 }
+// epilogue with the tail instantiation chosen at run time (the tail-free one keeps its lighter code).
+template <int OUT, class Plan>
+__device__ __forceinline__ void epilogue_any_tail(bool tail, const Epi& e, uint32_t sbase, int pb, int m0, int n0,
+                                                  int r, int c, const uint32_t (&acc)[64]) {
+  if (tail)
+    epilogue<OUT, !Plan::kPingPong, Plan>(e, sbase, pb, m0, n0, r, c, acc);
+  else
+    epilogue<OUT, false, Plan>(e, sbase, pb, m0, n0, r, c, acc);
+}
 #endif  // QV_SM90A
 
 template <int BITS, int MODE>
@@ -402,24 +411,9 @@ __global__ void __launch_bounds__(kWsThreads, 1) qgemm_sm90_ws_kernel(const __gr
       // cooperative 128-row kernel for a tail)
       const bool tail = !Plan::kPingPong && (e.activation || e.residual);
       switch (e.out_kind) {
-        case 0:
-          if (tail)
-            epilogue<0, !Plan::kPingPong, Plan>(e, sbase, pb, m0, n0, r, c, acc[mb]);
-          else
-            epilogue<0, false, Plan>(e, sbase, pb, m0, n0, r, c, acc[mb]);
-          break;
-        case 1:
-          if (tail)
-            epilogue<1, !Plan::kPingPong, Plan>(e, sbase, pb, m0, n0, r, c, acc[mb]);
-          else
-            epilogue<1, false, Plan>(e, sbase, pb, m0, n0, r, c, acc[mb]);
-          break;
-        case 2:
-          if (tail)
-            epilogue<2, !Plan::kPingPong, Plan>(e, sbase, pb, m0, n0, r, c, acc[mb]);
-          else
-            epilogue<2, false, Plan>(e, sbase, pb, m0, n0, r, c, acc[mb]);
-          break;
+        case 0: epilogue_any_tail<0, Plan>(tail, e, sbase, pb, m0, n0, r, c, acc[mb]); break;
+        case 1: epilogue_any_tail<1, Plan>(tail, e, sbase, pb, m0, n0, r, c, acc[mb]); break;
+        case 2: epilogue_any_tail<2, Plan>(tail, e, sbase, pb, m0, n0, r, c, acc[mb]); break;
         default: epilogue<3, false, Plan>(e, sbase, pb, m0, n0, r, c, acc[mb]); break;
       }
     }

@@ -127,13 +127,6 @@ def act_quant_results(xq, scale, u, rowsum, alpha, want_rowsum):
     return (xq, scale, u, rowsum) if want_rowsum else (xq, scale, u)
 
 
-def implemented_here(op: str, backend: str) -> bool:
-    """Whether `backend` has its own kernel for `op` registered (loading the backend's module if needed)."""
-    if backend != "torch":
-        _load(backend)
-    return (op, backend) in _IMPLS
-
-
 def implemented(op: str) -> list[str]:
     """Backends that currently have an implementation of `op` registered (after loading what loads)."""
     for b in _MODULES:

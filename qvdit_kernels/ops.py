@@ -221,7 +221,7 @@ def _auto_gemm_backend(backend, device, w_bits, k, tail) -> str:
     if backend != "auto":
         return backend
     name = auto.gemm_backend(device, w_bits, k, tail)
-    if name is None or not backends.availability(name, device)[0] or not backends.implemented_here("qgemm", name):
+    if name is None or backends.resolve("qgemm", name, device, fallback=False) is None:  # not runnable here
         return "auto"
     if name == "cuda":  # the table means the warp-specialized kernel: not an extension built without sm_90a
         from . import cuda
