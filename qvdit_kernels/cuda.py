@@ -54,13 +54,21 @@ def ws_takes(w_bits: int, path: int) -> bool:
     return bool(_C.ws_takes(w_bits, path))
 
 
+def fused_tail_enabled() -> bool:
+    """QVDIT_CUDA_FUSED_TAIL=1: run the epilogue tail inside the warp-specialized kernel. Opt-in because it is
+    slow: on the H200 (benchmarks/results/cuda_h200_ws5.json) the GEMM with the fused GELU or gated residual
+    took 2-3x the time of the plain GEMM, 0.25-0.52x of Triton's fused tail. Correct (test_ws_epilogue_tail);
+    by default the tail runs after the kernel (reference.epilogue_tail, a few memory-bound torch ops)."""
+    return os.environ.get("QVDIT_CUDA_FUSED_TAIL", "0") == "1"
+
+
 def _gemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum, out_dtype, activation, residual,
           residual_gate):
-    """cuda_qgemm with the epilogue tail in the kernel where the warp-specialized kernel runs (it alone fuses
-    it), else the tail after the kernel (reference.epilogue_tail)."""
+    """cuda_qgemm, with the epilogue tail in the kernel only where the warp-specialized kernel runs (it alone
+    fuses it) and `fused_tail_enabled()`; else the tail after the kernel (reference.epilogue_tail)."""
     path = gemm_path()
     tail = activation is not None or residual is not None
-    if not tail or ws_takes(w_bits, path):
+    if not tail or (fused_tail_enabled() and ws_takes(w_bits, path)):
         return torch.ops.qvdit.cuda_qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum,
                                           out_dtype, path, ACTIVATIONS[activation], residual, residual_gate)
     y = torch.ops.qvdit.cuda_qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum,

@@ -23,6 +23,11 @@ def kernel_backends() -> list[str]:
 
 
 KERNEL_BACKENDS = kernel_backends()
+
+
+def backends_for(op: str) -> list[str]:
+    """KERNEL_BACKENDS that implement `op` (the CUDA backend has no norm_quantize kernel)."""
+    return [b for b in KERNEL_BACKENDS if b in backends.implemented(op)]
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -241,6 +241,7 @@ def test_ws_epilogue_tail(monkeypatch, rows, out_dtype, tail):
         pytest.skip("the warp-specialized kernel needs an sm_90 GPU and an sm_90a build")
     monkeypatch.setenv("QVDIT_CUDA_GEMM_PATH", "sm90ws")
     monkeypatch.setenv("QVDIT_WS_ROWS", rows)
+    monkeypatch.setenv("QVDIT_CUDA_FUSED_TAIL", "1")  # opt-in (cuda.fused_tail_enabled)
     m, k, n = 300, 2304, 640
     a, _ = gpu_problem(m, k, n, 3, 6, seed=31)
     a["x_scale"] = a["x_scale"].clamp(max=1e-3)

@@ -9,7 +9,7 @@ import torch
 import qvdit_kernels as qk
 from qvdit_kernels import reference as ref
 
-from conftest import DEVICE, KERNEL_BACKENDS, device_for, gen, ulp
+from conftest import DEVICE, KERNEL_BACKENDS, backends_for, device_for, gen, ulp
 
 
 def _problem(m, k, batch, per_token, affine, seed, dtype=torch.bfloat16):
@@ -28,7 +28,7 @@ def _problem(m, k, batch, per_token, affine, seed, dtype=torch.bfloat16):
     return x, kw, alphas, gates, fid
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", backends_for("norm_quantize"))
 @pytest.mark.parametrize("bits", [6, 8])
 @pytest.mark.parametrize("m,k,batch,per_token,affine", [(37, 200, 1, False, False), (20, 96, 2, False, True),
                                                         (9, 333, 2, True, False)])
@@ -49,7 +49,7 @@ def test_norm_quantize_matches_reference(backend, bits, m, k, batch, per_token, 
     assert not ref.u_within_bound(u[0] * (1 + 1e-3), xq, sx, alphas[0], gates[0], fid)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", backends_for("norm_quantize"))
 def test_norm_quantize_plain_and_nonfinite(backend):
     """No affine, no modulation, no TQE: y = LN(x); a row holding inf gets scale NaN and zero codes."""
     x = torch.randn(6, 64, generator=gen(3))
@@ -67,6 +67,9 @@ def test_norm_quantize_plain_and_nonfinite(backend):
 
 def test_norm_quantize_errors():
     x = torch.randn(4, 8)
+    if "cuda" in KERNEL_BACKENDS:  # a backend without the kernel says so (the fused model path never asks it)
+        with pytest.raises(qk.BackendUnavailableError, match="no kernel for norm_quantize"):
+            qk.norm_quantize(x.to(DEVICE), 8, 1e-6, backend="cuda")
     with pytest.raises(ValueError, match="bits must be one of"):
         qk.norm_quantize(x, 4, 1e-6)
     with pytest.raises(ValueError, match="weight and bias"):
