@@ -490,7 +490,7 @@ int qgemm_sm90_ws_rows(int n, int k) {
 }
 
 int qgemm_sm90_ws_mode(int n, int k, bool tail) {
-  const char* pp = std::getenv("QVDIT_WS_PINGPONG");  // 1: ping-pong for 128-row tiles (not yet measured)
+  const char* pp = std::getenv("QVDIT_WS_PINGPONG");  // 1: ping-pong for 128-row tiles (opt-in: slower, run ws5)
   if (qgemm_sm90_ws_rows(n, k) == 256) return kWsCoop256;
   return pp && std::atoi(pp) == 1 && !tail ? kWsPingPong : kWsCoop128;
 }

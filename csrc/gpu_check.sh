@@ -57,8 +57,9 @@ if has sanitize; then
   done
 fi
 if has bench; then
-  step bench python3 benchmarks/bench_cuda.py --kernels "triton,cuda sm90ws" --out "$OUT" --tag gpu_check
-  # the ping-pong tile mode where it is meant to help (K <= 1536), beside the cooperative runs above
+  step bench python3 benchmarks/bench_cuda.py --kernels "triton,cuda sm90ws" --tails --out "$OUT" --tag gpu_check
+  # the ping-pong tile mode where it is meant to help (K <= 1536), beside the cooperative runs above (opt-in:
+  # slower in run ws5); the fused-tail rows there run the tail after the kernel unless QVDIT_CUDA_FUSED_TAIL=1
   QVDIT_WS_PINGPONG=1 step bench_pingpong python3 benchmarks/bench_cuda.py --kernels "cuda sm90ws" \
     --only latte_qkv latte_fc1 wan1.3b_qkvo wan1.3b_fc1 --out "$OUT" --tag gpu_check_pingpong
 fi
