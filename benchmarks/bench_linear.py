@@ -2,13 +2,14 @@
 
 For every shape of bench_shapes.json (the M >= 8192 set) and, with --small-m, the same (K, N) at
 M in {1, 16, 256}: cuBLAS bf16 `F.linear`, torchao W8A8 fp8-rowwise and int8 (compiled), gemlite A8W4,
-and ours (backend "triton") for W4A8, W3A6, W3A8, W4A6, W8A8, each with and without TQE, as a full
-linear (bf16 in -> bf16 out, act-quant included) and as the GEMM alone (pre-quantized input), plus the
-act-quant pass alone (GB/s against a device copy). Every result is validated against the reference
+and ours (backend "triton"; --backends adds "cuda" and "auto") for W4A8, W3A6, W3A8, W4A6, W8A8, each with
+and without TQE, as a full linear (bf16 in -> bf16 out, act-quant included) and as the GEMM alone
+(pre-quantized input), plus the act-quant pass alone (GB/s against a device copy). Every result is validated against the reference
 (ours bit-exact / within SPEC 1.4 on sampled rows; peers by relative error) before it is timed.
 A peer that cannot be imported is skipped and recorded as such.
 
     python benchmarks/bench_linear.py [--shapes PATH] [--only NAME ...] [--small-m] [--peers torchao,gemlite]
+    python benchmarks/bench_linear.py --backends triton,cuda,auto --graph    # + the CUDA backend and auto routing
 
 Writes benchmarks/results/linear_<tag>.json (device, versions, date, command), a plot and a markdown
 table (the "Linear layers" section of BENCHMARKS.md is copied from it).
@@ -82,7 +83,12 @@ def record(rows, prob, shape, method, mode, ms, t_bf16, **extra):
 
 
 # ----------------------------------------------------------------------------- ours
-def ours(prob, wb, ab, rows, shape, t_bf16, graph, modes):
+def label(backend: str) -> str:
+    """Method prefix of our rows: "ours" for the Triton backend (the issue-4 tables), "ours[cuda]" etc. else."""
+    return "ours" if backend == "triton" else f"ours[{backend}]"
+
+
+def ours(prob, wb, ab, rows, shape, t_bf16, graph, modes, backend="triton"):
     p = prob
     q, sw, zw = qk.quantize_weight(p.w, wb)
     wp = qk.pack_weight(q, wb)
@@ -101,19 +107,19 @@ def ours(prob, wb, ab, rows, shape, t_bf16, graph, modes):
     ref_plain = ref.qgemm(rq, rs_, wp, wb, sw, zw, p.bias, out_dtype=torch.float32)
     ref_acc = ref.qgemm(rq, rs_, wp, wb, sw, zw, out_dtype=torch.int32)
 
-    qk.qlinear(p.x, wp, wb, sw, zw, ab, bias=p.bias, backend="triton", **tqe_kw)  # tunes with bf16 output
-    xq, sx, u, rsum = qk.quantize_activation_rowsum(p.x, ab, backend="triton", **aq_kw)
+    qk.qlinear(p.x, wp, wb, sw, zw, ab, bias=p.bias, backend=backend, **tqe_kw)  # tunes with bf16 output
+    xq, sx, u, rsum = qk.quantize_activation_rowsum(p.x, ab, backend=backend, **aq_kw)
     aq_ok = bool(torch.equal(xq[idx], rq) and torch.equal(sx[idx], rs_) and torch.equal(rsum[idx], rrs)
                  and ref.u_within_bound(u[idx], rq, rs_, p.alpha, p.gate, p.fid[idx]))
-    acc = qk.qgemm(xq, sx, wp, wb, sw, zw, x_rowsum=rsum, out_dtype=torch.int32, backend="triton")
+    acc = qk.qgemm(xq, sx, wp, wb, sw, zw, x_rowsum=rsum, out_dtype=torch.int32, backend=backend)
     acc_ok = bool(torch.equal(acc[idx], ref_acc))
     del acc
     common = dict(weight_bytes=wbytes, weight_ratio_bf16=wratio)
     fns = {
-        ("full", True): lambda: qk.qlinear(p.x, wp, wb, sw, zw, ab, bias=p.bias, backend="triton", **tqe_kw),
-        ("full", False): lambda: qk.qlinear(p.x, wp, wb, sw, zw, ab, bias=p.bias, backend="triton"),
-        ("gemm", True): lambda: qk.qgemm(xq, sx, wp, wb, sw, zw, p.bias, u, p.beta, rsum, backend="triton"),
-        ("gemm", False): lambda: qk.qgemm(xq, sx, wp, wb, sw, zw, p.bias, x_rowsum=rsum, backend="triton"),
+        ("full", True): lambda: qk.qlinear(p.x, wp, wb, sw, zw, ab, bias=p.bias, backend=backend, **tqe_kw),
+        ("full", False): lambda: qk.qlinear(p.x, wp, wb, sw, zw, ab, bias=p.bias, backend=backend),
+        ("gemm", True): lambda: qk.qgemm(xq, sx, wp, wb, sw, zw, p.bias, u, p.beta, rsum, backend=backend),
+        ("gemm", False): lambda: qk.qgemm(xq, sx, wp, wb, sw, zw, p.bias, x_rowsum=rsum, backend=backend),
     }
     for (mode, tqe), fn in fns.items():
         if mode not in modes:
@@ -123,14 +129,16 @@ def ours(prob, wb, ab, rows, shape, t_bf16, graph, modes):
         valid = dict(spec_ratio=viol, act_quant_exact=aq_ok, acc_exact=acc_ok)
         ok = viol <= 1 and aq_ok and acc_ok
         ms = bench_ms(fn, graph=graph, device=DEV) if ok else None
-        record(rows, p, shape, f"ours {name}" + (" +TQE" if tqe else ""), mode, ms, t_bf16, variant=name, tqe=tqe,
+        record(rows, p, shape, f"{label(backend)} {name}" + (" +TQE" if tqe else ""), mode, ms, t_bf16, variant=name,
+               tqe=tqe, backend=backend,
                valid=valid, ok=ok, **common)
     if "act_quant" in modes:
         # a CUDA-graph replay: the kernel's own time (GB/s), without the Python launch path
-        ms = bench_ms(lambda: qk.quantize_activation_rowsum(p.x, ab, backend="triton", **aq_kw), graph=DEV == "cuda",
+        ms = bench_ms(lambda: qk.quantize_activation_rowsum(p.x, ab, backend=backend, **aq_kw), graph=DEV == "cuda",
                       device=DEV)
         nbytes = p.m * p.k * (p.x.element_size() + 1) + p.m * 12
-        record(rows, p, shape, f"act_quant A{ab} +TQE", "act_quant", ms, None, variant=f"A{ab}", tqe=True,
+        aq_label = ("act_quant" if backend == "triton" else f"act_quant[{backend}]") + f" A{ab} +TQE"
+        record(rows, p, shape, aq_label, "act_quant", ms, None, variant=f"A{ab}", tqe=True, backend=backend,
                gbs=nbytes / ms / 1e6, ok=aq_ok, valid=dict(act_quant_exact=aq_ok))
 
 
@@ -238,15 +246,18 @@ def summarize(rows):
         out[f"{key[0]} | {key[1]}"] = dict(median_ratio_bf16=statistics.median(r["ratio_bf16"] for r in rs),
                                            min_ratio_bf16=lo["ratio_bf16"], slowest_shape=lo["shape"], n=len(rs))
     tqe = {}
-    for v in (f"W{a}A{b}" for a, b in VARIANTS):
-        for mode in ("full", "gemm"):
-            on = {r["shape"]: r["ms"] for r in big if r.get("variant") == v and r["mode"] == mode and r.get("tqe")}
-            off = {r["shape"]: r["ms"] for r in big if r.get("variant") == v and r["mode"] == mode and
-                   r.get("tqe") is False}
-            common = [s for s in on if s in off]
-            if common:
-                tqe[f"{v} {mode}"] = statistics.median(on[s] / off[s] - 1 for s in common)
-    aq = [r for r in big if r["mode"] == "act_quant"]
+    for b in dict.fromkeys(r.get("backend", "triton") for r in big if r.get("variant")):
+        mine = [r for r in big if r.get("backend", "triton") == b]
+        for v in (f"W{a}A{b_}" for a, b_ in VARIANTS):
+            for mode in ("full", "gemm"):
+                on = {r["shape"]: r["ms"] for r in mine if r.get("variant") == v and r["mode"] == mode and r.get("tqe")}
+                off = {r["shape"]: r["ms"] for r in mine if r.get("variant") == v and r["mode"] == mode and
+                       r.get("tqe") is False}
+                common = [s for s in on if s in off]
+                if common:
+                    tqe[f"{v} {mode}" + ("" if b == "triton" else f" [{b}]")] = statistics.median(
+                        on[s] / off[s] - 1 for s in common)
+    aq = [r for r in big if r["mode"] == "act_quant" and r.get("backend", "triton") == "triton"]
     return dict(medians=out, tqe_overhead_median=tqe,
                 act_quant_gbs_min=min((r["gbs"] for r in aq), default=None),
                 act_quant_gbs_median=statistics.median([r["gbs"] for r in aq]) if aq else None)
@@ -270,6 +281,9 @@ def markdown(rows, summary, env, copy_gbs):
             ("W3A8 full", "ours W3A8 +TQE", "full"), ("W4A6 full", "ours W4A6 +TQE", "full"),
             ("W8A8 full", "ours W8A8 +TQE", "full"), ("fp8-rowwise", "torchao W8A8 fp8-rowwise", "full"),
             ("int8 (ao)", "torchao W8A8 int8", "full"), ("gemlite A8W4", "gemlite A8W4", "full")]
+    for b in dict.fromkeys(r["backend"] for r in big if r.get("backend", "triton") != "triton"):
+        cols += [(f"{v} {mode} [{b}]", f"{label(b)} {v} +TQE", mode) for v in ("W3A6", "W4A8")
+                 for mode in ("gemm", "full")]
     lines = [f"Device: {env.get('device')}, torch {env['torch']}, triton {env['triton']}, torchao {env['torchao']}, "
              f"gemlite {env['gemlite']}; {env['date']}; copy bandwidth {copy_gbs:.0f} GB/s. Ratios are speed-ups "
              "over cuBLAS bf16 `F.linear` measured in the same process (higher is better); ours with TQE on.", "",
@@ -313,6 +327,9 @@ def main(argv=None):
     ap.add_argument("--variants", default="W4A8,W3A6,W3A8,W4A6,W8A8")
     ap.add_argument("--modes", default="full,gemm,act_quant")
     ap.add_argument("--small-m", action="store_true", help="also M in {1, 16, 256} (full linear, CUDA-graph timing)")
+    ap.add_argument("--backends", default="triton",
+                    help="comma list of our backends to time: triton, cuda, auto (the CUDA rows need the built "
+                         "extension; auto = the per-GPU routing of qvdit_kernels/auto.py)")
     ap.add_argument("--peers", default="torchao,gemlite", help="comma list of torchao, gemlite (empty: none)")
     ap.add_argument("--peer-shapes", default=None,
                     help="name:peer1+peer2,... shapes that run peers (default: every shape runs every peer)")
@@ -384,7 +401,8 @@ def main(argv=None):
             for wb, ab in variants:  # the act-quant pass is timed once per activation width
                 ms_ = ["full"] if small else [md for md in modes if md != "act_quant" or ab not in seen_ab]
                 seen_ab.add(ab)
-                ours(prob, wb, ab, rows, name, t_bf16, small or args.graph, ms_)
+                for backend in args.backends.split(","):
+                    ours(prob, wb, ab, rows, name, t_bf16, small or args.graph, ms_, backend)
             if not small:
                 names = peer_names if peer_plan is None else \
                     [n_ for n_ in peer_names if n_ in [short[p_] for p_ in peer_plan.get(name, [])]]

@@ -2,13 +2,16 @@
 # The CUDA backend on a GPU machine, in one command: build the extension in place, run its tests on both
 # GEMM kernels, compute-sanitizer memcheck + racecheck on small shapes, the benchmark, and an ncu view.
 #
-#   bash csrc/gpu_check.sh [build] [test] [sanitize] [bench] [ncu]     (no stage named: build test sanitize)
+#   bash csrc/gpu_check.sh [build] [test] [sanitize] [bench] [linear] [e2e] [ncu]   (none named: build test sanitize)
 #
 # $OUT (the device tool's folder; default /tmp/qvdit_gpu_check) gets steps.txt (all step output) and the
 # benchmark's cuda_gpu_check.{json,md}. Through the device
 # tool, from the repo root (bench_shapes.json travels in .work/, which is git-ignored and carried):
 #   mkdir -p .work && cp ../shared/bench_shapes.json .work/
 #   run(command="bash csrc/gpu_check.sh build test sanitize bench 2>&1 | tee $OUT/log.txt", carry=[".work"])
+# The e2e stage needs diffusers, which the device image lacks: carry its wheel (.whl/, git-ignored) and prefix
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site &&
+# Budget: build ~2 min cold, test ~5 min (test_backends runs the CPU emulator: 2.5 min), bench ~2.5 min.
 # QVDIT_CUDA_ARCH picks the targets (default here: sm_90a only, which also runs the mma.sync kernel).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -62,6 +65,16 @@ if has bench; then
   # slower in run ws5); the fused-tail rows there run the tail after the kernel unless QVDIT_CUDA_FUSED_TAIL=1
   QVDIT_WS_PINGPONG=1 step bench_pingpong python3 benchmarks/bench_cuda.py --kernels "cuda sm90ws" \
     --only latte_qkv latte_fc1 wan1.3b_qkvo wan1.3b_fc1 --out "$OUT" --tag gpu_check_pingpong
+fi
+if has linear; then  # the CUDA rows beside Triton and auto routing in bench_linear (CUDA-graph timing: device time)
+  step linear python3 benchmarks/bench_linear.py --backends triton,cuda,auto --graph --variants W3A6,W4A8 \
+    --modes gemm,full --peers "" --out "$OUT" --tag gpu_check
+fi
+if has e2e; then  # Wan2.1-14B compiled with the fused forward, Triton vs auto (CUDA GEMMs where the table says)
+  for b in triton auto; do
+    step "e2e_$b" python3 benchmarks/bench_e2e.py --models wan14b --settings bf16,w3a6 --modes compiled --backend "$b" \
+      --reps 2 --no-profile --out "$OUT/e2e_14b_compiled_$b.json"
+  done
 fi
 if has ncu; then
   step ncu ncu --kernel-name regex:qgemm_sm90 -c 1 --section SpeedOfLight --section ComputeWorkloadAnalysis \

@@ -109,3 +109,19 @@ def test_bench_cuda_figure_from_saved_results(tmp_path):
                           "--tag", "fig"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
     assert (tmp_path / "fig.png").stat().st_size > 10_000
+
+
+def test_bench_linear_smoke_rows_per_backend(tmp_path):
+    """bench_linear's CPU dry run with --backends: validated rows per backend (Triton under the interpreter; auto,
+    which on a CPU resolves to the reference) and the per-backend columns of the table."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "benchmarks/bench_linear.py", "--smoke", "--only", "latte_qkv", "--variants",
+                          "W3A6", "--modes", "gemm", "--peers", "", "--backends", "triton,auto", "--out", str(tmp_path),
+                          "--tag", "t"], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads((tmp_path / "linear_t.json").read_text())["rows"]
+    ours = {(r["method"], r["mode"]): r for r in rows if r.get("variant")}
+    assert set(ours) == {("ours W3A6", "gemm"), ("ours W3A6 +TQE", "gemm"), ("ours[auto] W3A6", "gemm"),
+                         ("ours[auto] W3A6 +TQE", "gemm")}
+    assert all(r["ok"] and r["ms"] > 0 for r in ours.values())
+    assert "W3A6 gemm [auto]" in (tmp_path / "linear_t.md").read_text()

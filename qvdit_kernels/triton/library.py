@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..backends import act_quant_results, fuses_tail, register, require_default_format
 from . import act_quant as _aq
@@ -24,6 +25,15 @@ from . import tune
 
 def _interpret(t: Tensor) -> bool:
     return t.device.type != "cuda"
+
+
+def _eager(x: Tensor) -> bool:
+    """Whether to call a kernel's implementation directly instead of through its custom op: in plain eager use
+    (not traced by torch.compile/export, a real tensor, no autograd). The custom op's Python dispatch
+    (autograd wrapper, redispatch, dynamo guard) costs ~0.1 ms of host time per call, more than the act-quant
+    kernel of a 16k x 1152 activation runs; tracing needs the op (its fake impl), so it keeps it."""
+    return (not torch.compiler.is_compiling() and type(x) is Tensor and not x.requires_grad
+            and _get_current_dispatch_mode() is None)  # make_fx / FakeTensorMode / other tracing modes
 
 
 def _on(t: Tensor):
@@ -49,9 +59,8 @@ def _rows(t: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- act-quant
-@torch.library.custom_op("qvdit::triton_act_quant", mutates_args=())
-def act_quant_op(x: Tensor, bits: int, alpha: Optional[Tensor], gate: Optional[Tensor], frame_id: Optional[Tensor],
-                 want_rowsum: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _act_quant_impl(x: Tensor, bits: int, alpha: Optional[Tensor], gate: Optional[Tensor], frame_id: Optional[Tensor],
+                    want_rowsum: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     with _on(x):
         xq, s, u, rs = _aq.act_quant(_rows(x), bits, _vec(alpha), _vec(gate), _vec(frame_id), want_rowsum,
                                      interpret=_interpret(x), tuner=_aq_tuner(x))
@@ -59,6 +68,9 @@ def act_quant_op(x: Tensor, bits: int, alpha: Optional[Tensor], gate: Optional[T
     u = u if u is not None else x.new_empty(0, dtype=torch.float32)
     rs = rs if rs is not None else x.new_empty(0, dtype=torch.int32)
     return xq, s, u, rs if m or want_rowsum else rs
+
+
+act_quant_op = torch.library.custom_op("qvdit::triton_act_quant", _act_quant_impl, mutates_args=())
 
 
 @act_quant_op.register_fake
@@ -99,13 +111,15 @@ def _gemm_run(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_r
         return run(cfg)
 
 
-@torch.library.custom_op("qvdit::triton_qgemm", mutates_args=())
-def qgemm_op(xq: Tensor, x_scale: Tensor, w_packed: Tensor, w_bits: int, w_scale: Tensor, w_zero: Tensor,
-             bias: Optional[Tensor], u: Optional[Tensor], beta: Optional[Tensor], x_rowsum: Optional[Tensor],
-             out_dtype: torch.dtype, activation: str, residual: Optional[Tensor],
-             residual_gate: Optional[Tensor]) -> Tensor:
+def _qgemm_impl(xq: Tensor, x_scale: Tensor, w_packed: Tensor, w_bits: int, w_scale: Tensor, w_zero: Tensor,
+                bias: Optional[Tensor], u: Optional[Tensor], beta: Optional[Tensor], x_rowsum: Optional[Tensor],
+                out_dtype: torch.dtype, activation: str, residual: Optional[Tensor],
+                residual_gate: Optional[Tensor]) -> Tensor:
     return _gemm_run(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum, out_dtype, activation,
                      residual, residual_gate)
+
+
+qgemm_op = torch.library.custom_op("qvdit::triton_qgemm", _qgemm_impl, mutates_args=())
 
 
 @qgemm_op.register_fake
@@ -115,11 +129,10 @@ def _(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum, o
 
 
 # ----------------------------------------------------------------------------- fused linear
-@torch.library.custom_op("qvdit::triton_qlinear", mutates_args=())
-def qlinear_op(x: Tensor, w_packed: Tensor, w_bits: int, w_scale: Tensor, w_zero: Tensor, a_bits: int,
-               bias: Optional[Tensor], alpha: Optional[Tensor], beta: Optional[Tensor], gate: Optional[Tensor],
-               frame_id: Optional[Tensor], out_dtype: torch.dtype, activation: str, residual: Optional[Tensor],
-               residual_gate: Optional[Tensor]) -> Tensor:
+def _qlinear_impl(x: Tensor, w_packed: Tensor, w_bits: int, w_scale: Tensor, w_zero: Tensor, a_bits: int,
+                  bias: Optional[Tensor], alpha: Optional[Tensor], beta: Optional[Tensor], gate: Optional[Tensor],
+                  frame_id: Optional[Tensor], out_dtype: torch.dtype, activation: str, residual: Optional[Tensor],
+                  residual_gate: Optional[Tensor]) -> Tensor:
     tqe = alpha is not None and beta is not None
     with _on(x):
         xq, sx, u, rs = _aq.act_quant(_rows(x), a_bits, _vec(alpha) if tqe else None, _vec(gate) if tqe else None,
@@ -127,6 +140,9 @@ def qlinear_op(x: Tensor, w_packed: Tensor, w_bits: int, w_scale: Tensor, w_zero
                                       interpret=_interpret(x), tuner=_aq_tuner(x))
     return _gemm_run(xq, sx, w_packed, w_bits, w_scale, w_zero, bias, u, beta if tqe else None, rs, out_dtype,
                      activation, residual, residual_gate)
+
+
+qlinear_op = torch.library.custom_op("qvdit::triton_qlinear", _qlinear_impl, mutates_args=())
 
 
 @qlinear_op.register_fake
@@ -138,7 +154,8 @@ def _(x, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, gate, fra
 # ----------------------------------------------------------------------------- backend "triton"
 @register("quantize_activation", "triton")
 def quantize_activation(x, bits, alpha=None, gate=None, frame_id=None, want_rowsum=False):
-    out = torch.ops.qvdit.triton_act_quant(x, bits, alpha, gate, frame_id, want_rowsum)
+    op = _act_quant_impl if _eager(x) else torch.ops.qvdit.triton_act_quant
+    out = op(x, bits, alpha, gate, frame_id, want_rowsum)
     return act_quant_results(*out, alpha, want_rowsum)
 
 
@@ -147,8 +164,9 @@ def quantize_activation(x, bits, alpha=None, gate=None, frame_id=None, want_rows
 def qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias=None, u=None, beta=None, x_rowsum=None,
           out_dtype=torch.bfloat16, format=None, activation=None, residual=None, residual_gate=None):
     require_default_format("triton", w_bits, format)
-    return torch.ops.qvdit.triton_qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum,
-                                        out_dtype, activation or "", residual, residual_gate)
+    op = _qgemm_impl if _eager(xq) else torch.ops.qvdit.triton_qgemm
+    return op(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum, out_dtype, activation or "",
+              residual, residual_gate)
 
 
 @register("qlinear", "triton")
@@ -156,15 +174,15 @@ def qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias=None, u=None, bet
 def qlinear(x2, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, gate, frame_id, out_dtype, format,
             activation=None, residual=None, residual_gate=None):
     require_default_format("triton", w_bits, format)
-    return torch.ops.qvdit.triton_qlinear(x2, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, gate,
-                                          frame_id, out_dtype, activation or "", residual, residual_gate)
+    op = _qlinear_impl if _eager(x2) else torch.ops.qvdit.triton_qlinear
+    return op(x2, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, gate, frame_id, out_dtype,
+              activation or "", residual, residual_gate)
 
 
 # ----------------------------------------------------------------------------- norm + act-quant (fused producer)
-@torch.library.custom_op("qvdit::triton_norm_quant", mutates_args=())
-def norm_quant_op(x: Tensor, bits: int, eps: float, weight: Optional[Tensor], bias: Optional[Tensor],
-                  scale: Optional[Tensor], shift: Optional[Tensor], mod_rows: int, alphas: Optional[Tensor],
-                  gates: Optional[Tensor], frame_id: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _norm_quant_impl(x: Tensor, bits: int, eps: float, weight: Optional[Tensor], bias: Optional[Tensor],
+                     scale: Optional[Tensor], shift: Optional[Tensor], mod_rows: int, alphas: Optional[Tensor],
+                     gates: Optional[Tensor], frame_id: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     tuner = None
     if not _interpret(x):
         key = (tune._gpu_key(x.device), x.shape[1], tune.m_bucket(x.shape[0]), 0 if alphas is None else alphas.shape[0])
@@ -173,6 +191,9 @@ def norm_quant_op(x: Tensor, bits: int, eps: float, weight: Optional[Tensor], bi
         y, xq, sx, u, rs = _nq.norm_quant(_rows(x), bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates,
                                           frame_id, interpret=_interpret(x), tuner=tuner)
     return y, xq, sx, u if u is not None else x.new_empty((0, x.shape[0]), dtype=torch.float32), rs
+
+
+norm_quant_op = torch.library.custom_op("qvdit::triton_norm_quant", _norm_quant_impl, mutates_args=())
 
 
 @norm_quant_op.register_fake
@@ -186,6 +207,6 @@ def _(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_i
 
 @register("norm_quantize", "triton")
 def norm_quantize(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id):
-    y, xq, sx, u, rs = torch.ops.qvdit.triton_norm_quant(x, bits, float(eps), weight, bias, scale, shift, mod_rows,
-                                                         alphas, gates, frame_id)
+    op = _norm_quant_impl if _eager(x) else torch.ops.qvdit.triton_norm_quant
+    y, xq, sx, u, rs = op(x, bits, float(eps), weight, bias, scale, shift, mod_rows, alphas, gates, frame_id)
     return y, xq, sx, u if alphas is not None else None, rs
