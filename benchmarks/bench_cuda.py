@@ -9,7 +9,8 @@ backend ("auto_table") that backend="auto" is to read.
 
     python benchmarks/bench_cuda.py [--shapes PATH] [--only NAME ...] [--variants W3A6,W4A8] [--tag TAG]
     python benchmarks/bench_cuda.py --kernels triton,"cuda sm90ws"    # a subset of the kernels
-    python benchmarks/bench_cuda.py --tails ...                     # + the GEMM with each fused epilogue tail
+    python benchmarks/bench_cuda.py --tails ...                     # + the GEMM with each epilogue tail
+    (Triton fuses the tail; CUDA only with QVDIT_CUDA_FUSED_TAIL=1, else it runs after the kernel: env.cuda_fused_tail)
     python benchmarks/bench_cuda.py --profile SHAPE --variants W3A6   # a few sm90ws GEMM calls, for ncu
     python benchmarks/bench_cuda.py --plot RUN.json[:LABEL] ... --tag NAME   # figure of saved runs (CPU)
 
@@ -206,7 +207,8 @@ def main(argv=None):
     ap.add_argument("--kernels", default=None,
                     help="comma list of kernel labels to run (default all: " + ", ".join(k[0] for k in KERNELS) + ")")
     ap.add_argument("--tails", action="store_true",
-                    help="also time the GEMM with each fused epilogue tail (GELU; residual + gate * y)")
+                    help="also time the GEMM with each epilogue tail (GELU; residual + gate * y): fused by Triton, "
+                         "by CUDA only with QVDIT_CUDA_FUSED_TAIL=1 (recorded in env.cuda_fused_tail)")
     ap.add_argument("--plot", nargs="+", default=None, metavar="JSON[:SUFFIX]",
                     help="only draw the GEMM figure of saved result JSONs (no GPU needed) into --out/<tag>.png")
     args = ap.parse_args(argv)
@@ -228,8 +230,10 @@ def main(argv=None):
         return
     env = environment()
     from qvdit_kernels import _C
+    from qvdit_kernels import cuda as qk_cuda
 
     env["cuda_sm90_available"] = bool(_C.sm90_available())
+    env["cuda_fused_tail"] = qk_cuda.fused_tail_enabled()  # CUDA tail rows: in the kernel, or after it
     tag = args.tag or env["date"][:10]
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"cuda_{tag}")

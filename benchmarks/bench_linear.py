@@ -4,8 +4,9 @@ For every shape of bench_shapes.json (the M >= 8192 set) and, with --small-m, th
 M in {1, 16, 256}: cuBLAS bf16 `F.linear`, torchao W8A8 fp8-rowwise and int8 (compiled), gemlite A8W4,
 and ours (backend "triton"; --backends adds "cuda" and "auto") for W4A8, W3A6, W3A8, W4A6, W8A8, each with
 and without TQE, as a full linear (bf16 in -> bf16 out, act-quant included) and as the GEMM alone
-(pre-quantized input), plus the act-quant pass alone (GB/s against a device copy). Every result is validated against the reference
-(ours bit-exact / within SPEC 1.4 on sampled rows; peers by relative error) before it is timed.
+(pre-quantized input), plus the act-quant pass alone (GB/s against a device copy). Every result is
+validated against the reference (ours bit-exact / within SPEC 1.4 on sampled rows; peers by relative error)
+before it is timed.
 A peer that cannot be imported is skipped and recorded as such.
 
     python benchmarks/bench_linear.py [--shapes PATH] [--only NAME ...] [--small-m] [--peers torchao,gemlite]
@@ -329,7 +330,8 @@ def main(argv=None):
     ap.add_argument("--small-m", action="store_true", help="also M in {1, 16, 256} (full linear, CUDA-graph timing)")
     ap.add_argument("--backends", default="triton",
                     help="comma list of our backends to time: triton, cuda, auto (the CUDA rows need the built "
-                         "extension; auto = the per-GPU routing of qvdit_kernels/auto.py)")
+                         "extension; auto = the per-GPU routing of qvdit_kernels/auto.py). The table's main "
+                         "columns, act-quant GB/s and small-M rows are Triton's; others get W3A6/W4A8 columns")
     ap.add_argument("--peers", default="torchao,gemlite", help="comma list of torchao, gemlite (empty: none)")
     ap.add_argument("--peer-shapes", default=None,
                     help="name:peer1+peer2,... shapes that run peers (default: every shape runs every peer)")
@@ -402,7 +404,12 @@ def main(argv=None):
                 ms_ = ["full"] if small else [md for md in modes if md != "act_quant" or ab not in seen_ab]
                 seen_ab.add(ab)
                 for backend in args.backends.split(","):
-                    ours(prob, wb, ab, rows, name, t_bf16, small or args.graph, ms_, backend)
+                    try:  # one backend failing (e.g. cuda without the built extension) leaves the others
+                        ours(prob, wb, ab, rows, name, t_bf16, small or args.graph, ms_, backend)
+                    except Exception:
+                        traceback.print_exc(limit=4)
+                        rows.append(dict(shape=name, M=m, K=k, N=n, method=f"{label(backend)} W{wb}A{ab}", mode="-",
+                                         ms=None, backend=backend, error=traceback.format_exc(limit=4)))
             if not small:
                 names = peer_names if peer_plan is None else \
                     [n_ for n_ in peer_names if n_ in [short[p_] for p_ in peer_plan.get(name, [])]]

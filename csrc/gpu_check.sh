@@ -62,9 +62,13 @@ if has sanitize; then
   done
 fi
 if has bench; then
+  # the tail rows (--tails): Triton fuses the tail; CUDA here runs it after the kernel (the default), and in
+  # the kernel in the bench_fused_tail step
   step bench python3 benchmarks/bench_cuda.py --kernels "triton,cuda sm90ws" --tails --out "$OUT" --tag gpu_check
+  QVDIT_CUDA_FUSED_TAIL=1 step bench_fused_tail python3 benchmarks/bench_cuda.py --kernels "cuda sm90ws" --tails \
+    --only wan1.3b_fc1 wan14b_fc1 wan14b_fc2 --out "$OUT" --tag gpu_check_fused_tail
   # the ping-pong tile mode where it is meant to help (K <= 1536), beside the cooperative runs above (opt-in:
-  # slower in run ws5); the fused-tail rows there run the tail after the kernel unless QVDIT_CUDA_FUSED_TAIL=1
+  # slower in run ws5)
   QVDIT_WS_PINGPONG=1 step bench_pingpong python3 benchmarks/bench_cuda.py --kernels "cuda sm90ws" \
     --only latte_qkv latte_fc1 wan1.3b_qkvo wan1.3b_fc1 --out "$OUT" --tag gpu_check_pingpong
 fi

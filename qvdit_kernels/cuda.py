@@ -57,7 +57,7 @@ def ws_takes(w_bits: int, path: int) -> bool:
 def fused_tail_enabled() -> bool:
     """QVDIT_CUDA_FUSED_TAIL=1: run the epilogue tail inside the warp-specialized kernel. Opt-in because it is
     slow: on the H200 (benchmarks/results/cuda_h200_ws5.json) the GEMM with the fused GELU or gated residual
-    took 2-3x the time of the plain GEMM, 0.25-0.52x of Triton's fused tail. Correct (test_ws_epilogue_tail);
+    took 2.0-4.2x the time of the plain GEMM, 0.25-0.84x of Triton's fused tail. Correct (test_ws_epilogue_tail);
     by default the tail runs after the kernel (reference.epilogue_tail, a few memory-bound torch ops)."""
     return os.environ.get("QVDIT_CUDA_FUSED_TAIL", "0") == "1"
 

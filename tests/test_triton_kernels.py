@@ -358,7 +358,11 @@ def test_eager_calls_skip_the_custom_op_dispatch(monkeypatch):
     from qvdit_kernels.triton import library
 
     x = torch.randn(5, 130, generator=gen(2)).to(DEVICE)
-    assert library._eager(x) and not library._eager(x.clone().requires_grad_())
+    assert library._eager(x, None) and not library._eager(x.clone().requires_grad_())
+    p = torch.nn.Parameter(torch.ones(3))
+    assert not library._eager(x, p)  # any argument that needs grad: the op (its backward raises)
+    with torch.no_grad():
+        assert library._eager(x, p)  # a TQE parameter at inference
     with FakeTensorMode() as mode:
         assert not library._eager(mode.from_tensor(x))
     traced = make_fx(lambda t: qk.quantize_activation_rowsum(t, 6, backend="triton")[0])(x)
@@ -368,7 +372,7 @@ def test_eager_calls_skip_the_custom_op_dispatch(monkeypatch):
     monkeypatch.setattr(torch.ops.qvdit, "triton_act_quant", lambda *a: seen.append(1) or real(*a))
     eager = qk.quantize_activation_rowsum(x, 6, backend="triton")
     assert not seen
-    monkeypatch.setattr(library, "_eager", lambda t: False)
+    monkeypatch.setattr(library, "_eager", lambda *tensors: False)
     via_op = qk.quantize_activation_rowsum(x, 6, backend="triton")
     assert seen and all(torch.equal(a, b) for a, b in zip(eager, via_op) if a is not None)
 

@@ -27,13 +27,19 @@ def _interpret(t: Tensor) -> bool:
     return t.device.type != "cuda"
 
 
-def _eager(x: Tensor) -> bool:
+_PLAIN = (Tensor, torch.nn.Parameter)  # not FakeTensor, FunctionalTensor or other subclasses
+
+
+def _eager(*args) -> bool:
     """Whether to call a kernel's implementation directly instead of through its custom op: in plain eager use
-    (not traced by torch.compile/export, a real tensor, no autograd). The custom op's Python dispatch
-    (autograd wrapper, redispatch, dynamo guard) costs ~0.1 ms of host time per call, more than the act-quant
-    kernel of a 16k x 1152 activation runs; tracing needs the op (its fake impl), so it keeps it."""
-    return (not torch.compiler.is_compiling() and type(x) is Tensor and not x.requires_grad
-            and _get_current_dispatch_mode() is None)  # make_fx / FakeTensorMode / other tracing modes
+    (not traced by torch.compile/export or a dispatch mode, every tensor argument a plain Tensor, none needing
+    grad while grad mode is on). The custom op's Python dispatch (autograd wrapper, redispatch, dynamo guard) costs ~0.1 ms of host time
+    per call, more than the act-quant kernel of a 16k x 1152 activation runs; tracing needs the op (its fake impl)
+    and autograd its error on backward, so they keep it."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:  # make_fx, FakeTensorMode, ...
+        return False
+    grad = torch.is_grad_enabled()  # (under no_grad a Parameter's requires_grad records nothing)
+    return all(type(a) in _PLAIN and not (grad and a.requires_grad) for a in args if isinstance(a, Tensor))
 
 
 def _on(t: Tensor):
@@ -154,7 +160,7 @@ def _(x, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, gate, fra
 # ----------------------------------------------------------------------------- backend "triton"
 @register("quantize_activation", "triton")
 def quantize_activation(x, bits, alpha=None, gate=None, frame_id=None, want_rowsum=False):
-    op = _act_quant_impl if _eager(x) else torch.ops.qvdit.triton_act_quant
+    op = _act_quant_impl if _eager(x, alpha, gate, frame_id) else torch.ops.qvdit.triton_act_quant
     out = op(x, bits, alpha, gate, frame_id, want_rowsum)
     return act_quant_results(*out, alpha, want_rowsum)
 
@@ -164,7 +170,8 @@ def quantize_activation(x, bits, alpha=None, gate=None, frame_id=None, want_rows
 def qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias=None, u=None, beta=None, x_rowsum=None,
           out_dtype=torch.bfloat16, format=None, activation=None, residual=None, residual_gate=None):
     require_default_format("triton", w_bits, format)
-    op = _qgemm_impl if _eager(xq) else torch.ops.qvdit.triton_qgemm
+    eager = _eager(xq, x_scale, w_scale, w_zero, bias, u, beta, residual, residual_gate)
+    op = _qgemm_impl if eager else torch.ops.qvdit.triton_qgemm
     return op(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum, out_dtype, activation or "",
               residual, residual_gate)
 
@@ -174,7 +181,8 @@ def qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias=None, u=None, bet
 def qlinear(x2, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, gate, frame_id, out_dtype, format,
             activation=None, residual=None, residual_gate=None):
     require_default_format("triton", w_bits, format)
-    op = _qlinear_impl if _eager(x2) else torch.ops.qvdit.triton_qlinear
+    eager = _eager(x2, w_scale, w_zero, bias, alpha, beta, gate, residual, residual_gate)
+    op = _qlinear_impl if eager else torch.ops.qvdit.triton_qlinear
     return op(x2, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, gate, frame_id, out_dtype,
               activation or "", residual, residual_gate)
 
@@ -207,6 +215,6 @@ def _(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_i
 
 @register("norm_quantize", "triton")
 def norm_quantize(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id):
-    op = _norm_quant_impl if _eager(x) else torch.ops.qvdit.triton_norm_quant
+    op = _norm_quant_impl if _eager(x, weight, bias, scale, shift, alphas, gates) else torch.ops.qvdit.triton_norm_quant
     y, xq, sx, u, rs = op(x, bits, float(eps), weight, bias, scale, shift, mod_rows, alphas, gates, frame_id)
     return y, xq, sx, u if alphas is not None else None, rs
