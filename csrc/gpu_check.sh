@@ -2,7 +2,7 @@
 # The CUDA backend on a GPU machine, in one command: build the extension in place, run its tests on both
 # GEMM kernels, compute-sanitizer memcheck + racecheck on small shapes, the benchmark, and an ncu view.
 #
-#   bash csrc/gpu_check.sh [build] [test] [sanitize] [bench] [linear] [e2e] [ncu]   (none named: build test sanitize)
+#   bash csrc/gpu_check.sh [build] [test] [suite] [sanitize] [bench] [linear] [e2e] [ncu]   (none: build test sanitize)
 #
 # $OUT (the device tool's folder; default /tmp/qvdit_gpu_check) gets steps.txt (all step output) and the
 # benchmark's cuda_gpu_check.{json,md}. Through the device
@@ -48,12 +48,16 @@ if has test; then
   step test_cuda_kernels python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_kernels.py
   step test_shared_auto python3 -m pytest -q -p no:cacheprovider tests/test_gemm.py tests/test_act_quant.py -k cuda
   # (tests/test_cuda_build.py is CPU-only, the host emulator and nvcc/g++ checks: CI runs it; 2.5 min here)
-  step test_backends python3 -m pytest -q -p no:cacheprovider tests/test_backends.py tests/test_auto.py
+  step test_backends python3 -m pytest -q -p no:cacheprovider tests/test_backends.py tests/test_auto.py \
+    tests/test_norm_quant.py
   QVDIT_CUDA_GEMM_PATH=sm80 step test_shared_sm80 python3 -m pytest -q -p no:cacheprovider tests/test_gemm.py -k cuda
   QVDIT_CUDA_GEMM_PATH=sm90ws QVDIT_WS_ROWS=256 step test_shared_sm90ws_256 \
     python3 -m pytest -q -p no:cacheprovider tests/test_gemm.py -k cuda
   QVDIT_CUDA_GEMM_PATH=sm90ws QVDIT_WS_PINGPONG=1 step test_shared_sm90ws_pingpong \
     python3 -m pytest -q -p no:cacheprovider tests/test_gemm.py -k cuda
+fi
+if has suite; then  # the whole suite without the interpreter, less the CPU-only emulator checks (> 4.5 min)
+  step suite python3 -m pytest -q -p no:cacheprovider tests --ignore=tests/test_cuda_build.py
 fi
 if has sanitize; then
   for tool in memcheck racecheck; do
