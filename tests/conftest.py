@@ -23,13 +23,13 @@ def kernel_backends() -> list[str]:
 
 
 KERNEL_BACKENDS = kernel_backends()
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def backends_for(op: str) -> list[str]:
     """KERNEL_BACKENDS that implement `op` (the CUDA backend has no norm_quantize kernel)."""
     return [b for b in KERNEL_BACKENDS if b in backends.implemented(op)]
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def device_for(backend: str) -> torch.device:
@@ -80,6 +80,20 @@ def assert_within_spec(out: torch.Tensor, ref: torch.Tensor):
     err = (out - ref).abs()
     worst = (err / bound).max().item() if err.numel() else 0.0
     assert (err <= bound).all(), f"max error is {worst:.2f}x the SPEC 1.4 bound"
+
+
+def assert_tail_within(got: torch.Tensor, plain: torch.Tensor, activation, residual, gate, what: str = ""):
+    """A fused epilogue tail against reference.epilogue_tail applied to the same kernel's plain output: within two
+    ulp of the out dtype (GELU's exp form against torch's tanh and float32 contraction move roundings) plus, with
+    GELU, the gate times one ulp of the activation."""
+    from qvdit_kernels import reference
+
+    want = reference.epilogue_tail(plain, activation, residual, gate)
+    h = reference.epilogue_tail(plain, activation) if activation else plain
+    gelu_term = (ulp(h) * (1 if gate is None else gate.abs())) if activation else 0
+    bound = 2 * ulp(want) + gelu_term + 1e-6
+    err = (got.float() - want.float()).abs()
+    assert (err <= bound).all(), f"{what}: max error {(err / bound).max():.2f}x the bound"
 
 
 def capture_cuda_graph(fn):

@@ -29,7 +29,7 @@ def test_table_is_well_formed():
     (3, 5120, False, H200, "cuda"),
     (4, 2048, False, H200, "cuda"),
     (3, 1536, False, H200, None),   # small K: Triton measured as fast or faster
-    (3, 5120, True, H200, None),    # an epilogue tail: the CUDA kernel's fused tail is not measured yet
+    (3, 5120, True, H200, None),    # an epilogue tail: the CUDA kernel's fused tail measured slower (ws5)
     (8, 5120, False, H200, None),   # W8: no rule (the warp-specialized kernel is W3/W4)
     (3, 5120, False, H100, None),   # not measured there: default order
 ])

@@ -12,7 +12,7 @@ import torch
 import qvdit_kernels as qk
 from qvdit_kernels import reference as ref
 
-from conftest import KERNEL_BACKENDS, assert_within_spec, capture_cuda_graph, gen, ulp
+from conftest import KERNEL_BACKENDS, assert_tail_within, assert_within_spec, capture_cuda_graph, gen
 from test_gemm import make_problem
 
 pytestmark = pytest.mark.skipif("cuda" not in KERNEL_BACKENDS, reason="needs a GPU and the built CUDA extension")
@@ -254,12 +254,8 @@ def test_ws_epilogue_tail(monkeypatch, rows, out_dtype, tail):
             "gelu+per_token_gate": torch.randn(m, n, generator=g, device=DEV)}.get(tail)
     act = "gelu_tanh" if gelu else None
     plain = qk.qgemm(**a, out_dtype=out_dtype, backend="cuda")
-    want = ref.epilogue_tail(plain, act, residual, gate)
     got = qk.qgemm(**a, out_dtype=out_dtype, backend="cuda", activation=act, residual=residual, residual_gate=gate)
-    h = ref.epilogue_tail(plain, act) if gelu else plain
-    bound = 2 * ulp(want) + (ulp(h) * (1 if gate is None else gate.abs()) if gelu else 0) + 1e-6
-    err = (got.float() - want.float()).abs()
-    assert (err <= bound).all(), f"{tail}: max error {(err / bound).max():.2f}x the bound"
+    assert_tail_within(got, plain, act, residual, gate, tail)
 
 
 def test_sanitizer_smoke(path):

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 import qvdit_kernels as qk
 
-from conftest import (KERNEL_BACKENDS, assert_within_spec, device_for, gen, random_act_codes, random_codes,
-                      random_weight_qparams, ulp)
+from conftest import (KERNEL_BACKENDS, assert_tail_within, assert_within_spec, device_for, gen, random_act_codes,
+                      random_codes, random_weight_qparams)
 
 SHAPES = [(1, 1, 1), (1, 200, 75), (37, 200, 75), (37, 129, 130), (64, 256, 64), (33, 1152, 40), (16, 384, 17)]
 
@@ -173,15 +173,11 @@ def test_epilogue_tail(backend, w_bits, a_bits, out_dtype, tail):
     gate = {"gated": torch.rand(1, n, generator=g) * 2 - 0.5, "gelu+per_token_gate": torch.randn(m, n, generator=g)}
     gate = gate.get(tail)
     plain = run_qgemm(backend, args, out_dtype)
-    want = qk.reference.epilogue_tail(plain, "gelu_tanh" if gelu else None, residual, gate)
     dev = device_for(backend)
     got = run_qgemm(backend, args, out_dtype, activation="gelu_tanh" if gelu else None,
                     residual=None if residual is None else residual.to(dev), residual_gate=None if gate is None else gate.to(dev))
     assert got.dtype == out_dtype and torch.isfinite(got).all()
-    h = qk.reference.epilogue_tail(plain, "gelu_tanh") if gelu else plain
-    bound = 2 * ulp(want) + (ulp(h) * (1 if gate is None else gate.abs()) if gelu else 0) + 1e-6
-    err = (got.float() - want.float()).abs()
-    assert (err <= bound).all(), f"{tail}: max error {(err / bound).max():.2f}x the bound"
+    assert_tail_within(got, plain, "gelu_tanh" if gelu else None, residual, gate, tail)
     assert torch.equal(got, run_qgemm(backend, args, out_dtype, activation="gelu_tanh" if gelu else None,
                                       residual=None if residual is None else residual.to(dev),
                                       residual_gate=None if gate is None else gate.to(dev)))

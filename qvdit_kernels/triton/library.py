@@ -33,9 +33,9 @@ _PLAIN = (Tensor, torch.nn.Parameter)  # not FakeTensor, FunctionalTensor or oth
 def _eager(*args) -> bool:
     """Whether to call a kernel's implementation directly instead of through its custom op: in plain eager use
     (not traced by torch.compile/export or a dispatch mode, every tensor argument a plain Tensor, none needing
-    grad while grad mode is on). The custom op's Python dispatch (autograd wrapper, redispatch, dynamo guard) costs ~0.1 ms of host time
-    per call, more than the act-quant kernel of a 16k x 1152 activation runs; tracing needs the op (its fake impl)
-    and autograd its error on backward, so they keep it."""
+    grad while grad mode is on). The custom op's Python dispatch (autograd wrapper, redispatch, dynamo guard)
+    costs ~0.1 ms of host time per call, more than the act-quant kernel of a 16k x 1152 activation runs; tracing
+    needs the op (its fake impl) and autograd its error on backward, so they keep it."""
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:  # make_fx, FakeTensorMode, ...
         return False
     grad = torch.is_grad_enabled()  # (under no_grad a Parameter's requires_grad records nothing)
@@ -215,6 +215,7 @@ def _(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_i
 
 @register("norm_quantize", "triton")
 def norm_quantize(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id):
-    op = _norm_quant_impl if _eager(x, weight, bias, scale, shift, alphas, gates) else torch.ops.qvdit.triton_norm_quant
+    eager = _eager(x, weight, bias, scale, shift, alphas, gates)
+    op = _norm_quant_impl if eager else torch.ops.qvdit.triton_norm_quant
     y, xq, sx, u, rs = op(x, bits, float(eps), weight, bias, scale, shift, mod_rows, alphas, gates, frame_id)
     return y, xq, sx, u if alphas is not None else None, rs
