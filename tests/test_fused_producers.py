@@ -88,12 +88,21 @@ def test_reference_fused_equals_unfused_bit_for_bit(monkeypatch):
                for q in model.modules() if isinstance(q, QLinear))  # every handoff consumed
 
 
+@pytest.fixture(scope="module")
+def triton_fused_eager():
+    """The eager fused forward of quantized("triton") on inputs(DEVICE), once for the tests that compare with it
+    (interpreted on CPU it is the slow part): (output, norm_quantize calls, the tails it fused)."""
+    with pytest.MonkeyPatch.context() as mp:
+        out, n = run(quantized("triton", DEVICE), inputs(DEVICE), True, mp)
+    return out, n, list(TAILS)
+
+
 @pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="Triton runs on a GPU or under TRITON_INTERPRET=1")
-def test_triton_fused_close_to_unfused(monkeypatch):
+def test_triton_fused_close_to_unfused(monkeypatch, triton_fused_eager):
     model, kw = quantized("triton", DEVICE), inputs(DEVICE)
     plain, _ = run(model, kw, False, monkeypatch)
-    fused_out, n = run(model, kw, True, monkeypatch)
-    assert n == 6 and sorted(TAILS, key=str) == sorted(BLOCK_TAILS * 2, key=str)
+    fused_out, n, tails = triton_fused_eager
+    assert n == 6 and sorted(tails, key=str) == sorted(BLOCK_TAILS * 2, key=str)
     err = ((fused_out - plain).norm() / plain.norm()).item()
     assert err < 2e-3, err  # y may differ from torch's LayerNorm by float rounding, u by its summation order
 
@@ -108,12 +117,12 @@ def test_not_fused_when_a_consumer_is_not_quantized(monkeypatch):
 
 
 @pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="Triton runs on a GPU or under TRITON_INTERPRET=1")
-def test_compiled_blocks_run_the_fused_forward(monkeypatch):
+def test_compiled_blocks_run_the_fused_forward(monkeypatch, triton_fused_eager):
     """`compile_repeated_blocks(fullgraph=True)`: the fused kernels are custom ops and the handoffs are side
     effects within one block, so each block traces whole, runs norm_quantize and the epilogue tails, and gives
     the eager fused result bit for bit (aot_eager: the traced graph, run op by op); no handoff is left over."""
     model, kw = quantized("triton", DEVICE), inputs(DEVICE)
-    eager, _ = run(model, kw, True, monkeypatch)
+    eager = triton_fused_eager[0]
     torch._dynamo.reset()
     model.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
     out, n = run(model, kw, True, monkeypatch)
