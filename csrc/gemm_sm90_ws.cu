@@ -12,9 +12,10 @@
 //     the producer, and unpack step t+1's fragments from its packed bytes while step t's MMAs run.
 // So the tensor cores always have the next step queued (what Triton 3.6 cannot do with int32
 // accumulators: it waits for every int8 wgmma), loads run ahead across tiles (persistent CTAs, one per
-// SM), and no CTA-wide barrier is in the mainloop. The epilogue is the one of the other kernels
-// (qvdit_layout.h::epilogue_value), transposed, plus reference.epilogue_tail (GELU, gated residual add),
-// which only this kernel fuses. W8 stays on gemm_sm90.cu.
+// SM), and no CTA-wide barrier is in the mainloop. The epilogue computes the other kernels' values
+// (qvdit_layout.h::epilogue_value) through a shared-memory staging buffer (epilogue_staged), plus
+// reference.epilogue_tail (GELU, gated residual add), which only this kernel fuses (in its 128-row mode).
+// W8 stays on gemm_sm90.cu.
 #include <cuda.h>  // CUtensorMap
 #include <cudaTypedefs.h>
 
@@ -163,6 +164,18 @@ __device__ __forceinline__ Params load_params(const Epi& e, int m0, int n0, int 
   }
   return p;
 }
+// (tail with a residual) The tile's residual block into L2 while its mainloop runs, so that the epilogue's
+// residual loads wait on L2, not on DRAM: one 128-byte line per consumer thread and pass.
+template <class Plan>
+__device__ __forceinline__ void prefetch_residual(const Epi& e, int m0, int n0, int tid) {
+  const int el = e.out_kind == 2 ? 4 : 2, lines = Plan::kRows * el / 128;  // lines per token row of the tile
+  for (int i = tid; i < kBM * lines; i += kWsConsumers) {
+    const int m = m0 + i / lines, n = n0 + (i % lines) * (128 / el);
+    if (m < e.m && n < e.n)
+      asm volatile("prefetch.global.L2 [%0];\n" ::"l"(static_cast<const char*>(e.residual) +
+                                                       ((size_t)m * e.ld_res + n) * el));
+  }
+}
 template <class Plan>
 __device__ __forceinline__ void store_params(const Params& p, uint32_t sbase, int pb, int tid) {
   QV_UNROLL
@@ -180,131 +193,213 @@ __device__ __forceinline__ float round_to_out(float y) {
 }
 
 // reference.epilogue_tail's activation on one output: y rounded to the out dtype, gelu_tanh in float32
-// (torch's formula, x * sigmoid(2 z) == 0.5 x (1 + tanh z), as the Triton kernel writes it), rounded again.
+// (torch's CUDA formula, 0.5 x (1 + tanh z); tanhf is inline, where the exp form's IEEE division calls a
+// slow-path routine whose call saves live registers to the stack), rounded again.
 template <int OUT, bool TAIL>
 __device__ __forceinline__ float tail_activation(const Epi& e, float y) {
   if (!TAIL) return y;
   y = round_to_out<OUT>(y);
   if (e.activation == 1) {
     const float inner = 0.7978845608028654f * (y + 0.044715f * (y * y * y));
-    y = round_to_out<OUT>(y / (1.0f + expf(-2.0f * inner)));
+    y = round_to_out<OUT>(0.5f * y * (1.0f + tanhf(inner)));
   }
   return y;
 }
 
-// reference.epilogue_tail's residual add on output (m, n): residual + gate * y in float32 (grow = token m's
-// gate row, staged per token).
-template <int OUT, bool TAIL>
-__device__ __forceinline__ float tail_residual(const Epi& e, int m, int n, int grow, float y) {
-  if (!TAIL || !e.residual) return y;
-  if (e.rgate) y = QV_FMUL(y, e.rgate[(size_t)grow * e.n + n]);
-  const size_t i = (size_t)m * e.ld_res + n;
-  float r;
-  if (OUT == 0)
-    r = __bfloat162float(static_cast<const __nv_bfloat16*>(e.residual)[i]);
-  else if (OUT == 1)
-    r = __half2float(static_cast<const __half*>(e.residual)[i]);
+// ---------------------------------------------------------------- the staged epilogue (default)
+// One consumer warpgroup's barrier (named barriers 3 and 4: 1 and 2 are the tile barriers above).
+__device__ __forceinline__ void ws_warpgroup_sync(int wg) {
+  if (wg == 0)  // (constant barrier ids: a register id makes ptxas reserve all 16)
+    asm volatile("bar.sync 3, 128;\n" ::: "memory");
   else
-    r = static_cast<const float*>(e.residual)[i];
-  return QV_FADD(r, y);  // separate multiply and add, as the reference (never contracted into an FMA)
+    asm volatile("bar.sync 4, 128;\n" ::: "memory");
 }
 
-// Epilogue of one m64 block of a tile. Accumulator i is weight row n0 + r + 8 ((i / 2) % 2), token
-// m0 + c + 8 (i / 4) + i % 2 (the wgmma accumulator layout; r = the thread's first row in the tile, c =
-// 2 (lane % 4)): 2 weight rows x 32 tokens per thread. The operands come from the tile's shared-memory
-// buffer (stage_params); each output is epilogue_value's float ops in the same order, then the optional
-// tail (activation before the pairing below, the residual add after it). 16-bit outputs
-// leave as pairs along n: lanes 4 apart hold neighbouring weight rows and swap one value, so each stores
-// two adjacent outputs of one token in one 32-bit store (N even; scalar stores otherwise).
-template <int OUT, bool TAIL, class Plan>
-__device__ __forceinline__ void epilogue(const Epi& e, uint32_t sbase, int pb, int m0, int n0, int r, int c,
-                                         const uint32_t (&acc)[64]) {
-  // weight-row operands of rows r and r + 8: kept in registers, or (TAIL, which needs registers for the
-  // residual) read from shared memory where they are used
-  float sw[2], zw[2], bias[2], beta[2];
-  auto row_operands = [&](int h) {
-    sw[h] = ldsf(sbase + Plan::param(pb, 4) + 4 * (r + 8 * h));
-    zw[h] = ldsf(sbase + Plan::param(pb, 5) + 4 * (r + 8 * h));
-    bias[h] = ldsf(sbase + Plan::param(pb, 6) + 4 * (r + 8 * h));
-    beta[h] = ldsf(sbase + Plan::param(pb, 7) + 4 * (r + 8 * h));
-  };
-  if (!TAIL) {
-    row_operands(0);
-    row_operands(1);
-  }
-  const bool odd = (r & 1) != 0;  // lane / 4 odd: this thread holds weight row n = its partner's + 1
-  const bool pairs = OUT <= 1 && e.n % 2 == 0;
+// A tile's epilogue in chunks of 32 tokens x one m64 block (64 weight rows) per warpgroup, through its
+// staging buffer (WsPlan::stage):
+//   stage_chunk: the warpgroup writes the chunk's raw accumulators into the buffer, [token][row] (thread
+//     (warp w, lane l) holds rows 16 (w % 4) + l / 4 (+ 8) and tokens 2 (l % 4) + 8 jb (+ 1));
+//   epilogue_rows: reads them back along rows, thread t of the warpgroup taking 4 consecutive weight rows
+//     (outputs n..n+3) of token t / 16 + 8 p, p = 0..3: the zero correction, epilogue_value's float ops in
+//     its order, the optional tail (reference.epilogue_tail), one 8- or 16-byte store; 16 threads cover one
+//     token's 64 outputs, contiguous in memory.
+// Why not straight from the accumulator registers (the kernel's first epilogue): that code was unrolled over
+// all 64 accumulators, ~2.5K straight-line instructions per out dtype (x2 for 256-row tiles, ~5.5K with the
+// tail) run once per tile by every consumer warp, with 4-byte stores in 16-byte pieces. Measured against it
+// on the H200 (BENCHMARKS.md, run ws6): the GEMM 1.08x faster at the median, 1.12-1.22x at K <= 1536; the
+// fused tail 1.6-2x faster. The residual / gate / output accesses here are row-contiguous.
+__device__ __forceinline__ void lds128(uint32_t addr, uint32_t (&v)[4]) {
+  asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3])
+               : "r"(addr)
+               : "memory");
+}
+__device__ __forceinline__ void lds128f(uint32_t addr, float (&v)[4]) {
+  uint32_t u[4];
+  lds128(addr, u);
   QV_UNROLL
-  for (int jb = 0; jb < 16; ++jb) {
-    float sx[2], um[2];
-    int32_t rs[2];
+  for (int i = 0; i < 4; ++i) v[i] = __uint_as_float(u[i]);
+}
+
+// Chunk (mb, ch) of this thread's accumulators (m-block mb, tokens 32 ch .. 32 ch + 31) into the staging
+// buffer; lr = the thread's first row in the m-block, c = its first token column.
+template <int MB>
+__device__ __forceinline__ void stage_chunk(uint32_t stage, int mb, int ch, int lr, int c,
+                                            const uint32_t (&acc)[MB][64]) {
+  QV_UNROLL
+  for (int jj = 0; jj < 4; ++jj)
     QV_UNROLL
-    for (int j = 0; j < 2; ++j) {
-      const int cm = c + 8 * jb + j;
-      sx[j] = ldsf(sbase + Plan::param(pb, 0) + 4 * cm);
-      rs[j] = (int32_t)lds32(sbase + Plan::param(pb, 1) + 4 * cm);
-      um[j] = ldsf(sbase + Plan::param(pb, 2) + 4 * cm);
+    for (int h = 0; h < 2; ++h)
+      QV_UNROLL
+      for (int j = 0; j < 2; ++j) {
+        const int tok = 8 * jj + c + j, i = 4 * (4 * ch + jj) + 2 * h + j;
+        sts32(stage + 4 * (tok * WsPlan<3, kWsCoop128>::kStageLd + lr + 8 * h), acc[mb][i]);
+      }
+}
+
+// 4 consecutive values of row-major tensor p (element type: OUT's, or float32 for OUT = 2) from element i on
+// as float32: one 8/16-byte load when vec, else `valid` scalar loads (the rest 0).
+template <int OUT>
+__device__ __forceinline__ void ld4(const void* p, size_t i, bool vec, int valid, float (&v)[4]) {
+  uint32_t b[4] = {0, 0, 0, 0};  // the raw elements
+  if (OUT == 2) {
+    const uint32_t* f = static_cast<const uint32_t*>(p) + i;
+    if (vec) {
+      const uint4 q = *reinterpret_cast<const uint4*>(f);
+      b[0] = q.x, b[1] = q.y, b[2] = q.z, b[3] = q.w;
+    } else {
+      for (int a = 0; a < valid && a < 4; ++a) b[a] = f[a];
     }
-    // (TAIL) gate rows of the token(s) this thread stores: the pair's token, or tokens c + 8 jb + j
-    auto grow = [&](int cm) { return TAIL ? (int)lds32(sbase + Plan::param(pb, 3) + 4 * cm) : 0; };
-    QV_UNROLL
-    for (int h = 0; h < 2; ++h) {
-      if (TAIL) row_operands(h);
-      const int n = n0 + r + 8 * h;
-      float y[2];
-      int32_t cv[2];
+  } else {
+    const uint16_t* h = static_cast<const uint16_t*>(p) + i;
+    if (vec) {
+      const uint2 q = *reinterpret_cast<const uint2*>(h);
+      b[0] = q.x & 0xffffu, b[1] = q.x >> 16, b[2] = q.y & 0xffffu, b[3] = q.y >> 16;
+    } else {
+      for (int a = 0; a < valid && a < 4; ++a) b[a] = h[a];
+    }
+  }
+  QV_UNROLL
+  for (int a = 0; a < 4; ++a)
+    v[a] = OUT == 2 ? __uint_as_float(b[a])
+         : OUT == 0 ? __uint_as_float(b[a] << 16)
+                    : __half2float(__ushort_as_half((unsigned short)b[a]));
+}
+
+// Stores 4 outputs (row-major out, element i on): y rounded to the out dtype, or cv for int32 outputs.
+template <int OUT>
+__device__ __forceinline__ void st4(void* p, size_t i, bool vec, int valid, const float (&y)[4],
+                                    const int32_t (&cv)[4]) {
+  uint32_t b[4];  // the raw elements
+  QV_UNROLL
+  for (int a = 0; a < 4; ++a)
+    b[a] = OUT == 3   ? (uint32_t)cv[a]
+         : OUT == 2 ? __float_as_uint(y[a])
+         : OUT == 1 ? (uint32_t)__half_as_ushort(__float2half_rn(y[a]))
+                    : (uint32_t)__bfloat16_as_ushort(__float2bfloat16_rn(y[a]));
+  if (OUT >= 2) {  // float32 / int32: 16 bytes
+    uint32_t* d = static_cast<uint32_t*>(p) + i;
+    if (vec)
+      *reinterpret_cast<uint4*>(d) = make_uint4(b[0], b[1], b[2], b[3]);
+    else
+      for (int a = 0; a < valid && a < 4; ++a) d[a] = b[a];
+  } else {  // 16-bit: 8 bytes
+    uint16_t* d = static_cast<uint16_t*>(p) + i;
+    if (vec)
+      *reinterpret_cast<uint2*>(d) = make_uint2(b[0] | (b[1] << 16), b[2] | (b[3] << 16));
+    else
+      for (int a = 0; a < valid && a < 4; ++a) d[a] = (uint16_t)b[a];
+  }
+}
+
+// The staged chunk back along rows (see above): rb = the m-block's first row in the tile, t0 = the chunk's
+// first token in the tile, wtid = the thread's index in its warpgroup. LEAN (MB = 2: 128 accumulator
+// registers stay live through the loop over chunks, within the 168-register cap): the weight-row operands
+// are re-read per token and the tail's loads issued one token at a time; else they are read once and the
+// tail's residual and gate loads of all 4 tokens go out together (latency hidden once, not 4 times).
+template <int OUT, bool TAIL, bool LEAN, class Plan>
+__device__ __forceinline__ void epilogue_rows(const Epi& e, uint32_t sbase, uint32_t stage, int pb, int m0, int n0,
+                                              int rb, int t0, int wtid) {
+  constexpr int kEl = OUT >= 2 ? 4 : 2;  // bytes per output
+  constexpr int PF = LEAN ? 1 : 4;       // tokens whose tail loads go out together
+  const int col = 4 * (wtid % 16), n = n0 + rb + col, valid = e.n - n;
+  if (valid <= 0) return;
+  float sw[4], zw[4], bias[4], beta[4];
+  auto row_operands = [&] {
+    lds128f(sbase + Plan::param(pb, 4) + 4 * (rb + col), sw);
+    lds128f(sbase + Plan::param(pb, 5) + 4 * (rb + col), zw);
+    lds128f(sbase + Plan::param(pb, 6) + 4 * (rb + col), bias);
+    lds128f(sbase + Plan::param(pb, 7) + 4 * (rb + col), beta);
+  };
+  if (!LEAN) row_operands();
+  // 8/16-byte accesses: whole 4-output groups in rows that start 16-byte aligned
+  const auto al = [](const void* p, int64_t ld, int bytes) {
+    return reinterpret_cast<uintptr_t>(p) % 16 == 0 && (ld * bytes) % 16 == 0;
+  };
+  const bool vec = valid >= 4 && al(e.out, e.n, kEl) && (!TAIL || !e.residual || al(e.residual, e.ld_res, kEl)) &&
+                   (!TAIL || !e.rgate || al(e.rgate, e.n, 4));
+  QV_UNROLL
+  for (int p0 = 0; p0 < 4; p0 += PF) {
+    // (TAIL) the residual and gate values of PF tokens first: out may alias residual, so a later token's
+    // loads could not move above an earlier one's stores
+    float res[PF][4], gate[PF][4];
+    if (TAIL && e.residual) {
       QV_UNROLL
-      for (int j = 0; j < 2; ++j) {
-        cv[j] = zero_corrected((int32_t)acc[4 * jb + 2 * h + j], zw[h], rs[j]);
-        float v = QV_FMUL(QV_FMUL((float)cv[j], sx[j]), sw[h]);
-        if (e.bias) v = QV_FADD(v, bias[h]);
-        if (e.u) v = QV_FADD(v, QV_FMUL(um[j], beta[h]));
-        y[j] = tail_activation<OUT, TAIL>(e, v);
-      }
-      const int m = m0 + c + 8 * jb;  // tokens m (j = 0) and m + 1 (j = 1)
-      if (pairs) {
-        // even thread: (m, n), (m, n + 1); odd thread: (m + 1, n - 1), (m + 1, n)
-        const float got = __shfl_xor_sync(0xffffffffu, odd ? y[0] : y[1], 4);
-        const int mm = odd ? m + 1 : m, nn = odd ? n - 1 : n;
-        float lo = odd ? got : y[0], hi = odd ? y[1] : got;
-        if (mm < e.m && nn < e.n) {  // N even: nn + 1 < N too
-          const int gr = grow(c + 8 * jb + (odd ? 1 : 0));
-          lo = tail_residual<OUT, TAIL>(e, mm, nn, gr, lo);
-          hi = tail_residual<OUT, TAIL>(e, mm, nn + 1, gr, hi);
-          const size_t idx = (size_t)mm * e.n + nn;
-          if (OUT == 0)
-            *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(e.out) + idx) = __floats2bfloat162_rn(lo, hi);
-          else
-            *reinterpret_cast<__half2*>(static_cast<__half*>(e.out) + idx) = __floats2half2_rn(lo, hi);
+      for (int p = 0; p < PF; ++p) {
+        const int tl = wtid / 16 + 8 * (p0 + p), m = m0 + t0 + tl;
+        if (m >= e.m) continue;
+        ld4<OUT>(e.residual, (size_t)m * e.ld_res + n, vec, valid, res[p]);
+        if (e.rgate) {
+          const int grow = (int)lds32(sbase + Plan::param(pb, 3) + 4 * (t0 + tl));
+          ld4<2>(e.rgate, (size_t)grow * e.n + n, vec, valid, gate[p]);
         }
-        continue;
       }
+    }
+    QV_UNROLL
+    for (int p = 0; p < PF; ++p) {
+      const int tl = wtid / 16 + 8 * (p0 + p), m = m0 + t0 + tl;
+      if (m >= e.m) continue;
+      if (LEAN) row_operands();
+      uint32_t raw[4];
+      lds128(stage + 4 * (tl * Plan::kStageLd + col), raw);
+      const float sx = ldsf(sbase + Plan::param(pb, 0) + 4 * (t0 + tl));
+      const int32_t rs = (int32_t)lds32(sbase + Plan::param(pb, 1) + 4 * (t0 + tl));
+      const float um = ldsf(sbase + Plan::param(pb, 2) + 4 * (t0 + tl));
+      float y[4];
+      int32_t cv[4];
       QV_UNROLL
-      for (int j = 0; j < 2; ++j) {
-        if (m + j >= e.m || n >= e.n) continue;
-        const size_t idx = (size_t)(m + j) * e.n + n;
-        const float v = OUT == 3 ? 0.f : tail_residual<OUT, TAIL>(e, m + j, n, grow(c + 8 * jb + j), y[j]);
-        if (OUT == 3)
-          static_cast<int32_t*>(e.out)[idx] = cv[j];
-        else if (OUT == 2)
-          static_cast<float*>(e.out)[idx] = v;
-        else if (OUT == 1)
-          static_cast<__half*>(e.out)[idx] = __float2half_rn(v);
-        else
-          static_cast<__nv_bfloat16*>(e.out)[idx] = __float2bfloat16_rn(v);
+      for (int a = 0; a < 4; ++a) {
+        cv[a] = zero_corrected((int32_t)raw[a], zw[a], rs);
+        float v = QV_FMUL(QV_FMUL((float)cv[a], sx), sw[a]);
+        if (e.bias) v = QV_FADD(v, bias[a]);
+        if (e.u) v = QV_FADD(v, QV_FMUL(um, beta[a]));
+        v = tail_activation<OUT, TAIL>(e, v);
+        if (TAIL && e.residual) v = QV_FADD(res[p][a], e.rgate ? QV_FMUL(v, gate[p][a]) : v);
+        y[a] = v;
       }
+      st4<OUT>(e.out, (size_t)m * e.n + n, vec, valid, y, cv);
     }
   }
 }
-// epilogue with the tail instantiation chosen at run time (the tail-free one keeps its lighter code).
-template <int OUT, class Plan>
-__device__ __forceinline__ void epilogue_any_tail(bool tail, const Epi& e, uint32_t sbase, int pb, int m0, int n0,
-                                                  int r, int c, const uint32_t (&acc)[64]) {
-  if (tail)
-    epilogue<OUT, !Plan::kPingPong, Plan>(e, sbase, pb, m0, n0, r, c, acc);
-  else
-    epilogue<OUT, false, Plan>(e, sbase, pb, m0, n0, r, c, acc);
+
+// The staged epilogue of one tile for warpgroup wg, one out dtype and tail choice. Unrolled over the chunks:
+// the accumulators of a staged chunk are dead, so registers free up as it goes (a rolled loop would keep all
+// 64 MB live through it); only the instantiation for this call's out dtype runs.
+template <int OUT, bool TAIL, class Plan>
+__device__ __forceinline__ void epilogue_staged(const Epi& e, uint32_t sbase, int pb, int wg, int m0, int n0,
+                                                int lr, int c, int wtid, const uint32_t (&acc)[Plan::MB][64]) {
+  const uint32_t stage = sbase + Plan::stage(wg);
+  QV_UNROLL
+  for (int k = 0; k < 4 * Plan::MB; ++k) {
+    // (k = 0: the barrier before the epilogue ordered the last reads of the buffer, the tile before's)
+    if (k > 0) ws_warpgroup_sync(wg);
+    stage_chunk<Plan::MB>(stage, k / 4, k % 4, lr, c, acc);
+    ws_warpgroup_sync(wg);
+    epilogue_rows<OUT, TAIL, Plan::MB == 2, Plan>(e, sbase, stage, pb, m0, n0, Plan::wg_row0(wg) + 64 * (k / 4),
+                                                  32 * (k % 4), wtid);
+  }
 }
+
 #endif  // QV_SM90A
 
 template <int BITS, int MODE>
@@ -378,6 +473,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) qgemm_sm90_ws_kernel(const __gr
     // this tile's epilogue-operand buffer (read only after the barrier below): two per tile owner
     const int pb = Plan::kPingPong ? 2 * wg + ((ntile >> 1) & 1) : (ntile & 1);
     const Params params = load_params<Plan>(g.epi, tm * kBM, tn * Plan::kRows, ptid);
+    if (Plan::kTail && g.epi.residual) prefetch_residual<Plan>(g.epi, tm * kBM, tn * Plan::kRows, ptid);
     mbar_wait(sbase + Plan::full(ws_slot(it0, S)), ws_full_parity(it0, S));
     build_group<BITS, MB>(sbase + Plan::p(ws_slot(it0, S)), g.tail && w.steps == 1, 0, row0, q, f0);
     for (int gi = 0; gi < groups; gi += 2) {
@@ -404,18 +500,17 @@ __global__ void __launch_bounds__(kWsThreads, 1) qgemm_sm90_ws_kernel(const __gr
 
     const Epi& e = g.epi;
     const int m0 = tm * kBM, n0 = tn * Plan::kRows, c = 2 * q;
-    QV_UNROLL
-    for (int mb = 0; mb < MB; ++mb) {
-      const int r = row0 + 64 * mb;
-      // (never with int32 outputs; never in ping-pong mode, whose registers are too tight: the host takes the
-      // cooperative 128-row kernel for a tail)
-      const bool tail = !Plan::kPingPong && (e.activation || e.residual);
-      switch (e.out_kind) {
-        case 0: epilogue_any_tail<0, Plan>(tail, e, sbase, pb, m0, n0, r, c, acc[mb]); break;
-        case 1: epilogue_any_tail<1, Plan>(tail, e, sbase, pb, m0, n0, r, c, acc[mb]); break;
-        case 2: epilogue_any_tail<2, Plan>(tail, e, sbase, pb, m0, n0, r, c, acc[mb]); break;
-        default: epilogue<3, false, Plan>(e, sbase, pb, m0, n0, r, c, acc[mb]); break;
-      }
+    // (never with int32 outputs; only in the 128-row cooperative mode, which the host takes for a tail)
+    const bool tail = Plan::kTail && (e.activation || e.residual);
+    const int lr = row0 - Plan::wg_row0(wg), wtid = tid % 128;  // (row, thread index) in the warpgroup
+    switch (e.out_kind + (tail ? 4 : 0)) {
+      case 0: epilogue_staged<0, false, Plan>(e, sbase, pb, wg, m0, n0, lr, c, wtid, acc); break;
+      case 1: epilogue_staged<1, false, Plan>(e, sbase, pb, wg, m0, n0, lr, c, wtid, acc); break;
+      case 2: epilogue_staged<2, false, Plan>(e, sbase, pb, wg, m0, n0, lr, c, wtid, acc); break;
+      case 3: epilogue_staged<3, false, Plan>(e, sbase, pb, wg, m0, n0, lr, c, wtid, acc); break;
+      case 4: epilogue_staged<0, Plan::kTail, Plan>(e, sbase, pb, wg, m0, n0, lr, c, wtid, acc); break;
+      case 5: epilogue_staged<1, Plan::kTail, Plan>(e, sbase, pb, wg, m0, n0, lr, c, wtid, acc); break;
+      default: epilogue_staged<2, Plan::kTail, Plan>(e, sbase, pb, wg, m0, n0, lr, c, wtid, acc); break;
     }
   }
 #else
@@ -490,9 +585,10 @@ int qgemm_sm90_ws_rows(int n, int k) {
 }
 
 int qgemm_sm90_ws_mode(int n, int k, bool tail) {
+  if (tail) return kWsCoop128;  // the one mode that fuses the epilogue tail (WsPlan::kTail)
   const char* pp = std::getenv("QVDIT_WS_PINGPONG");  // 1: ping-pong for 128-row tiles (opt-in: slower, run ws5)
   if (qgemm_sm90_ws_rows(n, k) == 256) return kWsCoop256;
-  return pp && std::atoi(pp) == 1 && !tail ? kWsPingPong : kWsCoop128;
+  return pp && std::atoi(pp) == 1 ? kWsPingPong : kWsCoop128;
 }
 
 cudaError_t qgemm_sm90_ws(const GemmArgs& g, int bits, cudaStream_t stream) {

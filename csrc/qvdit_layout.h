@@ -296,6 +296,9 @@ struct WsPlan {
   static constexpr int MB = MODE == kWsCoop128 ? 1 : 2;          // m64 blocks per consumer warpgroup
   static constexpr bool kPingPong = MODE == kWsPingPong;
   static constexpr int kRows = MODE == kWsCoop256 ? 256 : 128;  // weight rows per tile
+  // Whether the kernel fuses reference.epilogue_tail (GELU, gated residual add): only with one m64 block per
+  // warpgroup (MB = 2 keeps 128 accumulators live through the epilogue, and the tail's registers then spill)
+  static constexpr bool kTail = MODE == kWsCoop128;
   static constexpr int kSlotConsumers = kPingPong ? 1 : 2;       // warpgroups that read (and release) a slot
   static constexpr int kStages = kRows == 256 ? 3 : kWsStages;  // (a 256-row slot is 56-64 KB)
   static constexpr int kABytes = kBM * kWsKS;                    // two SW128 blocks of [128 tokens][128 B]
@@ -309,7 +312,12 @@ struct WsPlan {
   static constexpr int kTokenArrays = 4;
   static constexpr int kParamBytes = kBM * 4 * kTokenArrays + kRows * 16;
   static constexpr int kParamBufs = kPingPong ? 4 : 2;
-  static constexpr int kBytes = kStages * kSlotBytes + kBarBytes + kParamBufs * kParamBytes;
+  // Each consumer warpgroup's epilogue staging buffer (gemm_sm90_ws.cu, stage_chunk / epilogue_rows): the
+  // raw accumulators of kStageTokens tokens x 64 weight rows, [token][row] int32, row stride kStageLd words
+  // (64 + 4: one warp's accumulator-layout writes, 8 rows x 4 tokens 2 apart, hit 32 different banks).
+  static constexpr int kStageTokens = 32, kStageLd = 68;
+  static constexpr int kStageBytes = kStageTokens * kStageLd * 4;
+  static constexpr int kBytes = kStages * kSlotBytes + kBarBytes + kParamBufs * kParamBytes + 2 * kStageBytes;
   static constexpr int kAllocBytes = kBytes + 1024;
   QV_HD static uint32_t a(int slot) { return (uint32_t)(slot * kSlotBytes); }
   QV_HD static uint32_t p(int slot) { return (uint32_t)(slot * kSlotBytes + kABytes); }
@@ -326,9 +334,13 @@ struct WsPlan {
     return array < kTokenArrays ? base + (uint32_t)(array * kBM * 4)
                                 : base + (uint32_t)(kTokenArrays * kBM * 4 + (array - kTokenArrays) * kRows * 4);
   }
+  QV_HD static uint32_t stage(int wg) {
+    return (uint32_t)(kStages * kSlotBytes + kBarBytes + kParamBufs * kParamBytes + wg * kStageBytes);
+  }
   // Warpgroup wg's first weight row in the tile (its m-blocks are 64 rows apart).
   QV_HD static int wg_row0(int wg) { return kPingPong ? 0 : wg * 64 * MB; }
   static_assert(kABytes % 1024 == 0 && kPBytes % 1024 == 0, "1024-aligned slots (SW128 and TMA)");
+  static_assert(kBarBytes % 16 == 0 && kParamBytes % 16 == 0 && kStageBytes % 16 == 0, "16-byte shared loads");
   static_assert(kAllocBytes <= 227 * 1024, "shared memory of one CTA");
 };
 
