@@ -56,9 +56,10 @@ def ws_takes(w_bits: int, path: int) -> bool:
 
 def fused_tail_enabled() -> bool:
     """QVDIT_CUDA_FUSED_TAIL=1: run the epilogue tail inside the warp-specialized kernel. Opt-in because it is
-    slow: on the H200 (benchmarks/results/cuda_h200_ws5.json) the GEMM with the fused GELU or gated residual
-    took 2.0-4.2x the time of the plain GEMM, 0.25-0.84x of Triton's fused tail. Correct (test_ws_epilogue_tail);
-    by default the tail runs after the kernel (reference.epilogue_tail, a few memory-bound torch ops)."""
+    still slower than Triton's fused tail: on the H200 (benchmarks/results/cuda_h200_ws6.json, staged epilogue)
+    the GEMM with the fused GELU took 1.1-1.9x the time of the plain GEMM, with the gated residual 1.2-2.9x;
+    that is 0.56-1.40x (GELU) and 0.39-1.06x (residual) of Triton's speed with the same tail. Correct
+    (test_ws_epilogue_tail); by default the tail runs after the kernel (reference.epilogue_tail)."""
     return os.environ.get("QVDIT_CUDA_FUSED_TAIL", "0") == "1"
 
 

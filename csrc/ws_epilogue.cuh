@@ -1,0 +1,289 @@
+// The epilogue of the warp-specialized GEMM (gemm_sm90_ws.cu), and the shared-memory accessors it shares with
+// the mainloop. Per tile: the epilogue operands staged in shared memory under the first MMAs (load_params,
+// store_params), then the accumulators through a per-warpgroup staging buffer (epilogue_staged) into
+// row-contiguous stores, with the optional tail (reference.epilogue_tail). Device code for sm_90a only.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include "qvdit_layout.h"
+#include "wgmma.cuh"  // (QV_SM90A)
+
+namespace qv {
+#ifdef QV_SM90A
+
+__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(addr) : "memory");
+  return v;
+}
+__device__ __forceinline__ void sts32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+__device__ __forceinline__ float ldsf(uint32_t addr) { return __uint_as_float(lds32(addr)); }
+
+// Epilogue operands of one tile, in two halves so that their global-load latency hides under the tile's
+// first MMAs: load_params (consumer thread tid: token tid's sx, rowsum, u and gate row if tid < 128,
+// weight row tid's sw, zw, bias, beta if tid < the tile's rows; indices past M or N clamped, those outputs
+// are never stored), then store_params into shared-memory buffer `pb` (WsPlan::param).
+struct Params {
+  float v[8];
+};
+template <class Plan>
+__device__ __forceinline__ Params load_params(const Epi& e, int m0, int n0, int tid) {
+  Params p = {};
+  if (tid < kBM) {
+    const int m = min(m0 + tid, e.m - 1);
+    p.v[0] = e.sx[m];
+    p.v[1] = __int_as_float(e.rowsum[m]);
+    p.v[2] = e.u ? e.u[m] : 0.f;
+    p.v[3] = __int_as_float(e.rgate ? m / e.gate_div : 0);  // its residual-gate row
+  }
+  if (tid < Plan::kRows) {
+    const int n = min(n0 + tid, e.n - 1);
+    p.v[4] = e.sw[n];
+    p.v[5] = e.zw[n];
+    p.v[6] = e.bias ? e.bias[n] : 0.f;
+    p.v[7] = e.u ? e.beta[n] : 0.f;
+  }
+  return p;
+}
+// (tail with a residual) The tile's residual block into L2 while its mainloop runs, so that the epilogue's
+// residual loads wait on L2, not on DRAM: one 128-byte line per consumer thread and pass.
+template <class Plan>
+__device__ __forceinline__ void prefetch_residual(const Epi& e, int m0, int n0, int tid) {
+  const int el = e.out_kind == 2 ? 4 : 2, lines = Plan::kRows * el / 128;  // lines per token row of the tile
+  for (int i = tid; i < kBM * lines; i += kWsConsumers) {
+    const int m = m0 + i / lines, n = n0 + (i % lines) * (128 / el);
+    if (m < e.m && n < e.n)
+      asm volatile("prefetch.global.L2 [%0];\n" ::"l"(static_cast<const char*>(e.residual) +
+                                                       ((size_t)m * e.ld_res + n) * el));
+  }
+}
+template <class Plan>
+__device__ __forceinline__ void store_params(const Params& p, uint32_t sbase, int pb, int tid) {
+  QV_UNROLL
+  for (int a = 0; a < 8; ++a)
+    if ((a < Plan::kTokenArrays && tid < kBM) || (a >= Plan::kTokenArrays && tid < Plan::kRows))
+      sts32(sbase + Plan::param(pb, a) + 4 * tid, __float_as_uint(p.v[a]));
+}
+
+// y as the out dtype holds it (the block sees the linear's output rounded), back in float32.
+template <int OUT>
+__device__ __forceinline__ float round_to_out(float y) {
+  if (OUT == 0) return __bfloat162float(__float2bfloat16_rn(y));
+  if (OUT == 1) return __half2float(__float2half_rn(y));
+  return y;
+}
+
+// reference.epilogue_tail's activation on one output: y rounded to the out dtype, gelu_tanh in float32
+// (torch's CUDA formula, 0.5 x (1 + tanh z); tanhf is inline, where the exp form's IEEE division calls a
+// slow-path routine whose call saves live registers to the stack), rounded again.
+template <int OUT, bool TAIL>
+__device__ __forceinline__ float tail_activation(const Epi& e, float y) {
+  if (!TAIL) return y;
+  y = round_to_out<OUT>(y);
+  if (e.activation == 1) {
+    const float inner = 0.7978845608028654f * (y + 0.044715f * (y * y * y));
+    y = round_to_out<OUT>(0.5f * y * (1.0f + tanhf(inner)));
+  }
+  return y;
+}
+
+// ---------------------------------------------------------------- the staged epilogue (default)
+// One consumer warpgroup's barrier (named barriers 3 and 4: 1 and 2 are the tile barriers above).
+__device__ __forceinline__ void ws_warpgroup_sync(int wg) {
+  if (wg == 0)  // (constant barrier ids: a register id makes ptxas reserve all 16)
+    asm volatile("bar.sync 3, 128;\n" ::: "memory");
+  else
+    asm volatile("bar.sync 4, 128;\n" ::: "memory");
+}
+
+// A tile's epilogue in chunks of 32 tokens x one m64 block (64 weight rows) per warpgroup, through its
+// staging buffer (WsPlan::stage):
+//   stage_chunk: the warpgroup writes the chunk's raw accumulators into the buffer, [token][row] (thread
+//     (warp w, lane l) holds rows 16 (w % 4) + l / 4 (+ 8) and tokens 2 (l % 4) + 8 jb (+ 1));
+//   epilogue_rows: reads them back along rows, thread t of the warpgroup taking 4 consecutive weight rows
+//     (outputs n..n+3) of token t / 16 + 8 p, p = 0..3: the zero correction, epilogue_value's float ops in
+//     its order, the optional tail (reference.epilogue_tail), one 8- or 16-byte store; 16 threads cover one
+//     token's 64 outputs, contiguous in memory.
+// Why not straight from the accumulator registers (the kernel's first epilogue): that code was unrolled over
+// all 64 accumulators, ~2.5K straight-line instructions per out dtype (x2 for 256-row tiles, ~5.5K with the
+// tail) run once per tile by every consumer warp, with 4-byte stores in 16-byte pieces. Measured against it
+// on the H200 (BENCHMARKS.md, run ws6): the GEMM 1.08x faster at the median, 1.12-1.22x at K <= 1536; the
+// fused tail 1.6-2x faster. The residual / gate / output accesses here are row-contiguous.
+__device__ __forceinline__ void lds128(uint32_t addr, uint32_t (&v)[4]) {
+  asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3])
+               : "r"(addr)
+               : "memory");
+}
+__device__ __forceinline__ void lds128f(uint32_t addr, float (&v)[4]) {
+  uint32_t u[4];
+  lds128(addr, u);
+  QV_UNROLL
+  for (int i = 0; i < 4; ++i) v[i] = __uint_as_float(u[i]);
+}
+
+// Chunk (mb, ch) of this thread's accumulators (m-block mb, tokens 32 ch .. 32 ch + 31) into the staging
+// buffer; lr = the thread's first row in the m-block, c = its first token column.
+template <int MB>
+__device__ __forceinline__ void stage_chunk(uint32_t stage, int mb, int ch, int lr, int c,
+                                            const uint32_t (&acc)[MB][64]) {
+  QV_UNROLL
+  for (int jj = 0; jj < 4; ++jj)
+    QV_UNROLL
+    for (int h = 0; h < 2; ++h)
+      QV_UNROLL
+      for (int j = 0; j < 2; ++j) {
+        const int tok = 8 * jj + c + j, i = 4 * (4 * ch + jj) + 2 * h + j;
+        sts32(stage + 4 * (tok * WsPlan<3, kWsCoop128>::kStageLd + lr + 8 * h), acc[mb][i]);
+      }
+}
+
+// 4 consecutive values of row-major tensor p (element type: OUT's, or float32 for OUT = 2) from element i on
+// as float32: one 8/16-byte load when vec, else `valid` scalar loads (the rest 0).
+template <int OUT>
+__device__ __forceinline__ void ld4(const void* p, size_t i, bool vec, int valid, float (&v)[4]) {
+  uint32_t b[4] = {0, 0, 0, 0};  // the raw elements
+  if (OUT == 2) {
+    const uint32_t* f = static_cast<const uint32_t*>(p) + i;
+    if (vec) {
+      const uint4 q = *reinterpret_cast<const uint4*>(f);
+      b[0] = q.x, b[1] = q.y, b[2] = q.z, b[3] = q.w;
+    } else {
+      for (int a = 0; a < valid && a < 4; ++a) b[a] = f[a];
+    }
+  } else {
+    const uint16_t* h = static_cast<const uint16_t*>(p) + i;
+    if (vec) {
+      const uint2 q = *reinterpret_cast<const uint2*>(h);
+      b[0] = q.x & 0xffffu, b[1] = q.x >> 16, b[2] = q.y & 0xffffu, b[3] = q.y >> 16;
+    } else {
+      for (int a = 0; a < valid && a < 4; ++a) b[a] = h[a];
+    }
+  }
+  QV_UNROLL
+  for (int a = 0; a < 4; ++a)
+    v[a] = OUT == 2 ? __uint_as_float(b[a])
+         : OUT == 0 ? __uint_as_float(b[a] << 16)
+                    : __half2float(__ushort_as_half((unsigned short)b[a]));
+}
+
+// Stores 4 outputs (row-major out, element i on): y rounded to the out dtype, or cv for int32 outputs.
+template <int OUT>
+__device__ __forceinline__ void st4(void* p, size_t i, bool vec, int valid, const float (&y)[4],
+                                    const int32_t (&cv)[4]) {
+  uint32_t b[4];  // the raw elements
+  QV_UNROLL
+  for (int a = 0; a < 4; ++a)
+    b[a] = OUT == 3   ? (uint32_t)cv[a]
+         : OUT == 2 ? __float_as_uint(y[a])
+         : OUT == 1 ? (uint32_t)__half_as_ushort(__float2half_rn(y[a]))
+                    : (uint32_t)__bfloat16_as_ushort(__float2bfloat16_rn(y[a]));
+  if (OUT >= 2) {  // float32 / int32: 16 bytes
+    uint32_t* d = static_cast<uint32_t*>(p) + i;
+    if (vec)
+      *reinterpret_cast<uint4*>(d) = make_uint4(b[0], b[1], b[2], b[3]);
+    else
+      for (int a = 0; a < valid && a < 4; ++a) d[a] = b[a];
+  } else {  // 16-bit: 8 bytes
+    uint16_t* d = static_cast<uint16_t*>(p) + i;
+    if (vec)
+      *reinterpret_cast<uint2*>(d) = make_uint2(b[0] | (b[1] << 16), b[2] | (b[3] << 16));
+    else
+      for (int a = 0; a < valid && a < 4; ++a) d[a] = (uint16_t)b[a];
+  }
+}
+
+// The staged chunk back along rows (see above): rb = the m-block's first row in the tile, t0 = the chunk's
+// first token in the tile, wtid = the thread's index in its warpgroup. LEAN (MB = 2: 128 accumulator
+// registers stay live through the loop over chunks, within the 168-register cap): the weight-row operands
+// are re-read per token and the tail's loads issued one token at a time; else they are read once and the
+// tail's residual and gate loads of all 4 tokens go out together (latency hidden once, not 4 times).
+template <int OUT, bool TAIL, bool LEAN, class Plan>
+__device__ __forceinline__ void epilogue_rows(const Epi& e, uint32_t sbase, uint32_t stage, int pb, int m0, int n0,
+                                              int rb, int t0, int wtid) {
+  constexpr int kEl = OUT >= 2 ? 4 : 2;  // bytes per output
+  constexpr int PF = LEAN ? 1 : 4;       // tokens whose tail loads go out together
+  const int col = 4 * (wtid % 16), n = n0 + rb + col, valid = e.n - n;
+  if (valid <= 0) return;
+  float sw[4], zw[4], bias[4], beta[4];
+  auto row_operands = [&] {
+    lds128f(sbase + Plan::param(pb, 4) + 4 * (rb + col), sw);
+    lds128f(sbase + Plan::param(pb, 5) + 4 * (rb + col), zw);
+    lds128f(sbase + Plan::param(pb, 6) + 4 * (rb + col), bias);
+    lds128f(sbase + Plan::param(pb, 7) + 4 * (rb + col), beta);
+  };
+  if (!LEAN) row_operands();
+  // 8/16-byte accesses: whole 4-output groups in rows that start 16-byte aligned
+  const auto al = [](const void* p, int64_t ld, int bytes) {
+    return reinterpret_cast<uintptr_t>(p) % 16 == 0 && (ld * bytes) % 16 == 0;
+  };
+  const bool vec = valid >= 4 && al(e.out, e.n, kEl) && (!TAIL || !e.residual || al(e.residual, e.ld_res, kEl)) &&
+                   (!TAIL || !e.rgate || al(e.rgate, e.n, 4));
+  QV_UNROLL
+  for (int p0 = 0; p0 < 4; p0 += PF) {
+    // (TAIL) the residual and gate values of PF tokens first: out may alias residual, so a later token's
+    // loads could not move above an earlier one's stores
+    float res[PF][4], gate[PF][4];
+    if (TAIL && e.residual) {
+      QV_UNROLL
+      for (int p = 0; p < PF; ++p) {
+        const int tl = wtid / 16 + 8 * (p0 + p), m = m0 + t0 + tl;
+        if (m >= e.m) continue;
+        ld4<OUT>(e.residual, (size_t)m * e.ld_res + n, vec, valid, res[p]);
+        if (e.rgate) {
+          const int grow = (int)lds32(sbase + Plan::param(pb, 3) + 4 * (t0 + tl));
+          ld4<2>(e.rgate, (size_t)grow * e.n + n, vec, valid, gate[p]);
+        }
+      }
+    }
+    QV_UNROLL
+    for (int p = 0; p < PF; ++p) {
+      const int tl = wtid / 16 + 8 * (p0 + p), m = m0 + t0 + tl;
+      if (m >= e.m) continue;
+      if (LEAN) row_operands();
+      uint32_t raw[4];
+      lds128(stage + 4 * (tl * Plan::kStageLd + col), raw);
+      const float sx = ldsf(sbase + Plan::param(pb, 0) + 4 * (t0 + tl));
+      const int32_t rs = (int32_t)lds32(sbase + Plan::param(pb, 1) + 4 * (t0 + tl));
+      const float um = ldsf(sbase + Plan::param(pb, 2) + 4 * (t0 + tl));
+      float y[4];
+      int32_t cv[4];
+      QV_UNROLL
+      for (int a = 0; a < 4; ++a) {
+        cv[a] = zero_corrected((int32_t)raw[a], zw[a], rs);
+        float v = QV_FMUL(QV_FMUL((float)cv[a], sx), sw[a]);
+        if (e.bias) v = QV_FADD(v, bias[a]);
+        if (e.u) v = QV_FADD(v, QV_FMUL(um, beta[a]));
+        v = tail_activation<OUT, TAIL>(e, v);
+        if (TAIL && e.residual) v = QV_FADD(res[p][a], e.rgate ? QV_FMUL(v, gate[p][a]) : v);
+        y[a] = v;
+      }
+      st4<OUT>(e.out, (size_t)m * e.n + n, vec, valid, y, cv);
+    }
+  }
+}
+
+// The staged epilogue of one tile for warpgroup wg, one out dtype and tail choice. Unrolled over the chunks:
+// the accumulators of a staged chunk are dead, so registers free up as it goes (a rolled loop would keep all
+// 64 MB live through it); only the instantiation for this call's out dtype runs.
+template <int OUT, bool TAIL, class Plan>
+__device__ __forceinline__ void epilogue_staged(const Epi& e, uint32_t sbase, int pb, int wg, int m0, int n0,
+                                                int lr, int c, int wtid, const uint32_t (&acc)[Plan::MB][64]) {
+  const uint32_t stage = sbase + Plan::stage(wg);
+  QV_UNROLL
+  for (int k = 0; k < 4 * Plan::MB; ++k) {
+    // (k = 0: the barrier before the epilogue ordered the last reads of the buffer, the tile before's)
+    if (k > 0) ws_warpgroup_sync(wg);
+    stage_chunk<Plan::MB>(stage, k / 4, k % 4, lr, c, acc);
+    ws_warpgroup_sync(wg);
+    epilogue_rows<OUT, TAIL, Plan::MB == 2, Plan>(e, sbase, stage, pb, m0, n0, Plan::wg_row0(wg) + 64 * (k / 4),
+                                                  32 * (k % 4), wtid);
+  }
+}
+
+#endif  // QV_SM90A
+}  // namespace qv
