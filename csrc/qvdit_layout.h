@@ -291,6 +291,21 @@ struct WsFmt<4> {
 //               while the other's MMAs do (for small K, where the per-tile epilogue is a large share).
 constexpr int kWsCoop128 = 1, kWsCoop256 = 2, kWsPingPong = 3;
 
+// The staged epilogue (ws_epilogue.cuh) moves a warpgroup's accumulators through a staging buffer in chunks:
+// chunk ch of m-block mb = tokens 32 ch .. 32 ch + 31 of the tile x the m-block's 64 weight rows, as
+// [token][row] int32 words with a row stride of kWsStageLd words (64 + 4: one warp's writes, 8 rows x 4 tokens
+// 2 apart, hit 32 different banks).
+//   writer (stage_chunk): accumulator i, 16 ch <= i < 16 ch + 16, of the thread at row lr of its m-block
+//     and token column c = 2 (lane % 4) (the wgmma accumulator layout) -> (ws_stage_token, ws_stage_row);
+//   reader (epilogue_rows): thread wtid of the warpgroup, pass p = 0..3, takes rows ws_read_col(wtid) ..
+//     + 3 of token ws_read_token(wtid, p): 16 threads per token, 4 consecutive outputs each.
+constexpr int kWsStageTokens = 32, kWsStageLd = 68;
+QV_HD int ws_stage_token(int i, int c) { return 8 * ((i / 4) % 4) + c + i % 2; }
+QV_HD int ws_stage_row(int i, int lr) { return lr + 8 * ((i / 2) % 2); }
+QV_HD int ws_stage_word(int token, int row) { return token * kWsStageLd + row; }
+QV_HD int ws_read_token(int wtid, int p) { return wtid / 16 + 8 * p; }
+QV_HD int ws_read_col(int wtid) { return 4 * (wtid % 16); }
+
 template <int BITS, int MODE>
 struct WsPlan {
   static constexpr int MB = MODE == kWsCoop128 ? 1 : 2;          // m64 blocks per consumer warpgroup
@@ -312,11 +327,8 @@ struct WsPlan {
   static constexpr int kTokenArrays = 4;
   static constexpr int kParamBytes = kBM * 4 * kTokenArrays + kRows * 16;
   static constexpr int kParamBufs = kPingPong ? 4 : 2;
-  // Each consumer warpgroup's epilogue staging buffer (gemm_sm90_ws.cu, stage_chunk / epilogue_rows): the
-  // raw accumulators of kStageTokens tokens x 64 weight rows, [token][row] int32, row stride kStageLd words
-  // (64 + 4: one warp's accumulator-layout writes, 8 rows x 4 tokens 2 apart, hit 32 different banks).
-  static constexpr int kStageTokens = 32, kStageLd = 68;
-  static constexpr int kStageBytes = kStageTokens * kStageLd * 4;
+  // Each consumer warpgroup's epilogue staging buffer (ws_epilogue.cuh; index math: ws_stage_word below).
+  static constexpr int kStageBytes = kWsStageTokens * kWsStageLd * 4;
   static constexpr int kBytes = kStages * kSlotBytes + kBarBytes + kParamBufs * kParamBytes + 2 * kStageBytes;
   static constexpr int kAllocBytes = kBytes + 1024;
   QV_HD static uint32_t a(int slot) { return (uint32_t)(slot * kSlotBytes); }

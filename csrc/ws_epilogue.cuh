@@ -137,8 +137,8 @@ __device__ __forceinline__ void stage_chunk(uint32_t stage, int mb, int ch, int 
     for (int h = 0; h < 2; ++h)
       QV_UNROLL
       for (int j = 0; j < 2; ++j) {
-        const int tok = 8 * jj + c + j, i = 4 * (4 * ch + jj) + 2 * h + j;
-        sts32(stage + 4 * (tok * WsPlan<3, kWsCoop128>::kStageLd + lr + 8 * h), acc[mb][i]);
+        const int i = 4 * (4 * ch + jj) + 2 * h + j;
+        sts32(stage + 4 * ws_stage_word(ws_stage_token(i, c), ws_stage_row(i, lr)), acc[mb][i]);
       }
 }
 
@@ -207,7 +207,7 @@ __device__ __forceinline__ void epilogue_rows(const Epi& e, uint32_t sbase, uint
                                               int rb, int t0, int wtid) {
   constexpr int kEl = OUT >= 2 ? 4 : 2;  // bytes per output
   constexpr int PF = LEAN ? 1 : 4;       // tokens whose tail loads go out together
-  const int col = 4 * (wtid % 16), n = n0 + rb + col, valid = e.n - n;
+  const int col = ws_read_col(wtid), n = n0 + rb + col, valid = e.n - n;
   if (valid <= 0) return;
   float sw[4], zw[4], bias[4], beta[4];
   auto row_operands = [&] {
@@ -231,7 +231,7 @@ __device__ __forceinline__ void epilogue_rows(const Epi& e, uint32_t sbase, uint
     if (TAIL && e.residual) {
       QV_UNROLL
       for (int p = 0; p < PF; ++p) {
-        const int tl = wtid / 16 + 8 * (p0 + p), m = m0 + t0 + tl;
+        const int tl = ws_read_token(wtid, p0 + p), m = m0 + t0 + tl;
         if (m >= e.m) continue;
         ld4<OUT>(e.residual, (size_t)m * e.ld_res + n, vec, valid, res[p]);
         if (e.rgate) {
@@ -242,11 +242,11 @@ __device__ __forceinline__ void epilogue_rows(const Epi& e, uint32_t sbase, uint
     }
     QV_UNROLL
     for (int p = 0; p < PF; ++p) {
-      const int tl = wtid / 16 + 8 * (p0 + p), m = m0 + t0 + tl;
+      const int tl = ws_read_token(wtid, p0 + p), m = m0 + t0 + tl;
       if (m >= e.m) continue;
       if (LEAN) row_operands();
       uint32_t raw[4];
-      lds128(stage + 4 * (tl * Plan::kStageLd + col), raw);
+      lds128(stage + 4 * ws_stage_word(tl, col), raw);
       const float sx = ldsf(sbase + Plan::param(pb, 0) + 4 * (t0 + tl));
       const int32_t rs = (int32_t)lds32(sbase + Plan::param(pb, 1) + 4 * (t0 + tl));
       const float um = ldsf(sbase + Plan::param(pb, 2) + 4 * (t0 + tl));

@@ -7,12 +7,15 @@
 //
 //   emulate gemm BITS M K N DIR  reads DIR/{xq,w,sx,sw,zw,bias,u,beta}.bin, writes DIR/{acc80,acc90}.bin
 //                                (int32 zero-corrected accumulators; W3/W4 also accws{1,2,3}.bin, the
-//                                warp-specialized path in each tile mode) and DIR/y90.bin (float32 epilogue)
+//                                warp-specialized path in each tile mode, its outputs through the staged
+//                                epilogue's buffer: every word written once, read once, bank-conflict-free
+//                                stores) and DIR/y90.bin (float32 epilogue)
 //   emulate actq BITS M K G DIR  reads DIR/{x,alpha,gate,fid}.bin (float32, fid int32), writes
 //                                DIR/{xq,scale,u,rowsum}.bin
 //   emulate ring MODE STEPS TILES STAGES SEEDS
 //                                the ws ring's barrier protocol in random interleavings (exit 1 on a wrong
 //                                fill or a deadlock, with a message)
+#include <climits>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -398,18 +401,42 @@ void cta_ws(const Problem& p, int cta, int grid, std::vector<int32_t>& out, std:
           }
         }
     }
-    for (int tid = 0; tid < kWgs * 128; ++tid)
-      for (int mb = 0; mb < MB; ++mb)
-        for (int e = 0; e < 64; ++e) {
-          const int lane = tid % 32;
-          const int r = Plan::wg_row0(tid / 128) + 64 * mb + ((tid / 32) % 4) * 16 + lane / 4 + 8 * ((e / 2) % 2);
-          const int c = 8 * (e / 4) + 2 * (lane % 4) + e % 2;
-          const int n = n0 + r, m = m0 + c;  // transposed: rows of the accumulator are weight rows
-          if (m >= p.m || n >= p.n) continue;
-          const size_t idx = (size_t)m * p.n + n;
-          out[idx] = zero_corrected(acc[(tid * MB + mb) * 64 + e], p.zw[n], p.rowsum[m]);
-          ++hits[idx];
-        }
+    // the staged epilogue (ws_epilogue.cuh), per warpgroup and chunk: the writers' accumulators into the
+    // staging buffer, then the readers' 4-output groups out of it (transposed: accumulator rows are weight rows)
+    for (int wg = 0; wg < kWgs; ++wg)
+      for (int k = 0; k < 4 * MB; ++k) {
+        const int mb = k / 4, ch = k % 4;
+        std::vector<int64_t> buf(kWsStageTokens * kWsStageLd, INT64_MIN);  // (sentinel: never written)
+        for (int w = 0; w < 4; ++w)
+          for (int i = 16 * ch; i < 16 * ch + 16; ++i) {  // one store instruction of warp w
+            uint32_t banks = 0;
+            for (int lane = 0; lane < 32; ++lane) {
+              const int tid = wg * 128 + 32 * w + lane, lr = 16 * w + lane / 4, c = 2 * (lane % 4);
+              const int word = ws_stage_word(ws_stage_token(i, c), ws_stage_row(i, lr));
+              expect(word >= 0 && word < kWsStageTokens * kWsStageLd && buf[word] == INT64_MIN,
+                     "staged epilogue: a staging word written twice or out of the buffer");
+              buf[word] = acc[(tid * MB + mb) * 64 + i];
+              banks |= 1u << (word % 32);
+            }
+            expect(banks == 0xffffffffu, "staged epilogue: a warp's staging store hits a bank twice");
+          }
+        for (int wtid = 0; wtid < 128; ++wtid)
+          for (int pass = 0; pass < 4; ++pass)
+            for (int a = 0; a < 4; ++a) {
+              const int tok = ws_read_token(wtid, pass), row = ws_read_col(wtid) + a;
+              const int64_t v = buf[ws_stage_word(tok, row)];
+              expect(v != INT64_MIN, "staged epilogue: a reader takes a word no writer staged");
+              buf[ws_stage_word(tok, row)] = INT64_MAX;  // (read once)
+              const int n = n0 + Plan::wg_row0(wg) + 64 * mb + row, m = m0 + 32 * ch + tok;
+              if (m >= p.m || n >= p.n) continue;
+              const size_t idx = (size_t)m * p.n + n;
+              out[idx] = zero_corrected((int32_t)v, p.zw[n], p.rowsum[m]);
+              ++hits[idx];
+            }
+        for (int tok = 0; tok < kWsStageTokens; ++tok)
+          for (int row = 0; row < 64; ++row)
+            expect(buf[ws_stage_word(tok, row)] == INT64_MAX, "staged epilogue: a staged word is never read");
+      }
   }
 }
 
