@@ -229,8 +229,9 @@ __global__ void __launch_bounds__(kWsThreads, 1) qgemm_sm90_ws_kernel(const __gr
 
     const Epi& e = g.epi;
     const int m0 = tm * kBM, n0 = tn * Plan::kRows, c = 2 * q;
-    // (never with int32 outputs; only in the 128-row cooperative mode, which the host takes for a tail)
-    const bool tail = Plan::kTail && (e.activation || e.residual);
+    // (only in the 128-row cooperative mode, which the host takes for a tail; never with int32 outputs, which
+    // the bindings refuse with a tail: the exact accumulator is stored)
+    const bool tail = Plan::kTail && e.out_kind != 3 && (e.activation || e.residual);
     const int lr = row0 - Plan::wg_row0(wg), wtid = tid % 128;  // (row, thread index) in the warpgroup
     switch (e.out_kind + (tail ? 4 : 0)) {
       case 0: epilogue_staged<0, false, Plan>(e, sbase, pb, wg, m0, n0, lr, c, wtid, acc); break;

@@ -11,8 +11,9 @@
 #   run(command="bash csrc/gpu_check.sh build test sanitize bench 2>&1 | tee $OUT/log.txt", carry=[".work"])
 # The e2e stage needs diffusers, which the device image lacks: carry its wheel (.whl/, git-ignored) and prefix
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site &&
-# Budget on an H200: build ~2 min cold, test ~2.5 min, sanitize ~40 s, bench ~2.5 min; the whole Triton suite
-# without the interpreter takes more than 4.5 min (run it as its own call).
+# Budget on an H200: build ~2-3 min cold, test ~3 min, sanitize ~40 s, bench ~2.5 min, linear ~40 s per shape
+# (all 12: more than one call), e2e ~3 min; the whole suite without the interpreter takes more than 4.5 min (run it
+# as its own call).
 # QVDIT_CUDA_ARCH picks the targets (default here: sm_90a only, which also runs the mma.sync kernel).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -55,12 +56,15 @@ if has test; then
     python3 -m pytest -q -p no:cacheprovider tests/test_gemm.py -k cuda
   QVDIT_CUDA_GEMM_PATH=sm90ws QVDIT_WS_PINGPONG=1 step test_shared_sm90ws_pingpong \
     python3 -m pytest -q -p no:cacheprovider tests/test_gemm.py -k cuda
+  # the shared tests with the tail fused in the ws kernel (opt-in; N odd: the staged epilogue's scalar path)
+  QVDIT_CUDA_FUSED_TAIL=1 QVDIT_CUDA_GEMM_PATH=sm90ws step test_shared_sm90ws_fused_tail \
+    python3 -m pytest -q -p no:cacheprovider tests/test_gemm.py -k cuda
 fi
 if has suite; then  # the whole suite without the interpreter, less the CPU-only emulator checks (> 4.5 min)
   step suite python3 -m pytest -q -p no:cacheprovider tests --ignore=tests/test_cuda_build.py
 fi
 if has sanitize; then
-  for tool in memcheck racecheck; do
+  for tool in memcheck racecheck synccheck; do
     step "sanitize_$tool" compute-sanitizer --tool "$tool" --error-exitcode 1 \
       python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py -k sanitizer_smoke
   done

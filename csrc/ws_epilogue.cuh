@@ -108,11 +108,11 @@ __device__ __forceinline__ void ws_warpgroup_sync(int wg) {
 //     (outputs n..n+3) of token t / 16 + 8 p, p = 0..3: the zero correction, epilogue_value's float ops in
 //     its order, the optional tail (reference.epilogue_tail), one 8- or 16-byte store; 16 threads cover one
 //     token's 64 outputs, contiguous in memory.
-// Why not straight from the accumulator registers (the kernel's first epilogue): that code was unrolled over
-// all 64 accumulators, ~2.5K straight-line instructions per out dtype (x2 for 256-row tiles, ~5.5K with the
-// tail) run once per tile by every consumer warp, with 4-byte stores in 16-byte pieces. Measured against it
-// on the H200 (BENCHMARKS.md, run ws6): the GEMM 1.08x faster at the median, 1.12-1.22x at K <= 1536; the
-// fused tail 1.6-2x faster. The residual / gate / output accesses here are row-contiguous.
+// Why not straight from the accumulator registers (the kernel's first epilogue): its stores left in 4-byte
+// pieces, 16 bytes per token row and warp, and its residual loads likewise; here every global access is 8-16
+// bytes and row-contiguous. Measured against it on the H200 (BENCHMARKS.md, run ws6): the GEMM 1.08x faster at
+// the median, 1.12-1.22x at K <= 1536; the fused tail 1.6-2x faster. The index math is qvdit_layout.h's
+// ws_stage_* / ws_read_* (the host emulator runs it).
 __device__ __forceinline__ void lds128(uint32_t addr, uint32_t (&v)[4]) {
   asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3])
@@ -217,9 +217,9 @@ __device__ __forceinline__ void epilogue_rows(const Epi& e, uint32_t sbase, uint
     lds128f(sbase + Plan::param(pb, 7) + 4 * (rb + col), beta);
   };
   if (!LEAN) row_operands();
-  // 8/16-byte accesses: whole 4-output groups in rows that start 16-byte aligned
+  // 8/16-byte accesses: whole 4-output groups (n is a multiple of 4) in rows that start 4-element aligned
   const auto al = [](const void* p, int64_t ld, int bytes) {
-    return reinterpret_cast<uintptr_t>(p) % 16 == 0 && (ld * bytes) % 16 == 0;
+    return reinterpret_cast<uintptr_t>(p) % (4 * bytes) == 0 && (ld * bytes) % (4 * bytes) == 0;
   };
   const bool vec = valid >= 4 && al(e.out, e.n, kEl) && (!TAIL || !e.residual || al(e.residual, e.ld_res, kEl)) &&
                    (!TAIL || !e.rgate || al(e.rgate, e.n, 4));

@@ -232,9 +232,11 @@ def test_cuda_graph_replay_equals_eager():
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("tail", ["gelu", "residual", "gated", "gelu+per_token_gate"])
 def test_ws_epilogue_tail(monkeypatch, rows, out_dtype, tail):
-    """The warp-specialized kernel's fused tail (GELU, residual + gate * y) on both tile heights and on the
-    paired 16-bit stores (N even; test_gemm.py's shared tail test has N odd): equal to reference.epilogue_tail
-    on the same kernel's plain output within test_gemm's bound, a residual with a row stride != N."""
+    """The warp-specialized kernel's fused tail (GELU, residual + gate * y) on the 8/16-byte stores (N a multiple
+    of 4; test_gemm.py's shared tail test has N odd): equal to reference.epilogue_tail on the same kernel's plain
+    output within test_gemm's bound, a residual with a row stride != N. With QVDIT_WS_ROWS=256 the host still
+    takes the 128-row mode, the one that fuses the tail (qgemm_sm90_ws_mode): the plain GEMM of that row is a
+    256-row tile, the tailed one not."""
     from qvdit_kernels import _C
 
     if not _C.sm90_available():
@@ -258,15 +260,22 @@ def test_ws_epilogue_tail(monkeypatch, rows, out_dtype, tail):
     assert_tail_within(got, plain, act, residual, gate, tail)
 
 
-def test_sanitizer_smoke(path):
-    """Small shapes through every kernel (W3 tail tile, ragged M/N/K, every output dtype): the run that
-    compute-sanitizer memcheck / racecheck watch (docs/DEVELOPING.md). Also checked here for exactness."""
+def test_sanitizer_smoke(path, monkeypatch):
+    """Small shapes through every kernel (W3 tail tile, ragged M/N/K, every output dtype, the epilogue tail with a
+    residual and gate): the run that compute-sanitizer memcheck / racecheck / synccheck watch
+    (docs/DEVELOPING.md). Also checked here for exactness."""
+    monkeypatch.setenv("QVDIT_CUDA_FUSED_TAIL", "1")  # the ws kernel's fused tail too (residual/gate loads, prefetch)
     for w_bits, (m, k, n) in [(3, (37, 384, 75)), (4, (130, 200, 129)), (8, (9, 77, 140)), (3, (1, 1, 1))]:
         a, qw = problem(m, k, n, w_bits, 8, seed=m + n)
         want = exact_acc(a["xq"], qw, a["w_zero"])
         assert torch.equal(qk.qgemm(**a, out_dtype=torch.int32, backend="cuda").double(), want)
         for dt in (torch.bfloat16, torch.float16, torch.float32):
-            qk.qgemm(**dict(a, x_scale=a["x_scale"].clamp(max=1e-2)), out_dtype=dt, backend="cuda")
+            a_dt = dict(a, x_scale=a["x_scale"].clamp(max=1e-2))
+            plain = qk.qgemm(**a_dt, out_dtype=dt, backend="cuda")
+            res, gate = torch.randn(m, n, device=DEV).to(dt), torch.rand(1, n, device=DEV)
+            got = qk.qgemm(**a_dt, out_dtype=dt, backend="cuda", activation="gelu_tanh", residual=res,
+                           residual_gate=gate)
+            assert_tail_within(got, plain, "gelu_tanh", res, gate, f"{path} W{w_bits} {dt}")
         x = torch.randn(m, k, device=DEV)
         qk.quantize_activation_rowsum(x, 6, alpha=torch.randn(k, device=DEV), backend="cuda")
     torch.cuda.synchronize()

@@ -424,9 +424,12 @@ void cta_ws(const Problem& p, int cta, int grid, std::vector<int32_t>& out, std:
           for (int pass = 0; pass < 4; ++pass)
             for (int a = 0; a < 4; ++a) {
               const int tok = ws_read_token(wtid, pass), row = ws_read_col(wtid) + a;
+              expect(tok >= 0 && tok < kWsStageTokens && row >= 0 && row < 64,
+                     "staged epilogue: a reader's (token, row) is outside the chunk");
               const int64_t v = buf[ws_stage_word(tok, row)];
               expect(v != INT64_MIN, "staged epilogue: a reader takes a word no writer staged");
-              buf[ws_stage_word(tok, row)] = INT64_MAX;  // (read once)
+              expect(v != INT64_MAX, "staged epilogue: a staged word is read twice");
+              buf[ws_stage_word(tok, row)] = INT64_MAX;
               const int n = n0 + Plan::wg_row0(wg) + 64 * mb + row, m = m0 + 32 * ch + tok;
               if (m >= p.m || n >= p.n) continue;
               const size_t idx = (size_t)m * p.n + n;
