@@ -14,7 +14,7 @@
 // accumulators: it waits for every int8 wgmma), loads run ahead across tiles (persistent CTAs, one per
 // SM), and no CTA-wide barrier is in the mainloop. The epilogue computes the other kernels' values
 // (qvdit_layout.h::epilogue_value) through a shared-memory staging buffer (epilogue_staged), plus
-// reference.epilogue_tail (GELU, gated residual add), which only this kernel fuses (in its 128-row mode).
+// reference.epilogue_tail (GELU, gated residual add), which only this kernel fuses (cooperative modes).
 // W8 stays on gemm_sm90.cu.
 #include <cuda.h>  // CUtensorMap
 #include <cudaTypedefs.h>
@@ -229,8 +229,8 @@ __global__ void __launch_bounds__(kWsThreads, 1) qgemm_sm90_ws_kernel(const __gr
 
     const Epi& e = g.epi;
     const int m0 = tm * kBM, n0 = tn * Plan::kRows, c = 2 * q;
-    // (only in the 128-row cooperative mode, which the host takes for a tail; never with int32 outputs, which
-    // the bindings refuse with a tail: the exact accumulator is stored)
+    // (only in the cooperative modes, which the host takes for a tail; never with int32 outputs, which the
+    // bindings refuse with a tail: the exact accumulator is stored)
     const bool tail = Plan::kTail && e.out_kind != 3 && (e.activation || e.residual);
     const int lr = row0 - Plan::wg_row0(wg), wtid = tid % 128;  // (row, thread index) in the warpgroup
     switch (e.out_kind + (tail ? 4 : 0)) {
@@ -315,7 +315,10 @@ int qgemm_sm90_ws_rows(int n, int k) {
 }
 
 int qgemm_sm90_ws_mode(int n, int k, bool tail) {
-  if (tail) return kWsCoop128;  // the one mode that fuses the epilogue tail (WsPlan::kTail)
+  if (tail) {  // a cooperative mode (WsPlan::kTail): 128 rows, or with QVDIT_WS_TAIL256=1 the height rule's
+    const char* t256 = std::getenv("QVDIT_WS_TAIL256");  // (opt-in until measured: BENCHMARKS run ws6)
+    return t256 && std::atoi(t256) == 1 && qgemm_sm90_ws_rows(n, k) == 256 ? kWsCoop256 : kWsCoop128;
+  }
   const char* pp = std::getenv("QVDIT_WS_PINGPONG");  // 1: ping-pong for 128-row tiles (opt-in: slower, run ws5)
   if (qgemm_sm90_ws_rows(n, k) == 256) return kWsCoop256;
   return pp && std::atoi(pp) == 1 ? kWsPingPong : kWsCoop128;

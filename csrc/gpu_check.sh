@@ -75,6 +75,10 @@ if has bench; then
   step bench python3 benchmarks/bench_cuda.py --kernels "triton,cuda sm90ws" --tails --out "$OUT" --tag gpu_check
   QVDIT_CUDA_FUSED_TAIL=1 step bench_fused_tail python3 benchmarks/bench_cuda.py --kernels "cuda sm90ws" --tails \
     --only wan1.3b_fc1 wan14b_fc1 wan14b_fc2 --out "$OUT" --tag gpu_check_fused_tail
+  # the same with the tail in 256-row tiles where the height rule picks them (opt-in until measured)
+  QVDIT_CUDA_FUSED_TAIL=1 QVDIT_WS_TAIL256=1 step bench_fused_tail256 python3 benchmarks/bench_cuda.py \
+    --kernels "cuda sm90ws" --tails --only wan14b_qkvo wan14b_fc1 wan14b_fc2 cogx5b_fc2 --out "$OUT" \
+    --tag gpu_check_fused_tail256
   # the ping-pong tile mode where it is meant to help (K <= 1536), beside the cooperative runs above (opt-in:
   # slower in run ws5)
   QVDIT_WS_PINGPONG=1 step bench_pingpong python3 benchmarks/bench_cuda.py --kernels "cuda sm90ws" \

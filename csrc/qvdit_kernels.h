@@ -47,7 +47,8 @@ bool qgemm_sm90_ws_supported(const GemmArgs& g, int bits);
 cudaError_t qgemm_sm90_ws(const GemmArgs& g, int bits, cudaStream_t stream);
 // Its tile height for N output features and K input features (128 or 256 weight rows; QVDIT_WS_ROWS
 // overrides), and its tile mode (qvdit_layout.h: kWsCoop128, kWsCoop256, or with QVDIT_WS_PINGPONG=1
-// kWsPingPong for 128-row tiles; always kWsCoop128 with an epilogue tail, which only that mode fuses).
+// kWsPingPong for 128-row tiles; with an epilogue tail kWsCoop128, or with QVDIT_WS_TAIL256=1 the height
+// rule's cooperative mode).
 int qgemm_sm90_ws_rows(int n, int k);
 int qgemm_sm90_ws_mode(int n, int k, bool tail);
 

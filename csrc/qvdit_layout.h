@@ -311,9 +311,10 @@ struct WsPlan {
   static constexpr int MB = MODE == kWsCoop128 ? 1 : 2;          // m64 blocks per consumer warpgroup
   static constexpr bool kPingPong = MODE == kWsPingPong;
   static constexpr int kRows = MODE == kWsCoop256 ? 256 : 128;  // weight rows per tile
-  // Whether the kernel fuses reference.epilogue_tail (GELU, gated residual add): only with one m64 block per
-  // warpgroup (MB = 2 keeps 128 accumulators live through the epilogue, and the tail's registers then spill)
-  static constexpr bool kTail = MODE == kWsCoop128;
+  // Whether the kernel can fuse reference.epilogue_tail (GELU, gated residual add): the cooperative modes. The
+  // host takes the 128-row one for a tail unless QVDIT_WS_TAIL256=1 (qgemm_sm90_ws_mode): the 256-row tail
+  // compiles without spills but has not run on a GPU yet.
+  static constexpr bool kTail = MODE != kWsPingPong;
   static constexpr int kSlotConsumers = kPingPong ? 1 : 2;       // warpgroups that read (and release) a slot
   static constexpr int kStages = kRows == 256 ? 3 : kWsStages;  // (a 256-row slot is 56-64 KB)
   static constexpr int kABytes = kBM * kWsKS;                    // two SW128 blocks of [128 tokens][128 B]

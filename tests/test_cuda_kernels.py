@@ -234,15 +234,15 @@ def test_cuda_graph_replay_equals_eager():
 def test_ws_epilogue_tail(monkeypatch, rows, out_dtype, tail):
     """The warp-specialized kernel's fused tail (GELU, residual + gate * y) on the 8/16-byte stores (N a multiple
     of 4; test_gemm.py's shared tail test has N odd): equal to reference.epilogue_tail on the same kernel's plain
-    output within test_gemm's bound, a residual with a row stride != N. With QVDIT_WS_ROWS=256 the host still
-    takes the 128-row mode, the one that fuses the tail (qgemm_sm90_ws_mode): the plain GEMM of that row is a
-    256-row tile, the tailed one not."""
+    output within test_gemm's bound, a residual with a row stride != N; both tile heights (the 256-row tail is
+    opt-in: QVDIT_WS_TAIL256=1)."""
     from qvdit_kernels import _C
 
     if not _C.sm90_available():
         pytest.skip("the warp-specialized kernel needs an sm_90 GPU and an sm_90a build")
     monkeypatch.setenv("QVDIT_CUDA_GEMM_PATH", "sm90ws")
     monkeypatch.setenv("QVDIT_WS_ROWS", rows)
+    monkeypatch.setenv("QVDIT_WS_TAIL256", "1")  # (else a tail always takes the 128-row mode)
     monkeypatch.setenv("QVDIT_CUDA_FUSED_TAIL", "1")  # opt-in (cuda.fused_tail_enabled)
     m, k, n = 300, 2304, 640
     a, _ = gpu_problem(m, k, n, 3, 6, seed=31)
