@@ -36,19 +36,26 @@ def _version(mod: str) -> str | None:
         return None
 
 
-def environment() -> dict:
-    """Device, versions, date, command: recorded with every result file."""
+def _git(*args) -> str | None:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout
     except Exception:
-        commit = None
+        return None
+
+
+def environment() -> dict:
+    """Device, versions, date, command: recorded with every result file. Also whether the tree had uncommitted
+    changes to tracked files (git_dirty: the commit alone does not name the code then) and the QVDIT_* variables
+    that pick kernels and modes."""
+    commit, status = _git("rev-parse", "--short", "HEAD"), _git("status", "--porcelain", "--untracked-files=no")
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
         "triton": _version("triton"), "torchao": _version("torchao"), "gemlite": _version("gemlite"),
-        "git_commit": commit,
+        "git_commit": (commit or "").strip() or None,
+        "git_dirty": None if status is None else bool(status.strip()),
+        "qvdit_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("QVDIT_")},
     }
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
