@@ -42,6 +42,11 @@ def _eager(*args) -> bool:
     return all(type(a) in _PLAIN and not (grad and a.requires_grad) for a in args if isinstance(a, Tensor))
 
 
+def _call(op, impl, *args):
+    """impl(*args) where `_eager` holds for every tensor argument, else the custom op `op` (same arguments)."""
+    return impl(*args) if _eager(*args) else op(*args)
+
+
 def _on(t: Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
@@ -160,8 +165,7 @@ def _(x, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, gate, fra
 # ----------------------------------------------------------------------------- backend "triton"
 @register("quantize_activation", "triton")
 def quantize_activation(x, bits, alpha=None, gate=None, frame_id=None, want_rowsum=False):
-    op = _act_quant_impl if _eager(x, alpha, gate, frame_id) else torch.ops.qvdit.triton_act_quant
-    out = op(x, bits, alpha, gate, frame_id, want_rowsum)
+    out = _call(torch.ops.qvdit.triton_act_quant, _act_quant_impl, x, bits, alpha, gate, frame_id, want_rowsum)
     return act_quant_results(*out, alpha, want_rowsum)
 
 
@@ -170,10 +174,8 @@ def quantize_activation(x, bits, alpha=None, gate=None, frame_id=None, want_rows
 def qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias=None, u=None, beta=None, x_rowsum=None,
           out_dtype=torch.bfloat16, format=None, activation=None, residual=None, residual_gate=None):
     require_default_format("triton", w_bits, format)
-    eager = _eager(xq, x_scale, w_scale, w_zero, bias, u, beta, residual, residual_gate)
-    op = _qgemm_impl if eager else torch.ops.qvdit.triton_qgemm
-    return op(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum, out_dtype, activation or "",
-              residual, residual_gate)
+    return _call(torch.ops.qvdit.triton_qgemm, _qgemm_impl, xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u,
+                 beta, x_rowsum, out_dtype, activation or "", residual, residual_gate)
 
 
 @register("qlinear", "triton")
@@ -181,10 +183,8 @@ def qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias=None, u=None, bet
 def qlinear(x2, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, gate, frame_id, out_dtype, format,
             activation=None, residual=None, residual_gate=None):
     require_default_format("triton", w_bits, format)
-    eager = _eager(x2, w_scale, w_zero, bias, alpha, beta, gate, residual, residual_gate)
-    op = _qlinear_impl if eager else torch.ops.qvdit.triton_qlinear
-    return op(x2, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, gate, frame_id, out_dtype,
-              activation or "", residual, residual_gate)
+    return _call(torch.ops.qvdit.triton_qlinear, _qlinear_impl, x2, w_packed, w_bits, w_scale, w_zero, a_bits, bias,
+                 alpha, beta, gate, frame_id, out_dtype, activation or "", residual, residual_gate)
 
 
 # ----------------------------------------------------------------------------- norm + act-quant (fused producer)
@@ -215,7 +215,6 @@ def _(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_i
 
 @register("norm_quantize", "triton")
 def norm_quantize(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id):
-    eager = _eager(x, weight, bias, scale, shift, alphas, gates)
-    op = _norm_quant_impl if eager else torch.ops.qvdit.triton_norm_quant
-    y, xq, sx, u, rs = op(x, bits, float(eps), weight, bias, scale, shift, mod_rows, alphas, gates, frame_id)
+    y, xq, sx, u, rs = _call(torch.ops.qvdit.triton_norm_quant, _norm_quant_impl, x, bits, float(eps), weight, bias,
+                             scale, shift, mod_rows, alphas, gates, frame_id)
     return y, xq, sx, u if alphas is not None else None, rs
