@@ -578,11 +578,18 @@ QV_HD int act_code(float x, const RowQ& r) {
   return (int)(clampf(q + r.zero, 0.0f, r.qmax) - r.zero);
 }
 
-QV_HD float epilogue_value(int32_t acc, int m, int n, const Epi& e) {
-  float y = QV_FMUL(QV_FMUL((float)acc, e.sx[m]), e.sw[n]);
-  if (e.bias) y = QV_FADD(y, e.bias[n]);
-  if (e.u) y = QV_FADD(y, QV_FMUL(e.u[m], e.beta[n]));
+// The epilogue's float ops on loaded operands, in reference.py's order: acc * sx * sw (+ bias) (+ u * beta).
+// epilogue_value reads the operands from global memory; the ws kernel (ws_epilogue.cuh) from shared memory.
+QV_HD float epilogue_ops(int32_t acc, float sx, float sw, bool has_bias, float bias, bool has_u, float u,
+                         float beta) {
+  float y = QV_FMUL(QV_FMUL((float)acc, sx), sw);
+  if (has_bias) y = QV_FADD(y, bias);
+  if (has_u) y = QV_FADD(y, QV_FMUL(u, beta));
   return y;
+}
+QV_HD float epilogue_value(int32_t acc, int m, int n, const Epi& e) {
+  return epilogue_ops(acc, e.sx[m], e.sw[n], e.bias != nullptr, e.bias ? e.bias[n] : 0.f, e.u != nullptr,
+                      e.u ? e.u[m] : 0.f, e.u ? e.beta[n] : 0.f);
 }
 
 }  // namespace qv

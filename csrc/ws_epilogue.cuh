@@ -105,8 +105,8 @@ __device__ __forceinline__ void ws_warpgroup_sync(int wg) {
 //   stage_chunk: the warpgroup writes the chunk's raw accumulators into the buffer, [token][row] (thread
 //     (warp w, lane l) holds rows 16 (w % 4) + l / 4 (+ 8) and tokens 2 (l % 4) + 8 jb (+ 1));
 //   epilogue_rows: reads them back along rows, thread t of the warpgroup taking 4 consecutive weight rows
-//     (outputs n..n+3) of token t / 16 + 8 p, p = 0..3: the zero correction, epilogue_value's float ops in
-//     its order, the optional tail (reference.epilogue_tail), one 8- or 16-byte store; 16 threads cover one
+//     (outputs n..n+3) of token t / 16 + 8 p, p = 0..3: the zero correction, epilogue_ops (the float ops of
+//     every kernel), the optional tail (reference.epilogue_tail), one 8- or 16-byte store; 16 threads cover one
 //     token's 64 outputs, contiguous in memory.
 // Why not straight from the accumulator registers (the kernel's first epilogue): its stores left in 4-byte
 // pieces, 16 bytes per token row and warp, and its residual loads likewise; here every global access is 8-16
@@ -255,9 +255,7 @@ __device__ __forceinline__ void epilogue_rows(const Epi& e, uint32_t sbase, uint
       QV_UNROLL
       for (int a = 0; a < 4; ++a) {
         cv[a] = zero_corrected((int32_t)raw[a], zw[a], rs);
-        float v = QV_FMUL(QV_FMUL((float)cv[a], sx), sw[a]);
-        if (e.bias) v = QV_FADD(v, bias[a]);
-        if (e.u) v = QV_FADD(v, QV_FMUL(um, beta[a]));
+        float v = epilogue_ops(cv[a], sx, sw[a], e.bias != nullptr, bias[a], e.u != nullptr, um, beta[a]);
         v = tail_activation<OUT, TAIL>(e, v);
         if (TAIL && e.residual) v = QV_FADD(res[p][a], e.rgate ? QV_FMUL(v, gate[p][a]) : v);
         y[a] = v;
