@@ -8,7 +8,8 @@ eager and compiled, side by side in one process (issue 6, SPEC 4).
 Per (model, setting, mode): latency of one forward (median of --reps timed calls after a warm-up, CUDA events),
 peak GPU memory of that forward (weights included) and the weights alone, and, eager only, a profile of one
 forward: device time in attention (the SDPA op), in the transformer-block linears (bf16 GEMMs or our act-quant +
-packed GEMM, each wrapped in a record_function range) and in the rest. Each setting is built fresh from the same
+packed GEMM, each wrapped in a record_function range) and in the rest (`--profile-compiled`: compiled forwards too,
+by kernel family). `--memory-trace`: the blocks live at the peak, by allocating frame (what a peak difference is). Each setting is built fresh from the same
 seed (the previous model freed first), so the memory figures are the quantized model's alone. The quantized
 output is compared with the bf16 output on the same input (relative L2 error: random weights, a sanity check).
 "Compiled" is diffusers' regional compile (`compile_repeated_blocks(fullgraph=True)`: one graph per block
@@ -128,12 +129,17 @@ def time_forward(fn, reps: int, device) -> list[float]:
 ATTENTION_KERNELS = ("sdpa", "flash", "fmha", "attention")  # cuDNN, FlashAttention, mem-efficient SDPA kernels
 
 
-def profile_shares(model, call, device) -> dict:
-    """Device time (CPU time on CPU) of one forward split into attention, block linears and the rest."""
+GEMM_KERNELS = ("qgemm", "gemm", "nvjet", "xmma", "cutlass")  # ours, and cuBLAS's kernel families on Hopper
+
+
+def profile_shares(model, call, device, wrap_linears: bool = True) -> dict:
+    """Device time (CPU time on CPU) of one forward split into attention, block linears and the rest.
+    `wrap_linears=False` (compiled blocks: a wrapper would retrace them) leaves block_linears_ms None and
+    reports the kernel families only (attention, GEMMs, act-quant)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     wrapped = []
-    for m in block_linears(model).values():
+    for m in (block_linears(model).values() if wrap_linears else ()):
         def fwd(x, *args, _orig=m.forward, **kw):
             with record_function("e2e::block_linear"):
                 return _orig(x, *args, **kw)
@@ -173,10 +179,63 @@ def profile_shares(model, call, device) -> dict:
     # the separate act-quant pass (what fusing it into the producing op, issue 6 item 5, would remove)
     act_quant = sum(ms for k, ms in kernels.items() if "act_quant" in k)
     qgemm = sum(ms for k, ms in kernels.items() if "qgemm" in k)
+    gemm = sum(ms for k, ms in kernels.items() if any(p in k.lower() for p in GEMM_KERNELS))
+    lin = lin if wrap_linears else None
     return {"total_ms": total, "attention_ms": attn, "block_linears_ms": lin,
-            "act_quant_kernels_ms": act_quant, "qgemm_kernels_ms": qgemm,
-            "other_ms": total - attn - lin, "attention_share": attn / total if total else None,
-            "block_linears_share": lin / total if total else None, "top_kernels_ms": top}
+            "act_quant_kernels_ms": act_quant, "qgemm_kernels_ms": qgemm, "gemm_kernels_ms": gemm,
+            "other_ms": total - attn - (lin or 0.0), "attention_share": attn / total if total else None,
+            "block_linears_share": lin / total if total and lin is not None else None, "top_kernels_ms": top}
+
+
+def peak_live_set(events: list[dict], baseline: int = 0, top: int = 12) -> dict:
+    """From an allocator trace (`torch.cuda.memory._snapshot()["device_traces"][i]`): the bytes live at the
+    highest point (`baseline` = bytes allocated before the trace began) and the largest blocks live then, each
+    with the frame that allocated it. What explains a peak-memory difference between two settings."""
+    live: dict[int, tuple[int, str]] = {}
+    cur = best = baseline
+    best_live: dict[int, tuple[int, str]] = {}
+    for e in events:
+        act = e.get("action")
+        if act == "alloc":
+            live[e["addr"]] = (e["size"], _frame(e.get("frames") or []))
+            cur += e["size"]
+            if cur > best:
+                best, best_live = cur, dict(live)
+        elif act == "free_completed" and e["addr"] in live:
+            cur -= live.pop(e["addr"])[0]
+    blocks = sorted(best_live.values(), key=lambda b: -b[0])
+    by_frame: dict[str, list[int]] = {}
+    for size, where in blocks:
+        by_frame.setdefault(where, []).append(size)
+    rows = sorted(by_frame.items(), key=lambda kv: -sum(kv[1]))[:top]
+    return {"peak_bytes": best, "baseline_bytes": baseline, "live_blocks": len(best_live),
+            "top": [{"bytes": sum(v), "count": len(v), "largest": max(v), "where": k} for k, v in rows]}
+
+
+def _frame(frames: list[dict]) -> str:
+    """The innermost frame of our code, diffusers' or inductor's generated code (else the innermost one)."""
+    keep = ("qvdit", "diffusers", "torchinductor", "benchmarks")
+    for f in frames:
+        name = f.get("filename", "")
+        if any(k in name for k in keep) and "/torch/" not in name:
+            return f"{'/'.join(name.split('/')[-2:])}:{f.get('line')} {f.get('name')}"
+    return f"{frames[0].get('filename', '?').split('/')[-1]}:{frames[0].get('line')} {frames[0].get('name')}" \
+        if frames else "?"
+
+
+def trace_peak(call) -> dict:
+    """peak_live_set over one forward, with the allocator's history recorded (python stacks)."""
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+    try:
+        call()
+        torch.cuda.synchronize()
+        snap = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    dev = torch.cuda.current_device()
+    return peak_live_set(snap["device_traces"][dev], baseline)
 
 
 def run_one(name, setting, mode, args, device, ref_out, log) -> tuple[dict, torch.Tensor | None]:
@@ -222,11 +281,16 @@ def run_one(name, setting, mode, args, device, ref_out, log) -> tuple[dict, torc
     out = out.float().cpu()
     if ref_out is not None:
         row["rel_err_vs_bf16"] = float((out - ref_out).norm() / ref_out.norm())
-    if mode == "eager" and not args.no_profile:
+    if not args.no_profile and (mode == "eager" or args.profile_compiled):
         try:  # a profiler problem must not cost the latency and memory figures of the run
-            row["profile"] = profile_shares(model, call, device)
+            row["profile"] = profile_shares(model, call, device, wrap_linears=mode == "eager")
         except Exception as exc:
             row["profile_error"] = f"{type(exc).__name__}: {exc}"
+    if args.memory_trace and device.type == "cuda":
+        try:
+            row["memory_at_peak"] = trace_peak(call)
+        except Exception as exc:
+            row["memory_trace_error"] = f"{type(exc).__name__}: {exc}"
     log(f"{name:<12}{setting:<6}{mode:<9}{row['latency_ms']:>10.1f} ms  warm-up {row['warmup_s']:.1f} s")
     del model, kw
     gc.collect()
@@ -245,7 +309,7 @@ def add_ratios(rows: list[dict]) -> None:
         if "peak_bytes" in r and "peak_bytes" in b:
             r["peak_saving_bytes"] = b["peak_bytes"] - r["peak_bytes"]
             r["weight_saving_bytes"] = b["weights_bytes"] - r["weights_bytes"]
-        if "profile" in r and "profile" in b and r["profile"]["block_linears_ms"]:
+        if "profile" in r and "profile" in b and r["profile"]["block_linears_ms"] and b["profile"]["block_linears_ms"]:
             r["block_linears_speedup_vs_bf16"] = b["profile"]["block_linears_ms"] / r["profile"]["block_linears_ms"]
 
 
@@ -268,6 +332,13 @@ def markdown(rows: list[dict], env: dict) -> str:
             f"{fmt(r.get('linear_ratio_vs_bf16'), '{:.3f}x')} | {fmt(p.get('attention_share'), '{:.1%}')} | "
             f"{fmt(p.get('block_linears_share'), '{:.1%}')} | {fmt(r.get('block_linears_speedup_vs_bf16'), '{:.3f}x')} | "
             f"{fmt(r.get('rel_err_vs_bf16'), '{:.4f}')} |")
+    for r in rows:  # --memory-trace: what is live at the peak
+        mem = r.get("memory_at_peak")
+        if mem:
+            lines += ["", f"Live at the peak of {r['model']} {r['setting']} {r['mode']}: {gib(mem['peak_bytes'])} GiB "
+                      f"({gib(mem['baseline_bytes'])} GiB before the forward), largest by allocating frame:", ""]
+            lines += [f"- {gib(t['bytes'])} GiB in {t['count']} block(s), largest {gib(t['largest'])} GiB: `{t['where']}`"
+                      for t in mem["top"][:8]]
     return "\n".join(lines) + "\n"
 
 
@@ -306,6 +377,10 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="auto", help="qvdit kernel backend for the quantized linears")
     p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; aot_eager on CPU)")
     p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--profile-compiled", action="store_true",
+                   help="profile compiled forwards too (kernel families only: attention, GEMMs, act-quant)")
+    p.add_argument("--memory-trace", action="store_true",
+                   help="record the allocator over one forward: the largest blocks live at the peak, by frame")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/e2e_<tag>.json)")
     args = p.parse_args(argv)
 

@@ -125,3 +125,24 @@ def test_bench_linear_smoke_rows_per_backend(tmp_path):
                          ("ours[auto] W3A6 +TQE", "gemm")}
     assert all(r["ok"] and r["ms"] > 0 for r in ours.values())
     assert "W3A6 gemm [auto]" in (tmp_path / "linear_t.md").read_text()
+
+
+def test_bench_e2e_peak_live_set_on_a_synthetic_trace():
+    """--memory-trace's reduction: the live set at the highest point, not at the end, grouped by frame."""
+    sys.path.insert(0, ROOT)
+    from benchmarks.bench_e2e import peak_live_set
+
+    f = lambda name: [{"filename": "/x/site-packages/torch/nn/functional.py", "line": 1, "name": "linear"},  # noqa: E731
+                      {"filename": f"/r/qvdit/models/{name}.py", "line": 7, "name": name}]
+    events = [{"action": "alloc", "addr": 1, "size": 100, "frames": f("a")},
+              {"action": "alloc", "addr": 2, "size": 50, "frames": f("b")},
+              {"action": "free_requested", "addr": 1, "size": 100},  # not yet returned: still counted
+              {"action": "alloc", "addr": 3, "size": 30, "frames": f("b")},  # peak: 1000 + 180
+              {"action": "free_completed", "addr": 1, "size": 100},
+              {"action": "alloc", "addr": 4, "size": 120, "frames": f("c")},  # 1000 + 200 > 1180: the new peak
+              {"action": "free_completed", "addr": 4, "size": 120},
+              {"action": "free_completed", "addr": 9, "size": 7}]  # allocated before the trace: ignored
+    got = peak_live_set(events, baseline=1000)
+    assert got["peak_bytes"] == 1200 and got["live_blocks"] == 3
+    assert [(t["bytes"], t["count"], t["where"]) for t in got["top"]] == [
+        (120, 1, "models/c.py:7 c"), (80, 2, "models/b.py:7 b")]
