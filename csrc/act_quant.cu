@@ -1,8 +1,16 @@
-// Per-token activation quantization in one CTA per row (SPEC 1.1-1.2): pass 1 reduces the row's
-// max/min (max |x| for 8 bits) and a non-finite flag; pass 2 (the row again, now from cache) writes
-// the int8 codes q - z and reduces rowsum and the TQE dot sum_k xq*alpha (float64, exact products).
-// Fixed thread->element mapping and reduction tree: results are deterministic.
-// The scalar math (row_qparams, act_code) is shared with the host emulator (qvdit_layout.h).
+// Per-token activation quantization (SPEC 1.1-1.2): scale, int8 codes q - z, the TQE term u and the row sum.
+// Two kernels:
+// - act_quant_regs_kernel (the fast path: 16-byte aligned rows of K <= 32 * 8 warps * 16 chunks * VEC): a
+//   group of W warps per row holds the whole row in registers (every load issued before the first
+//   reduction), reduces max/min inside the warps (and across the W warps through shared memory), then
+//   writes the codes from registers. Per element it does what the Triton kernel does (its docstring
+//   says why each step is exact): the quotient RN(x / s) as q0 = x*r, e = fma(-q0, s, x), fma(e, r, q0)
+//   with r = RN(1/s); round-half-even and clamp in the float "magic" domain y = t + 1.5*2^23, where the
+//   code is bits(y) - bits(magic) and its low byte is the int8 code; the TQE dot in float32, so u is
+//   within reference.u_within_bound of the float64 value.
+// - act_quant_kernel (any other row: unaligned, odd K, very long K): one CTA per row, two passes over
+//   the row (statistics, then codes), the scalar math of the host emulator (qvdit_layout.h), float64 dot.
+// Both use a fixed thread->element mapping and reduction order: results are deterministic.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <math.h>
@@ -117,12 +125,186 @@ __global__ void __launch_bounds__(kAqThreads) act_quant_kernel(const ActQuantArg
   }
 }
 
+// ---------------------------------------------------------------- rows held in registers (fast path)
+constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23: t + kMagic is magic + rint(t) for |t| < 2^22
+constexpr int kRegsMaxWarps = 8;        // warps per row (the CTA's 256 threads)
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_min(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+template <typename V>
+__device__ __forceinline__ V warp_sum(V v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// W warps per row, each thread holding up to NC 16-byte chunks of VEC elements (chunk c = t + i * 32W).
+template <typename T, int W, int NC>
+__global__ void __launch_bounds__(kAqThreads) act_quant_regs_kernel(const ActQuantArgs a) {
+  constexpr int VEC = 16 / sizeof(T), G = 32 * W, kRows = kAqThreads / G;
+  __shared__ float sh_hi[kAqThreads / 32], sh_lo[kAqThreads / 32], sh_dot[kAqThreads / 32];
+  __shared__ int sh_rs[kAqThreads / 32];
+  const int group = threadIdx.x / G, t = threadIdx.x % G, warp = threadIdx.x / 32;
+  const int m = blockIdx.x * kRows + group;
+  const bool live = m < a.m;  // no early return: rows of W > 1 warps meet at __syncthreads
+  const int chunks = live ? a.k / VEC : 0;
+  const T* x = static_cast<const T*>(a.x) + (int64_t)(live ? m : 0) * a.ldx;
+
+  uint4 raw[NC];
+#pragma unroll
+  for (int i = 0; i < NC; ++i) {
+    const int c = t + i * G;
+    raw[i] = c < chunks ? *reinterpret_cast<const uint4*>(x + c * VEC) : make_uint4(0, 0, 0, 0);
+  }
+  // statistics: max(row, 0) and min(row, 0) (8 bits: max |row|); fma(v, 0, nan) turns any inf/NaN into NaN
+  float hi = 0.0f, lo = 0.0f, nan = 0.0f;
+#pragma unroll
+  for (int i = 0; i < NC; ++i) {
+    const T* e = reinterpret_cast<const T*>(&raw[i]);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const float v = to_float(e[j]);
+      nan = __fmaf_rn(v, 0.0f, nan);
+      if (a.bits == 8) {
+        hi = fmaxf(hi, fabsf(v));
+      } else {
+        hi = fmaxf(hi, v);
+        lo = fminf(lo, v);
+      }
+    }
+  }
+  hi = warp_max(hi);
+  lo = warp_min(lo);
+  bool bad = warp_max(isnan(nan) ? 1.0f : 0.0f) != 0.0f;
+  if (W > 1) {
+    if (threadIdx.x % 32 == 0) {
+      sh_hi[warp] = hi;
+      sh_lo[warp] = bad ? 1.0f : lo;  // lo <= 0: a positive value flags a bad warp
+    }
+    __syncthreads();
+    hi = sh_hi[group * W];
+    lo = sh_lo[group * W];
+    bad = lo > 0.0f;
+#pragma unroll
+    for (int w = 1; w < W; ++w) {
+      hi = fmaxf(hi, sh_hi[group * W + w]);
+      const float l = sh_lo[group * W + w];
+      bad |= l > 0.0f;
+      lo = fminf(lo, l);
+    }
+    if (bad) lo = 0.0f;
+  }
+  const RowQ q = a.bits == 8 ? row_qparams(8, 0.0f, 0.0f, hi) : row_qparams(a.bits, hi, lo, 0.0f);
+  const float r = __frcp_rn(q.scale);
+  // clamp bounds in the magic domain: y = magic + q, kept in [magic - z, magic - z + qmax] (8 bits: +-127)
+  const float ylo = q.sym ? kMagic - 127.0f : kMagic - q.zero, yhi = q.sym ? kMagic + 127.0f : kMagic - q.zero + q.qmax;
+  const int magic_bits = __float_as_int(kMagic);
+
+  int8_t* xq = a.xq + (int64_t)(live ? m : 0) * a.ldq;
+  int rowsum = 0;
+  float dot = 0.0f;
+#pragma unroll
+  for (int i = 0; i < NC; ++i) {
+    const int c = t + i * G;
+    if (c < chunks) {
+      const T* e = reinterpret_cast<const T*>(&raw[i]);
+      float al[VEC];
+      if (a.alpha) {
+#pragma unroll
+        for (int j = 0; j < VEC; j += 4) {
+          const float4 f = *reinterpret_cast<const float4*>(a.alpha + c * VEC + j);
+          al[j] = f.x; al[j + 1] = f.y; al[j + 2] = f.z; al[j + 3] = f.w;
+        }
+      }
+      uint32_t codes[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float v = to_float(e[j]);
+        const float q0 = __fmul_rn(v, r);
+        const float quo = __fmaf_rn(__fmaf_rn(-q0, q.scale, v), r, q0);  // RN(v / s), exactly
+        const float y = bad ? kMagic : fminf(fmaxf(__fadd_rn(quo, kMagic), ylo), yhi);
+        const int code = __float_as_int(y) - magic_bits;
+        rowsum += code;
+        if (a.alpha) dot = __fmaf_rn(__fsub_rn(y, kMagic), al[j], dot);  // y - magic: the code, exact
+        codes[j] = (uint32_t)code;
+      }
+      uint32_t packed[VEC / 4];
+#pragma unroll
+      for (int j = 0; j < VEC / 4; ++j)  // low bytes of four codes
+        packed[j] = __byte_perm(__byte_perm(codes[4 * j], codes[4 * j + 1], 0x0040),
+                                __byte_perm(codes[4 * j + 2], codes[4 * j + 3], 0x0040), 0x5410);
+      if (VEC == 8) *reinterpret_cast<uint2*>(xq + c * VEC) = make_uint2(packed[0], packed[VEC / 4 - 1]);
+      else *reinterpret_cast<uint32_t*>(xq + c * VEC) = packed[0];
+    }
+  }
+  rowsum = warp_sum(rowsum);
+  dot = warp_sum(dot);
+  if (W > 1) {
+    if (threadIdx.x % 32 == 0) {
+      sh_rs[warp] = rowsum;
+      sh_dot[warp] = dot;
+    }
+    __syncthreads();
+    rowsum = sh_rs[group * W];
+    dot = sh_dot[group * W];
+#pragma unroll
+    for (int w = 1; w < W; ++w) {
+      rowsum += sh_rs[group * W + w];
+      dot = __fadd_rn(dot, sh_dot[group * W + w]);
+    }
+  }
+  if (live && t == 0) {
+    const float scale = bad ? __int_as_float(0x7fc00000) : q.scale;  // NaN marks a non-finite row
+    a.scale[m] = scale;
+    if (a.rowsum) a.rowsum[m] = rowsum;
+    if (a.alpha) {
+      double g = 1.0;
+      if (a.gate) {
+        int64_t f = 0;
+        if (a.frame_id) f = a.fid_is_64 ? static_cast<const int64_t*>(a.frame_id)[m] : static_cast<const int32_t*>(a.frame_id)[m];
+        g = (f >= 0 && f < a.num_gates) ? (double)a.gate[f] : __longlong_as_double(0x7ff8000000000000LL);  // bad id: NaN
+      }
+      a.u[m] = (float)((double)dot * (double)scale * g);
+    }
+  }
+}
+
+// The fast path's launch: one warp per row for rows of up to 32 x 16 chunks (8 chunks per thread when they
+// suffice), else the fewest warps (2, 4, 8) that hold the row in 16 chunks per thread; false: too long.
+template <typename T>
+bool launch_regs(const ActQuantArgs& a, int chunks, cudaStream_t stream) {
+  const auto grid = [&](int w) { return (a.m + kAqThreads / (32 * w) - 1) / (kAqThreads / (32 * w)); };
+  if (chunks <= 32 * 8)
+    act_quant_regs_kernel<T, 1, 8><<<grid(1), kAqThreads, 0, stream>>>(a);
+  else if (chunks <= 32 * 16)
+    act_quant_regs_kernel<T, 1, 16><<<grid(1), kAqThreads, 0, stream>>>(a);
+  else if (chunks <= 64 * 16)
+    act_quant_regs_kernel<T, 2, 16><<<grid(2), kAqThreads, 0, stream>>>(a);
+  else if (chunks <= 128 * 16)
+    act_quant_regs_kernel<T, 4, 16><<<grid(4), kAqThreads, 0, stream>>>(a);
+  else if (chunks <= 32 * kRegsMaxWarps * 16)
+    act_quant_regs_kernel<T, kRegsMaxWarps, 16><<<grid(kRegsMaxWarps), kAqThreads, 0, stream>>>(a);
+  else
+    return false;
+  return true;
+}
+
 template <typename T>
 cudaError_t launch_typed(const ActQuantArgs& a, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
   const bool vec_ok = a.k % kVec == 0 && reinterpret_cast<uintptr_t>(a.x) % 16 == 0 &&
                       (a.ldx * (int64_t)sizeof(T)) % 16 == 0 && reinterpret_cast<uintptr_t>(a.xq) % kVec == 0 &&
                       a.ldq % kVec == 0;
+  const bool regs_ok = vec_ok && (a.alpha == nullptr || reinterpret_cast<uintptr_t>(a.alpha) % 16 == 0);
+  if (regs_ok && launch_regs<T>(a, a.k / kVec, stream)) return cudaGetLastError();
   if (vec_ok)
     act_quant_kernel<T, kVec><<<a.m, kAqThreads, 0, stream>>>(a);
   else

@@ -74,15 +74,8 @@ if has bench; then
   # the kernel in the bench_fused_tail step
   step bench python3 benchmarks/bench_cuda.py --kernels "triton,cuda sm90ws" --tails --out "$OUT" --tag gpu_check
   QVDIT_CUDA_FUSED_TAIL=1 step bench_fused_tail python3 benchmarks/bench_cuda.py --kernels "cuda sm90ws" --tails \
-    --only wan1.3b_fc1 wan14b_fc1 wan14b_fc2 --out "$OUT" --tag gpu_check_fused_tail
-  # the same with the tail in 256-row tiles where the height rule picks them (opt-in until measured)
-  QVDIT_CUDA_FUSED_TAIL=1 QVDIT_WS_TAIL256=1 step bench_fused_tail256 python3 benchmarks/bench_cuda.py \
-    --kernels "cuda sm90ws" --tails --only wan14b_qkvo wan14b_fc1 wan14b_fc2 cogx5b_fc2 --out "$OUT" \
-    --tag gpu_check_fused_tail256
-  # the ping-pong tile mode where it is meant to help (K <= 1536), beside the cooperative runs above (opt-in:
-  # slower in run ws5)
-  QVDIT_WS_PINGPONG=1 step bench_pingpong python3 benchmarks/bench_cuda.py --kernels "cuda sm90ws" \
-    --only latte_qkv latte_fc1 wan1.3b_qkvo wan1.3b_fc1 --out "$OUT" --tag gpu_check_pingpong
+    --out "$OUT" --tag gpu_check_fused_tail
+  # (QVDIT_WS_TAIL256=1 and QVDIT_WS_PINGPONG=1 select tile modes measured slower: BENCHMARKS runs ws5, ws7)
 fi
 if has linear; then  # the CUDA rows beside Triton and auto routing in bench_linear (CUDA-graph timing: device time)
   step linear python3 benchmarks/bench_linear.py --backends triton,cuda,auto --graph --variants W3A6,W4A8 \
