@@ -9,6 +9,8 @@
 //       activation 0 none / 1 gelu_tanh, residual [M, N] (out dtype), residual_gate f32 [G, N]: the epilogue
 //       tail (reference.epilogue_tail), fused by the warp-specialized kernel only (an error on any other
 //       path; qvdit_kernels/cuda.py applies it after those).
+//   torch.ops.qvdit.cuda_epilogue_tail(y, activation, residual, residual_gate) -> [M, N]: that tail after a GEMM
+//       that did not fuse it, in one pass (epilogue_tail.cu).
 //       path 0 = the fastest kernel here (W3/W4: warp-specialized wgmma; W8: wgmma; mma.sync without sm_90a),
 //       1 = mma.sync, 2 = wgmma (gemm_sm90.cu), 3 = warp-specialized wgmma for W3/W4 (gemm_sm90_ws.cu; W8
 //       takes gemm_sm90.cu); 2 and 3 are an error where sm_90a is absent.
@@ -108,6 +110,32 @@ Tensor padded_rows(const Tensor& t, int64_t cols) {
   return p;
 }
 
+// The epilogue tail's fields of e (m, n set): activation, residual (made unit-stride into res) and its gate
+// (made contiguous into rgate); res and rgate keep the memory alive for the launch.
+void set_tail(qv::Epi& e, int64_t activation, const OptT& residual, const OptT& residual_gate, at::ScalarType out_dtype,
+              const Tensor& like, Tensor& res, Tensor& rgate) {
+  TORCH_CHECK(activation == 0 || activation == 1, "activation must be 0 (none) or 1 (gelu_tanh), got ", activation);
+  TORCH_CHECK(residual || !residual_gate, "residual_gate given without residual");
+  e.activation = (int)activation;
+  if (!residual) return;
+  check_cuda(*residual, "residual", like);
+  TORCH_CHECK(residual->dim() == 2 && residual->size(0) == e.m && residual->size(1) == e.n &&
+                  residual->scalar_type() == out_dtype,
+              "residual must be [M, N] in out_dtype, got ", residual->sizes(), " ", residual->scalar_type());
+  res = residual->stride(1) == 1 ? *residual : residual->contiguous();
+  e.residual = res.data_ptr();
+  e.ld_res = res.stride(0);
+  if (residual_gate) {
+    check_cuda(*residual_gate, "residual_gate", like);
+    TORCH_CHECK(residual_gate->dim() == 2 && residual_gate->size(1) == e.n && residual_gate->size(0) >= 1 &&
+                    e.m % residual_gate->size(0) == 0 && residual_gate->scalar_type() == at::kFloat,
+                "residual_gate must be float32 [G, N] with G dividing M, got ", residual_gate->sizes());
+    rgate = residual_gate->contiguous();
+    e.rgate = rgate.data_ptr<float>();
+    e.gate_div = (int)(e.m / rgate.size(0));
+  }
+}
+
 Tensor qgemm_cuda(const Tensor& xq_in, const Tensor& x_scale, const Tensor& w_in, int64_t w_bits,
                   const Tensor& w_scale, const Tensor& w_zero, const OptT& bias, const OptT& u, const OptT& beta,
                   const OptT& x_rowsum, at::ScalarType out_dtype, int64_t path, int64_t activation,
@@ -189,30 +217,10 @@ Tensor qgemm_cuda(const Tensor& xq_in, const Tensor& x_scale, const Tensor& w_in
   g.epi.out_kind = out_kind;
   g.epi.m = (int)m;
   g.epi.n = (int)n;
-  TORCH_CHECK(activation == 0 || activation == 1, "activation must be 0 (none) or 1 (gelu_tanh), got ", activation);
-  TORCH_CHECK(residual || !residual_gate, "residual_gate given without residual");
   const bool tail = activation != 0 || residual.has_value();
   TORCH_CHECK(!tail || out_kind != 3, "activation/residual need a float out_dtype");
-  g.epi.activation = (int)activation;
   Tensor res, rgate;
-  if (residual) {
-    check_cuda(*residual, "residual", xq_in);
-    TORCH_CHECK(residual->dim() == 2 && residual->size(0) == m && residual->size(1) == n &&
-                    residual->scalar_type() == out_dtype,
-                "residual must be [M, N] in out_dtype, got ", residual->sizes(), " ", residual->scalar_type());
-    res = residual->stride(1) == 1 ? *residual : residual->contiguous();
-    g.epi.residual = res.data_ptr();
-    g.epi.ld_res = res.stride(0);
-    if (residual_gate) {
-      check_cuda(*residual_gate, "residual_gate", xq_in);
-      TORCH_CHECK(residual_gate->dim() == 2 && residual_gate->size(1) == n && residual_gate->size(0) >= 1 &&
-                      m % residual_gate->size(0) == 0 && residual_gate->scalar_type() == at::kFloat,
-                  "residual_gate must be float32 [G, N] with G dividing M, got ", residual_gate->sizes());
-      rgate = residual_gate->contiguous();
-      g.epi.rgate = rgate.data_ptr<float>();
-      g.epi.gate_div = (int)(m / rgate.size(0));
-    }
-  }
+  set_tail(g.epi, activation, residual, residual_gate, out_dtype, xq_in, res, rgate);
 
   const bool sm90 = qv::qgemm_sm90_available();
   TORCH_CHECK((path != 2 && path != 3) || sm90, "qgemm path ", path,
@@ -236,6 +244,25 @@ Tensor qgemm_cuda(const Tensor& xq_in, const Tensor& x_scale, const Tensor& w_in
   return out;
 }
 
+Tensor epilogue_tail_cuda(const Tensor& y_in, int64_t activation, const OptT& residual, const OptT& residual_gate) {
+  TORCH_CHECK(y_in.is_cuda() && y_in.dim() == 2, "y must be a 2-D CUDA tensor, got ", y_in.sizes());
+  const auto st = y_in.scalar_type();
+  const int out_kind = st == at::kBFloat16 ? 0 : st == at::kHalf ? 1 : st == at::kFloat ? 2 : -1;
+  TORCH_CHECK(out_kind >= 0, "y must be bfloat16, float16 or float32, got ", st);
+  c10::cuda::CUDAGuard guard(y_in.device());
+  const Tensor y = y_in.stride(1) == 1 ? y_in : y_in.contiguous();
+  Tensor out = at::empty(y.sizes(), y.options());
+  qv::Epi e{};
+  e.out = out.data_ptr();
+  e.out_kind = out_kind;
+  e.m = (int)y.size(0);
+  e.n = (int)y.size(1);
+  Tensor res, rgate;
+  set_tail(e, activation, residual, residual_gate, st, y, res, rgate);
+  check_launch(qv::epilogue_tail(y.data_ptr(), y.stride(0), e, c10::cuda::getCurrentCUDAStream()), "epilogue_tail");
+  return out;
+}
+
 // ---------------------------------------------------------------- Meta (fake) implementations: shapes only
 std::tuple<Tensor, Tensor, Tensor, Tensor> act_quant_meta(const Tensor& x, int64_t, const OptT& alpha, const OptT&,
                                                           const OptT&, bool want_rowsum) {
@@ -252,6 +279,8 @@ Tensor qgemm_meta(const Tensor& xq, const Tensor&, const Tensor& w, int64_t, con
   return at::empty_symint({xq.sym_size(0), w.sym_size(0)}, xq.options().dtype(out_dtype));
 }
 
+Tensor epilogue_tail_meta(const Tensor& y, int64_t, const OptT&, const OptT&) { return at::empty_like(y); }
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(qvdit, m) {  // a fragment: the Triton ops (triton/library.py) share the namespace
@@ -260,16 +289,19 @@ TORCH_LIBRARY_FRAGMENT(qvdit, m) {  // a fragment: the Triton ops (triton/librar
   m.def("cuda_qgemm(Tensor xq, Tensor x_scale, Tensor w_packed, int w_bits, Tensor w_scale, Tensor w_zero,"
         " Tensor? bias, Tensor? u, Tensor? beta, Tensor? x_rowsum, ScalarType out_dtype, int path,"
         " int activation=0, Tensor? residual=None, Tensor? residual_gate=None) -> Tensor");
+  m.def("cuda_epilogue_tail(Tensor y, int activation, Tensor? residual, Tensor? residual_gate) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qvdit, CUDA, m) {
   m.impl("cuda_act_quant", &act_quant_cuda);
   m.impl("cuda_qgemm", &qgemm_cuda);
+  m.impl("cuda_epilogue_tail", &epilogue_tail_cuda);
 }
 
 TORCH_LIBRARY_IMPL(qvdit, Meta, m) {
   m.impl("cuda_act_quant", &act_quant_meta);
   m.impl("cuda_qgemm", &qgemm_meta);
+  m.impl("cuda_epilogue_tail", &epilogue_tail_meta);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

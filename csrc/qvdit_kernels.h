@@ -33,6 +33,11 @@ cudaError_t act_quant(const ActQuantArgs& a, cudaStream_t stream);
 // rowsum[m] = sum_k xq[m, k] (int32), for a qgemm called without x_rowsum.
 cudaError_t rowsum_s8(const int8_t* xq, int64_t ldq, int m, int k, int32_t* rowsum, cudaStream_t stream);
 
+// The epilogue tail after a GEMM whose kernel did not fuse it (reference.epilogue_tail), in one pass:
+// out = residual + gate * act(y) with y [m, n] (row stride ldy) and e.out in the out dtype e.out_kind (0-2),
+// e.activation / e.residual / e.ld_res / e.rgate / e.gate_div as the fused tail reads them; out may be y.
+cudaError_t epilogue_tail(const void* y, int64_t ldy, const Epi& e, cudaStream_t stream);
+
 // GEMM paths (GemmArgs in qvdit_layout.h). bits in {3, 4, 8}.
 cudaError_t qgemm_sm80(const GemmArgs& g, int bits, cudaStream_t stream);
 cudaError_t qgemm_sm90(const GemmArgs& g, int bits, cudaStream_t stream);

@@ -587,6 +587,17 @@ QV_HD float epilogue_ops(int32_t acc, float sx, float sw, bool has_bias, float b
   if (has_u) y = QV_FADD(y, QV_FMUL(u, beta));
   return y;
 }
+// gelu_tanh as the fused tails compute it (the Triton kernel's form): x / (1 + exp(-2 z)) == 0.5 x (1 + tanh z),
+// z = sqrt(2/pi) (x + 0.044715 x^3); on the device the hardware exp2 and the fast division (a few instructions,
+// where tanhf costs ~20 and IEEE division a slow-path call); exp overflow gives x / inf = -0, torch's value.
+QV_HD float gelu_tanh_exp(float y) {
+  const float inner = 0.7978845608028654f * (y + 0.044715f * (y * y * y));
+#ifdef __CUDA_ARCH__
+  return __fdividef(y, 1.0f + __expf(-2.0f * inner));
+#else
+  return y / (1.0f + expf(-2.0f * inner));
+#endif
+}
 QV_HD float epilogue_value(int32_t acc, int m, int n, const Epi& e) {
   return epilogue_ops(acc, e.sx[m], e.sw[n], e.bias != nullptr, e.bias ? e.bias[n] : 0.f, e.u != nullptr,
                       e.u ? e.u[m] : 0.f, e.u ? e.beta[n] : 0.f);

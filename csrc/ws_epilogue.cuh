@@ -77,18 +77,13 @@ __device__ __forceinline__ float round_to_out(float y) {
   return y;
 }
 
-// reference.epilogue_tail's activation on one output: y rounded to the out dtype, gelu_tanh in float32 as
-// the Triton kernel computes it, x / (1 + exp(-2 z)) == 0.5 x (1 + tanh z), with the hardware exp2 and the
-// fast division (a few instructions; tanhf cost ~20 per output and IEEE division a slow-path call that spills
-// live registers), rounded again. exp overflow gives x / inf == -0, torch's value there.
+// reference.epilogue_tail's activation on one output: y rounded to the out dtype, gelu_tanh in float32
+// (qvdit_layout.h::gelu_tanh_exp), rounded again.
 template <int OUT, bool TAIL>
 __device__ __forceinline__ float tail_activation(const Epi& e, float y) {
   if (!TAIL) return y;
   y = round_to_out<OUT>(y);
-  if (e.activation == 1) {
-    const float inner = 0.7978845608028654f * (y + 0.044715f * (y * y * y));
-    y = round_to_out<OUT>(__fdividef(y, 1.0f + __expf(-2.0f * inner)));
-  }
+  if (e.activation == 1) y = round_to_out<OUT>(gelu_tanh_exp(y));
   return y;
 }
 

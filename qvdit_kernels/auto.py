@@ -1,10 +1,11 @@
 """backend="auto" for the GEMM: which backend runs a shape, from a small table measured per GPU.
 
-`configs/auto.json` holds, per GPU, rules of the form "W3/W4 weights with K >= min_k and no epilogue tail
--> backend": the shapes where a backend measured faster than the default order (Triton first). A GPU
+`configs/auto.json` holds, per GPU, rules of the form "W3/W4 weights with K >= min_k -> backend", for GEMMs
+with an epilogue tail (activation/residual) too only when the rule says `"tails": true`: the shapes where a
+backend measured faster than the default order (Triton first). A GPU
 without an entry, a shape no rule covers, or a rule whose backend is not available here (the CUDA
-extension not built) keeps the default order in `backends.resolve`. The activation quantization is not
-in the table: the Triton kernel was the faster one wherever both ran.
+extension not built) keeps the default order in `backends.resolve`. `ops.qlinear` runs the routed backend's
+act-quant too (the CUDA act-quant measured 1.00-1.8x Triton's speed on the 12 bench shapes, run ws7).
 """
 from __future__ import annotations
 
@@ -42,6 +43,6 @@ def gemm_backend(device: torch.device, w_bits: int, k: int, has_tail: bool, devi
     if device_name is None:
         device_name = _device_name(device.index if device.index is not None else torch.cuda.current_device())
     for rule in _rules(device_name):
-        if w_bits in rule["w_bits"] and k >= rule["min_k"] and not has_tail:
+        if w_bits in rule["w_bits"] and k >= rule["min_k"] and (rule.get("tails", False) or not has_tail):
             return rule["backend"]
     return None

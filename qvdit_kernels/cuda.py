@@ -5,7 +5,8 @@ It raises ImportError with a clear message when the extension is not built; `bac
 into "backend='cuda' is not available: ..." only when someone asks for the CUDA backend.
 
 Ops (schemas in csrc/bindings.cpp, with Meta kernels so they trace under torch.compile):
-`torch.ops.qvdit.cuda_act_quant` and `torch.ops.qvdit.cuda_qgemm`. The GEMM has three kernels: the
+`torch.ops.qvdit.cuda_act_quant`, `torch.ops.qvdit.cuda_qgemm` and `torch.ops.qvdit.cuda_epilogue_tail` (a DiT
+block's tail after a GEMM that did not fuse it, in one pass). The GEMM has three kernels: the
 warp-specialized wgmma kernel for W3/W4 (sm_90a, csrc/gemm_sm90_ws.cu: TMA producer warp, weights unpacked
 into wgmma's register operand), wgmma with both operands in shared memory (sm_90a, csrc/gemm_sm90.cu; W8)
 and mma.sync (sm_80+, csrc/gemm_sm80.cu); QVDIT_CUDA_GEMM_PATH=auto|sm80|sm90|sm90ws picks one (auto:
@@ -25,7 +26,6 @@ except ImportError as exc:  # not built: CPU torch, no toolkit, or QVDIT_BUILD_E
         "install time: pip install -e . --no-build-isolation with QVDIT_BUILD_EXT unset)"
     ) from exc
 
-from . import reference
 from .backends import act_quant_results, fuses_tail, register, require_default_format
 
 GEMM_PATHS = {"auto": 0, "sm80": 1, "sm90": 2, "sm90ws": 3}
@@ -59,14 +59,14 @@ def fused_tail_enabled() -> bool:
     still slower than Triton's fused tail: on the H200 (benchmarks/results/cuda_h200_ws6.json, staged epilogue)
     the GEMM with the fused GELU took 1.1-1.9x the time of the plain GEMM, with the gated residual 1.2-2.9x;
     that is 0.56-1.40x (GELU) and 0.39-1.06x (residual) of Triton's speed with the same tail. Correct
-    (test_ws_epilogue_tail); by default the tail runs after the kernel (reference.epilogue_tail)."""
+    (test_ws_epilogue_tail); by default the tail runs after the kernel, in one pass (csrc/epilogue_tail.cu)."""
     return os.environ.get("QVDIT_CUDA_FUSED_TAIL", "0") == "1"
 
 
 def _gemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum, out_dtype, activation, residual,
           residual_gate):
     """cuda_qgemm, with the epilogue tail in the kernel only where the warp-specialized kernel runs (it alone
-    fuses it) and `fused_tail_enabled()`; else the tail after the kernel (reference.epilogue_tail)."""
+    fuses it) and `fused_tail_enabled()`; else after the kernel in one pass (cuda_epilogue_tail)."""
     path = gemm_path()
     tail = activation is not None or residual is not None
     if not tail or (fused_tail_enabled() and ws_takes(w_bits, path)):
@@ -74,7 +74,7 @@ def _gemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsu
                                           out_dtype, path, ACTIVATIONS[activation], residual, residual_gate)
     y = torch.ops.qvdit.cuda_qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum,
                                    out_dtype, path)
-    return reference.epilogue_tail(y, activation, residual, residual_gate)
+    return torch.ops.qvdit.cuda_epilogue_tail(y, ACTIVATIONS[activation], residual, residual_gate)
 
 
 @register("qgemm", "cuda")

@@ -277,8 +277,9 @@ def qlinear(x, w_packed, w_bits, w_scale, w_zero, a_bits, bias=None, alpha=None,
     if residual is not None:
         check_tensor("residual", residual, None, (*lead, None))
         res2 = residual.reshape(x2.shape[0], residual.shape[-1])
+    # the backend the table routes this GEMM to (backend="auto") runs its act-quant too: one backend's qlinear
     gemm_backend = _auto_gemm_backend(backend, x.device, w_bits, k, _has_tail(activation, residual))
-    fused = backends.resolve("qlinear", backend, x.device, fallback=False) if gemm_backend == backend else None
+    fused = backends.resolve("qlinear", gemm_backend, x.device, fallback=False)
     if fused is not None:
         check_bits("a_bits", a_bits, A_BITS)
         _check_tqe(x2.shape[0], k, x.device, alpha, gate, frame_id)

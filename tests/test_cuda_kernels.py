@@ -201,6 +201,8 @@ def test_opcheck_ops():
     alpha, gate, fid = torch.randn(130).to(DEV), torch.ones(2).to(DEV), torch.zeros(5, dtype=torch.int32).to(DEV)
     torch.library.opcheck(torch.ops.qvdit.cuda_act_quant.default, (x, 6, alpha, gate, fid, True))
     torch.library.opcheck(torch.ops.qvdit.cuda_act_quant.default, (x, 8, None, None, None, False))
+    y, res = torch.randn(6, 16, device=DEV).bfloat16(), torch.randn(6, 16, device=DEV).bfloat16()
+    torch.library.opcheck(torch.ops.qvdit.cuda_epilogue_tail.default, (y, 1, res, torch.rand(2, 16, device=DEV)))
 
 
 def test_torch_compile_fullgraph_qlinear():
@@ -266,6 +268,27 @@ def test_ws_epilogue_tail(monkeypatch, rows, out_dtype, tail):
     assert_tail_within(got, plain, act, residual, gate, tail)
 
 
+@pytest.mark.parametrize("n", [640, 77])  # 16-byte pieces; one value per thread (N odd)
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("tail", ["gelu", "residual", "gated", "gelu+per_token_gate"])
+def test_epilogue_tail_after_the_gemm(n, out_dtype, tail):
+    """cuda_epilogue_tail, the one-pass tail after a GEMM that did not fuse it: within test_gemm's bound of
+    reference.epilogue_tail, with a residual of row stride != N, a gate per frame and per token; y with a row
+    stride too (it is made unit-stride, not misread)."""
+    m = 300
+    g = torch.Generator(device=DEV).manual_seed(41)
+    y = (torch.randn(m, n + 3, generator=g, device=DEV) * 3).to(out_dtype)[:, :n]
+    residual = None
+    if tail != "gelu":
+        residual = (torch.randn(m, n + 8, generator=g, device=DEV) * 4).to(out_dtype)[:, :n]
+    gate = {"gated": torch.rand(3, n, generator=g, device=DEV) * 2 - 0.5,
+            "gelu+per_token_gate": torch.randn(m, n, generator=g, device=DEV)}.get(tail)
+    act = "gelu_tanh" if tail.startswith("gelu") else None
+    got = torch.ops.qvdit.cuda_epilogue_tail(y, 1 if act else 0, residual, gate)
+    assert got.dtype == out_dtype and got.shape == (m, n)
+    assert_tail_within(got, y, act, residual, gate, f"{tail} {out_dtype} n={n}")
+
+
 def test_sanitizer_smoke(path, monkeypatch):
     """Small shapes through every kernel (W3 tail tile, ragged M/N/K, every output dtype, the epilogue tail with a
     residual and gate): the run that compute-sanitizer memcheck / racecheck / synccheck watch
@@ -284,6 +307,9 @@ def test_sanitizer_smoke(path, monkeypatch):
             assert_tail_within(got, plain, "gelu_tanh", res, gate, f"{path} W{w_bits} {dt}")
         x = torch.randn(m, k, device=DEV)
         qk.quantize_activation_rowsum(x, 6, alpha=torch.randn(k, device=DEV), backend="cuda")
+    for dt, n in ((torch.bfloat16, 64), (torch.float16, 77)):  # the one-pass tail after a GEMM (16-byte, scalar)
+        y, res = torch.randn(9, n, device=DEV).to(dt), torch.randn(9, n, device=DEV).to(dt)
+        torch.ops.qvdit.cuda_epilogue_tail(y, 1, res, torch.rand(3, n, device=DEV))
     for dt, k in ((torch.bfloat16, 5120), (torch.float32, 5120)):  # act-quant rows of 2 and 4 warps (shared memory)
         qk.quantize_activation_rowsum(torch.randn(5, k, device=DEV).to(dt), 6, alpha=torch.randn(k, device=DEV),
                                       backend="cuda")
