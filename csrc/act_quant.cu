@@ -15,16 +15,13 @@
 #include <cuda_fp16.h>
 #include <math.h>
 
+#include "qvdit_kernels.cuh"
 #include "qvdit_kernels.h"
 
 namespace qv {
 namespace {
 
 constexpr int kAqThreads = 256;
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 
 // VEC consecutive elements of a row (one 16-byte load when VEC > 1).
 template <typename T, int VEC>
@@ -51,6 +48,22 @@ __device__ __forceinline__ V block_reduce(V v, Op op, V* sh) {
   for (int w = 1; w < kAqThreads / 32; ++w) r = op(r, sh[w]);  // every thread, same order
   __syncthreads();  // sh is reused by the next reduction
   return r;
+}
+
+// A row's results: its scale (NaN for a non-finite row), row sum and u = gate[frame_id[m]] * scale * dot
+// (a bad frame id gives NaN), the product in float64 and rounded once, as reference.py computes it.
+__device__ __forceinline__ void write_row(const ActQuantArgs& a, int m, bool bad, float qscale, int rowsum, double dot) {
+  const float scale = bad ? __int_as_float(0x7fc00000) : qscale;
+  a.scale[m] = scale;
+  if (a.rowsum) a.rowsum[m] = rowsum;
+  if (!a.alpha) return;
+  double g = 1.0;
+  if (a.gate) {
+    int64_t f = 0;
+    if (a.frame_id) f = a.fid_is_64 ? static_cast<const int64_t*>(a.frame_id)[m] : static_cast<const int32_t*>(a.frame_id)[m];
+    g = (f >= 0 && f < a.num_gates) ? (double)a.gate[f] : __longlong_as_double(0x7ff8000000000000LL);
+  }
+  a.u[m] = (float)(dot * (double)scale * g);
 }
 
 template <typename T, int VEC>
@@ -109,20 +122,7 @@ __global__ void __launch_bounds__(kAqThreads) act_quant_kernel(const ActQuantArg
   }
   rowsum = block_reduce(rowsum, add_i, shi);
   if (a.alpha) dot = block_reduce(dot, add_d, shd);
-  if (threadIdx.x == 0) {
-    const float scale = bad ? __int_as_float(0x7fc00000) : q.scale;  // NaN marks a non-finite row
-    a.scale[m] = scale;
-    if (a.rowsum) a.rowsum[m] = rowsum;
-    if (a.alpha) {
-      double g = 1.0;
-      if (a.gate) {
-        int64_t f = 0;
-        if (a.frame_id) f = a.fid_is_64 ? static_cast<const int64_t*>(a.frame_id)[m] : static_cast<const int32_t*>(a.frame_id)[m];
-        g = (f >= 0 && f < a.num_gates) ? (double)a.gate[f] : __longlong_as_double(0x7ff8000000000000LL);  // bad id: NaN
-      }
-      a.u[m] = (float)(dot * (double)scale * g);  // reference.py: float64, rounded once
-    }
-  }
+  if (threadIdx.x == 0) write_row(a, m, bad, q.scale, rowsum, dot);
 }
 
 // ---------------------------------------------------------------- rows held in registers (fast path)
@@ -261,20 +261,7 @@ __global__ void __launch_bounds__(kAqThreads) act_quant_regs_kernel(const ActQua
       dot = __fadd_rn(dot, sh_dot[group * W + w]);
     }
   }
-  if (live && t == 0) {
-    const float scale = bad ? __int_as_float(0x7fc00000) : q.scale;  // NaN marks a non-finite row
-    a.scale[m] = scale;
-    if (a.rowsum) a.rowsum[m] = rowsum;
-    if (a.alpha) {
-      double g = 1.0;
-      if (a.gate) {
-        int64_t f = 0;
-        if (a.frame_id) f = a.fid_is_64 ? static_cast<const int64_t*>(a.frame_id)[m] : static_cast<const int32_t*>(a.frame_id)[m];
-        g = (f >= 0 && f < a.num_gates) ? (double)a.gate[f] : __longlong_as_double(0x7ff8000000000000LL);  // bad id: NaN
-      }
-      a.u[m] = (float)((double)dot * (double)scale * g);
-    }
-  }
+  if (live && t == 0) write_row(a, m, bad, q.scale, rowsum, dot);
 }
 
 // The fast path's launch: one warp per row for rows of up to 32 x 16 chunks (8 chunks per thread when they

@@ -6,20 +6,13 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "qvdit_kernels.cuh"
 #include "qvdit_kernels.h"
 
 namespace qv {
 namespace {
 
 constexpr int kTailThreads = 256;
-
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
 
 // VEC values of a row at p (one 16-byte access when VEC > 1)
 template <typename T, int VEC>
@@ -51,10 +44,10 @@ __global__ void __launch_bounds__(kTailThreads) epilogue_tail_kernel(const T* y,
   const float* gate = e.rgate ? e.rgate + (int64_t)(m / e.gate_div) * e.n + n0 : nullptr;
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
-    float v = to_f(in.v[i]);
-    if (e.activation == 1) v = to_f(from_f<T>(gelu_tanh_exp(v)));  // the block's activation, rounded
-    if (e.residual) v = QV_FADD(to_f(res.v[i]), gate ? QV_FMUL(v, gate[i]) : v);
-    out.v[i] = from_f<T>(v);
+    float v = to_float(in.v[i]);
+    if (e.activation == 1) v = to_float(from_float<T>(gelu_tanh_exp(v)));  // the block's activation, rounded
+    if (e.residual) v = QV_FADD(to_float(res.v[i]), gate ? QV_FMUL(v, gate[i]) : v);
+    out.v[i] = from_float<T>(v);
   }
   store_piece<T, VEC>(static_cast<T*>(e.out) + (int64_t)m * e.n + n0, out);
 }

@@ -1,4 +1,4 @@
-// Device helpers shared by the GEMM kernels: PTX wrappers (cp.async, ldmatrix, mma.sync, shared
+// Device helpers shared by the kernels: element conversions, PTX wrappers (cp.async, ldmatrix, mma.sync, shared
 // loads/stores), the global->shared step loader, the unpack pass and the epilogue store. The index
 // and unpack math itself is in qvdit_layout.h (host-testable). No torch headers here.
 #pragma once
@@ -13,6 +13,15 @@
 #include "qvdit_layout.h"
 
 namespace qv {
+
+// float32 <-> the element types of activations and outputs (round to nearest even)
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
 

@@ -1,5 +1,6 @@
-// Host API of the CUDA kernels (launchers in act_quant.cu, gemm_sm80.cu, gemm_sm90.cu). Raw device
-// pointers and a stream only: bindings.cpp (the one file with torch headers) validates and allocates.
+// Host API of the CUDA kernels (launchers in act_quant.cu, epilogue_tail.cu, gemm_sm80.cu, gemm_sm90.cu,
+// gemm_sm90_ws.cu). Raw device pointers and a stream only: bindings.cpp (the one file with torch headers)
+// validates and allocates.
 #pragma once
 #include <cuda_runtime_api.h>
 #include <stdint.h>
