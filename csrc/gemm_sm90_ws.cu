@@ -316,7 +316,7 @@ int qgemm_sm90_ws_rows(int n, int k) {
 
 int qgemm_sm90_ws_mode(int n, int k, bool tail) {
   if (tail) {  // a cooperative mode (WsPlan::kTail): 128 rows, or with QVDIT_WS_TAIL256=1 the height rule's
-    // (opt-in, kept for experiments: 1.2-1.7x slower than 128 rows on the Wan-14B shapes, BENCHMARKS run ws7)
+    // (opt-in, kept for experiments: 1.4-1.9x slower than 128 rows on the 14B/5B shapes, BENCHMARKS run ws7)
     const char* t256 = std::getenv("QVDIT_WS_TAIL256");
     return t256 && std::atoi(t256) == 1 && qgemm_sm90_ws_rows(n, k) == 256 ? kWsCoop256 : kWsCoop128;
   }
