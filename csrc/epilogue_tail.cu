@@ -45,7 +45,11 @@ __global__ void __launch_bounds__(kTailThreads) epilogue_tail_kernel(const T* y,
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
     float v = to_float(in.v[i]);
-    if (e.activation == 1) v = to_float(from_float<T>(gelu_tanh_exp(v)));  // the block's activation, rounded
+    if (e.activation == 1) {  // the block's activation, rounded: float32 outputs take torch's own tanh form (the
+      // fast exp form's ~3 float32 ulp would show there), 16-bit outputs the fast form (far below their rounding)
+      const float inner = 0.7978845608028654f * (v + 0.044715f * (v * v * v));
+      v = to_float(from_float<T>(sizeof(T) == 4 ? 0.5f * v * (1.0f + tanhf(inner)) : gelu_tanh_exp(v)));
+    }
     if (e.residual) v = QV_FADD(to_float(res.v[i]), gate ? QV_FMUL(v, gate[i]) : v);
     out.v[i] = from_float<T>(v);
   }

@@ -31,7 +31,8 @@ def test_table_is_well_formed():
     (4, 2048, False, H200, "cuda"),
     (3, 1536, False, H200, "cuda"),  # W3A6: CUDA measured faster at every K (run ws7, graph device time too)
     (4, 1536, False, H200, None),   # W4A8 at small K: Triton measured faster
-    (3, 5120, True, H200, None),    # an epilogue tail: the CUDA kernel's fused tail measured slower (ws5)
+    (3, 5120, True, H200, "cuda"),  # W3 with a tail: CUDA + its one-pass tail beat Triton's fused tail (ws7)
+    (4, 5120, True, H200, None),    # W4 with a tail: Triton's fused tail measured faster (ws7)
     (8, 5120, False, H200, None),   # W8: no rule (the warp-specialized kernel is W3/W4)
     (3, 5120, False, H100, None),   # not measured there: default order
 ])
