@@ -7,10 +7,11 @@
 //   torch.ops.qvdit.cuda_qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum,
 //                              out_dtype, path, activation, residual, residual_gate) -> [M, N]
 //       activation 0 none / 1 gelu_tanh, residual [M, N] (out dtype), residual_gate f32 [G, N]: the epilogue
-//       tail (reference.epilogue_tail), fused by the warp-specialized kernel only (an error on any other
-//       path; qvdit_kernels/cuda.py applies it after those).
-//   torch.ops.qvdit.cuda_epilogue_tail(y, activation, residual, residual_gate) -> [M, N]: that tail after a GEMM
-//       that did not fuse it, in one pass (epilogue_tail.cu).
+//       tail (reference.epilogue_tail). fuse_tail: in the warp-specialized kernel's epilogue (an error on any
+//       other path); else, on every path, one pass over the output in place after the kernel (epilogue_tail.cu),
+//       so the tail costs no second [M, N] buffer.
+//   torch.ops.qvdit.cuda_epilogue_tail(y, activation, residual, residual_gate) -> [M, N]: that tail pass alone,
+//       into a new tensor (a direct probe of the kernel for tests).
 //       path 0 = the fastest kernel here (W3/W4: warp-specialized wgmma; W8: wgmma; mma.sync without sm_90a),
 //       1 = mma.sync, 2 = wgmma (gemm_sm90.cu), 3 = warp-specialized wgmma for W3/W4 (gemm_sm90_ws.cu; W8
 //       takes gemm_sm90.cu); 2 and 3 are an error where sm_90a is absent.
@@ -139,7 +140,7 @@ void set_tail(qv::Epi& e, int64_t activation, const OptT& residual, const OptT& 
 Tensor qgemm_cuda(const Tensor& xq_in, const Tensor& x_scale, const Tensor& w_in, int64_t w_bits,
                   const Tensor& w_scale, const Tensor& w_zero, const OptT& bias, const OptT& u, const OptT& beta,
                   const OptT& x_rowsum, at::ScalarType out_dtype, int64_t path, int64_t activation,
-                  const OptT& residual, const OptT& residual_gate) {
+                  const OptT& residual, const OptT& residual_gate, bool fuse_tail) {
   TORCH_CHECK(xq_in.is_cuda() && xq_in.dim() == 2 && xq_in.scalar_type() == at::kChar,
               "xq must be a 2-D int8 CUDA tensor");
   TORCH_CHECK(w_bits == 3 || w_bits == 4 || w_bits == 8, "w_bits must be 3, 4 or 8, got ", w_bits);
@@ -219,15 +220,26 @@ Tensor qgemm_cuda(const Tensor& xq_in, const Tensor& x_scale, const Tensor& w_in
   g.epi.n = (int)n;
   const bool tail = activation != 0 || residual.has_value();
   TORCH_CHECK(!tail || out_kind != 3, "activation/residual need a float out_dtype");
+  qv::Epi te{};  // the tail's fields: into g.epi when the kernel fuses it, else for the pass after the kernel
+  te.m = (int)m;
+  te.n = (int)n;
   Tensor res, rgate;
-  set_tail(g.epi, activation, residual, residual_gate, out_dtype, xq_in, res, rgate);
+  set_tail(te, activation, residual, residual_gate, out_dtype, xq_in, res, rgate);
 
   const bool sm90 = qv::qgemm_sm90_available();
   TORCH_CHECK((path != 2 && path != 3) || sm90, "qgemm path ", path,
               " (sm90 wgmma) needs an sm_90 GPU and an extension built for sm_90a");
   const bool ws = (path == 3 || (path == 0 && sm90)) && qv::qgemm_sm90_ws_supported(g, (int)w_bits);
-  TORCH_CHECK(ws || !tail, "the epilogue tail (activation/residual) is fused by the warp-specialized kernel only "
-              "(W3/W4 on sm_90a, path auto or sm90ws); this call takes another path");
+  const bool tail_in_kernel = tail && fuse_tail;
+  TORCH_CHECK(ws || !tail_in_kernel, "fuse_tail: the epilogue tail (activation/residual) is fused by the "
+              "warp-specialized kernel only (W3/W4 on sm_90a, path auto or sm90ws); this call takes another path");
+  if (tail_in_kernel) {
+    g.epi.activation = te.activation;
+    g.epi.residual = te.residual;
+    g.epi.ld_res = te.ld_res;
+    g.epi.rgate = te.rgate;
+    g.epi.gate_div = te.gate_div;
+  }
   if (ws) {
     check_launch(qv::qgemm_sm90_ws(g, (int)w_bits, stream), "qgemm (sm90 warp-specialized)");
   } else if (path == 2 || path == 3 || (path == 0 && sm90)) {
@@ -240,6 +252,11 @@ Tensor qgemm_cuda(const Tensor& xq_in, const Tensor& x_scale, const Tensor& w_in
     TORCH_CHECK(smem >= qv::qgemm_sm80_smem_bytes((int)w_bits), "qgemm W", w_bits, " (mma.sync path) needs ",
                 qv::qgemm_sm80_smem_bytes((int)w_bits), " bytes of shared memory per block; this GPU has ", smem);
     check_launch(qv::qgemm_sm80(g, (int)w_bits, stream), "qgemm (sm80)");
+  }
+  if (tail && !tail_in_kernel) {  // in place: each thread reads its piece of out, then overwrites it
+    te.out = out.data_ptr();
+    te.out_kind = out_kind;
+    check_launch(qv::epilogue_tail(out.data_ptr(), n, te, stream), "epilogue_tail");
   }
   return out;
 }
@@ -275,7 +292,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> act_quant_meta(const Tensor& x, int64
 
 Tensor qgemm_meta(const Tensor& xq, const Tensor&, const Tensor& w, int64_t, const Tensor&, const Tensor&, const OptT&,
                   const OptT&, const OptT&, const OptT&, at::ScalarType out_dtype, int64_t, int64_t, const OptT&,
-                  const OptT&) {
+                  const OptT&, bool) {
   return at::empty_symint({xq.sym_size(0), w.sym_size(0)}, xq.options().dtype(out_dtype));
 }
 
@@ -288,7 +305,7 @@ TORCH_LIBRARY_FRAGMENT(qvdit, m) {  // a fragment: the Triton ops (triton/librar
         " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("cuda_qgemm(Tensor xq, Tensor x_scale, Tensor w_packed, int w_bits, Tensor w_scale, Tensor w_zero,"
         " Tensor? bias, Tensor? u, Tensor? beta, Tensor? x_rowsum, ScalarType out_dtype, int path,"
-        " int activation=0, Tensor? residual=None, Tensor? residual_gate=None) -> Tensor");
+        " int activation=0, Tensor? residual=None, Tensor? residual_gate=None, bool fuse_tail=False) -> Tensor");
   m.def("cuda_epilogue_tail(Tensor y, int activation, Tensor? residual, Tensor? residual_gate) -> Tensor");
 }
 

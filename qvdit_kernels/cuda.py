@@ -5,9 +5,9 @@ It raises ImportError with a clear message when the extension is not built; `bac
 into "backend='cuda' is not available: ..." only when someone asks for the CUDA backend.
 
 Ops (schemas in csrc/bindings.cpp, with Meta kernels so they trace under torch.compile):
-`torch.ops.qvdit.cuda_act_quant`, `torch.ops.qvdit.cuda_qgemm` and `torch.ops.qvdit.cuda_epilogue_tail` (a DiT
-block's tail after a GEMM that did not fuse it, in one pass). The GEMM has three kernels: the
-warp-specialized wgmma kernel for W3/W4 (sm_90a, csrc/gemm_sm90_ws.cu: TMA producer warp, weights unpacked
+`torch.ops.qvdit.cuda_act_quant`, `torch.ops.qvdit.cuda_qgemm` (with a DiT block's GELU/residual tail, fused in
+the kernel or one pass after it) and `torch.ops.qvdit.cuda_epilogue_tail` (that pass alone, for tests). The GEMM
+has three kernels: the warp-specialized wgmma kernel for W3/W4 (sm_90a, csrc/gemm_sm90_ws.cu: TMA producer warp, weights unpacked
 into wgmma's register operand), wgmma with both operands in shared memory (sm_90a, csrc/gemm_sm90.cu; W8)
 and mma.sync (sm_80+, csrc/gemm_sm80.cu); QVDIT_CUDA_GEMM_PATH=auto|sm80|sm90|sm90ws picks one (auto:
 sm90ws for W3/W4 and sm90 for W8 where the GPU and the build have them, else sm80).
@@ -56,25 +56,21 @@ def ws_takes(w_bits: int, path: int) -> bool:
 
 def fused_tail_enabled() -> bool:
     """QVDIT_CUDA_FUSED_TAIL=1: run the epilogue tail inside the warp-specialized kernel. Opt-in because it is
-    still slower than Triton's fused tail: on the H200 (benchmarks/results/cuda_h200_ws6.json, staged epilogue)
-    the GEMM with the fused GELU took 1.1-1.9x the time of the plain GEMM, with the gated residual 1.2-2.9x;
-    that is 0.56-1.40x (GELU) and 0.39-1.06x (residual) of Triton's speed with the same tail. Correct
-    (test_ws_epilogue_tail); by default the tail runs after the kernel, in one pass (csrc/epilogue_tail.cu)."""
+    slower than the default, the tail as one pass after the kernel, in place (csrc/epilogue_tail.cu): on the
+    H200 the fused GELU / gated residual ran 0.74-0.97x / 0.65-1.04x of its speed (run ws7, W3A6 and W4A8,
+    benchmarks/results/cuda_h200_ws7_{fused_tail,tails}.json). Correct (test_ws_epilogue_tail)."""
     return os.environ.get("QVDIT_CUDA_FUSED_TAIL", "0") == "1"
 
 
 def _gemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum, out_dtype, activation, residual,
           residual_gate):
-    """cuda_qgemm, with the epilogue tail in the kernel only where the warp-specialized kernel runs (it alone
-    fuses it) and `fused_tail_enabled()`; else after the kernel in one pass (cuda_epilogue_tail)."""
+    """cuda_qgemm with the epilogue tail in the kernel where the warp-specialized kernel runs (it alone fuses it)
+    and `fused_tail_enabled()`; else the op applies it after the kernel, in place over its own output, in one
+    pass (csrc/epilogue_tail.cu)."""
     path = gemm_path()
-    tail = activation is not None or residual is not None
-    if not tail or (fused_tail_enabled() and ws_takes(w_bits, path)):
-        return torch.ops.qvdit.cuda_qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum,
-                                          out_dtype, path, ACTIVATIONS[activation], residual, residual_gate)
-    y = torch.ops.qvdit.cuda_qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum,
-                                   out_dtype, path)
-    return torch.ops.qvdit.cuda_epilogue_tail(y, ACTIVATIONS[activation], residual, residual_gate)
+    fuse = fused_tail_enabled() and ws_takes(w_bits, path)
+    return torch.ops.qvdit.cuda_qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum,
+                                      out_dtype, path, ACTIVATIONS[activation], residual, residual_gate, fuse)
 
 
 @register("qgemm", "cuda")
