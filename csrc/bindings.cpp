@@ -296,7 +296,9 @@ Tensor qgemm_meta(const Tensor& xq, const Tensor&, const Tensor& w, int64_t, con
   return at::empty_symint({xq.sym_size(0), w.sym_size(0)}, xq.options().dtype(out_dtype));
 }
 
-Tensor epilogue_tail_meta(const Tensor& y, int64_t, const OptT&, const OptT&) { return at::empty_like(y); }
+Tensor epilogue_tail_meta(const Tensor& y, int64_t, const OptT&, const OptT&) {
+  return at::empty_symint(y.sym_sizes(), y.options());  // contiguous, as the CUDA kernel returns it
+}
 
 }  // namespace
 

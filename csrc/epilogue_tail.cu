@@ -16,7 +16,7 @@ constexpr int kTailThreads = 256;
 
 // VEC values of a row at p (one 16-byte access when VEC > 1)
 template <typename T, int VEC>
-struct Piece {
+struct alignas(16) Piece {  // (16-byte aligned: it is read and written as one uint4)
   T v[VEC];
 };
 template <typename T, int VEC>
@@ -45,11 +45,9 @@ __global__ void __launch_bounds__(kTailThreads) epilogue_tail_kernel(const T* y,
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
     float v = to_float(in.v[i]);
-    if (e.activation == 1) {  // the block's activation, rounded: float32 outputs take torch's own tanh form (the
-      // fast exp form's ~3 float32 ulp would show there), 16-bit outputs the fast form (far below their rounding)
-      const float inner = 0.7978845608028654f * (v + 0.044715f * (v * v * v));
-      v = to_float(from_float<T>(sizeof(T) == 4 ? 0.5f * v * (1.0f + tanhf(inner)) : gelu_tanh_exp(v)));
-    }
+    if (e.activation == 1)  // the block's activation, rounded; float32 outputs in torch's tanh form (the fast
+      // exp form's few float32 ulp would show there), 16-bit outputs in the fast form (far below their rounding)
+      v = to_float(from_float<T>(sizeof(T) == 4 ? gelu_tanh_torch(v) : gelu_tanh_exp(v)));
     if (e.residual) v = QV_FADD(to_float(res.v[i]), gate ? QV_FMUL(v, gate[i]) : v);
     out.v[i] = from_float<T>(v);
   }

@@ -587,6 +587,11 @@ QV_HD float epilogue_ops(int32_t acc, float sx, float sw, bool has_bias, float b
   if (has_u) y = QV_FADD(y, QV_FMUL(u, beta));
   return y;
 }
+// gelu_tanh in torch's own form, 0.5 x (1 + tanh z): for float32 outputs, where the fast form's few ulp would show.
+QV_HD float gelu_tanh_torch(float y) {
+  const float inner = 0.7978845608028654f * (y + 0.044715f * (y * y * y));
+  return 0.5f * y * (1.0f + tanhf(inner));
+}
 // gelu_tanh as the fused tails compute it (the Triton kernel's form): x / (1 + exp(-2 z)) == 0.5 x (1 + tanh z),
 // z = sqrt(2/pi) (x + 0.044715 x^3); on the device the hardware exp2 and the fast division (a few instructions,
 // where tanhf costs ~20 and IEEE division a slow-path call); exp overflow gives x / inf = -0, torch's value.

@@ -78,12 +78,12 @@ __device__ __forceinline__ float round_to_out(float y) {
 }
 
 // reference.epilogue_tail's activation on one output: y rounded to the out dtype, gelu_tanh in float32
-// (qvdit_layout.h::gelu_tanh_exp), rounded again.
+// (qvdit_layout.h: the fast exp form for 16-bit outputs, torch's tanh form for float32), rounded again.
 template <int OUT, bool TAIL>
 __device__ __forceinline__ float tail_activation(const Epi& e, float y) {
   if (!TAIL) return y;
   y = round_to_out<OUT>(y);
-  if (e.activation == 1) y = round_to_out<OUT>(gelu_tanh_exp(y));
+  if (e.activation == 1) y = round_to_out<OUT>(OUT == 2 ? gelu_tanh_torch(y) : gelu_tanh_exp(y));
   return y;
 }
 
