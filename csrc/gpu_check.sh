@@ -81,10 +81,11 @@ if has linear; then  # the CUDA rows beside Triton and auto routing in bench_lin
   step linear python3 benchmarks/bench_linear.py --backends triton,cuda,auto --graph --variants W3A6,W4A8 \
     --modes gemm,full --peers "" --out "$OUT" --tag gpu_check
 fi
-if has e2e; then  # Wan2.1-14B compiled with the fused forward, Triton vs auto (CUDA GEMMs where the table says)
-  for b in triton auto; do
-    step "e2e_$b" python3 benchmarks/bench_e2e.py --models wan14b --settings bf16,w3a6 --modes compiled --backend "$b" \
-      --reps 2 --no-profile --out "$OUT/e2e_14b_compiled_$b.json"
+if has e2e; then  # Wan2.1-14B and -1.3B compiled with the fused forward and auto routing (CUDA GEMMs where the table
+  # says), with the allocator's live set at the peak (--memory-trace; BENCHMARKS e2e run 7)
+  for model in wan14b wan1.3b; do
+    step "e2e_$model" python3 benchmarks/bench_e2e.py --models "$model" --settings bf16,w3a6 --modes compiled \
+      --backend auto --reps 2 --no-profile --memory-trace --out "$OUT/e2e_${model}_compiled_auto.json"
   done
 fi
 if has ncu; then
