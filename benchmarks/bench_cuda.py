@@ -10,9 +10,10 @@ backend ("auto_table") that backend="auto" is to read.
     python benchmarks/bench_cuda.py [--shapes PATH] [--only NAME ...] [--variants W3A6,W4A8] [--tag TAG]
     python benchmarks/bench_cuda.py --kernels triton,"cuda sm90ws"    # a subset of the kernels
     python benchmarks/bench_cuda.py --tails ...                     # + the GEMM with each epilogue tail
-    (Triton fuses the tail; CUDA only with QVDIT_CUDA_FUSED_TAIL=1, else it runs after the kernel: env.cuda_fused_tail)
+    (Triton fuses the tail; CUDA only with QVDIT_CUDA_FUSED_TAIL=1, else in one pass after the kernel: env.cuda_fused_tail)
     python benchmarks/bench_cuda.py --profile SHAPE --variants W3A6   # a few sm90ws GEMM calls, for ncu
     python benchmarks/bench_cuda.py --plot RUN.json[:LABEL] ... --tag NAME   # figure of saved runs (CPU)
+    python benchmarks/bench_cuda.py --suggest-auto RUN.json [--floor 0.95]  # configs/auto.json rules it supports
 
 Writes benchmarks/results/cuda_<tag>.json (device, versions, date, command) and a markdown table.
 Problem set-up, timing and validation helpers are bench_linear.py's and common.py's.
@@ -148,6 +149,42 @@ def summarize(rows):
     return out
 
 
+def suggest_rules(rows, kernel="cuda sm90ws", floor=0.95):
+    """configs/auto.json rules from one run: per weight width, `kernel` takes the GEMMs with K >= min_k, where
+    min_k is one above the largest K at which its GEMM ran below `floor` x Triton's speed (1 when it never did),
+    provided its median over those shapes is >= 1x; "tails": true when its tailed GEMMs (gemm+gelu, gemm+res,
+    as this run ran them) also stay >= floor there with each median >= 1x. -> (rules, evidence per variant)."""
+    big = [r for r in rows if r["M"] >= BIG_M and r.get("ms") and r.get("kernel") and r.get("variant")]
+
+    def ratios(variant, mode):  # Triton time over `kernel` time, per (shape, K)
+        tri = {(r["shape"], r["K"]): r["ms"] for r in big
+               if r["kernel"] == "triton" and r["variant"] == variant and r["mode"] == mode}
+        return {key: tri[key] / r["ms"] for r in big if r["kernel"] == kernel and r["variant"] == variant
+                and r["mode"] == mode for key in [(r["shape"], r["K"])] if key in tri}
+
+    rules, evidence = [], {}
+    for v in sorted({r["variant"] for r in big if r["variant"].startswith("W")}):
+        g = ratios(v, "gemm")
+        if not g:
+            continue
+        slow = [k for (_, k), x in g.items() if x < floor]
+        min_k = max(slow) + 1 if slow else 1
+        kept = [x for (_, k), x in g.items() if k >= min_k]
+        ev = dict(min_k=min_k, gemm_ratios={f"{s} K={k}": round(x, 3) for (s, k), x in g.items()})
+        evidence[v] = ev
+        if not kept or statistics.median(kept) < 1.0:
+            ev["verdict"] = "no rule: not faster at the median where it is never below the floor"
+            continue
+        rule = {"w_bits": [int(v[1])], "min_k": min_k, "backend": kernel.split()[0]}
+        tails = {mode: [x for (_, k), x in ratios(v, mode).items() if k >= min_k] for mode in ("gemm+gelu", "gemm+res")}
+        ev["tail_ratios"] = {m: [round(x, 3) for x in xs] for m, xs in tails.items()}
+        if all(xs and min(xs) >= floor and statistics.median(xs) >= 1.0 for xs in tails.values()):
+            rule["tails"] = True
+        rules.append(rule)
+        ev["verdict"] = rule
+    return rules, evidence
+
+
 def markdown(rows, summary, env):
     big = [r for r in rows if r["M"] >= BIG_M]
     shapes = list(dict.fromkeys(r["shape"] for r in big))
@@ -209,9 +246,18 @@ def main(argv=None):
     ap.add_argument("--tails", action="store_true",
                     help="also time the GEMM with each epilogue tail (GELU; residual + gate * y): fused by Triton, "
                          "by CUDA only with QVDIT_CUDA_FUSED_TAIL=1 (recorded in env.cuda_fused_tail)")
+    ap.add_argument("--suggest-auto", default=None, metavar="JSON",
+                    help="print the configs/auto.json rules a saved run supports (suggest_rules; no GPU needed)")
+    ap.add_argument("--floor", type=float, default=0.95,
+                    help="--suggest-auto: the slowest a routed shape may run against Triton (default 0.95)")
     ap.add_argument("--plot", nargs="+", default=None, metavar="JSON[:SUFFIX]",
                     help="only draw the GEMM figure of saved result JSONs (no GPU needed) into --out/<tag>.png")
     args = ap.parse_args(argv)
+    if args.suggest_auto:
+        with open(args.suggest_auto) as fh:
+            rules, evidence = suggest_rules(json.load(fh)["rows"], floor=args.floor)
+        print(json.dumps({"evidence": evidence, "qgemm": rules}, indent=1))
+        return
     if args.plot:
         runs = []
         for item in args.plot:
@@ -259,6 +305,7 @@ def main(argv=None):
         with open(stem + ".json", "w") as fh:  # after every shape: a cut-off run keeps what it measured
             json.dump(result, fh, indent=1, default=str)
     result["summary"] = summarize(rows)
+    result["summary"]["auto_rules"] = suggest_rules(rows)[0]  # what configs/auto.json could say for this GPU
     with open(stem + ".json", "w") as fh:
         json.dump(result, fh, indent=1, default=str)
     md = markdown(rows, result["summary"], env)

@@ -93,3 +93,30 @@ def test_routed_qlinear_runs_the_named_backends_qlinear(monkeypatch):
     ref = reference.qgemm(xq, sx, wp.cpu(), 4, sw.cpu(), zw.cpu(), None, u, beta.cpu(), rs, torch.float32)
     assert torch.allclose(got.float().cpu(), ref, rtol=1e-5, atol=1e-4)
     assert torch.allclose(got.float(), want.float(), rtol=1e-5, atol=1e-4)
+
+
+def test_bench_cuda_suggests_the_rules_a_run_supports():
+    """benchmarks/bench_cuda.py::suggest_rules on a synthetic run: W3 faster everywhere (tails too) -> every K with
+    tails; W4 slower at small K -> min_k one above the slowest K; a kernel slower at the median -> no rule."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks.bench_cuda import suggest_rules
+
+    def rows_for(variant, speedups, modes=("gemm",)):  # speedups: K -> CUDA speed over Triton
+        out = []
+        for k, x in speedups.items():
+            for mode in modes:
+                base = dict(shape=f"s{k}", M=32760, K=k, N=1536, variant=variant, mode=mode)
+                out += [dict(base, kernel="triton", ms=1.0), dict(base, kernel="cuda sm90ws", ms=1.0 / x)]
+        return out
+
+    rows = rows_for("W3A6", {1536: 1.05, 5120: 1.2}, ("gemm", "gemm+gelu", "gemm+res"))
+    rows += rows_for("W4A8", {1152: 0.87, 1536: 0.94, 3072: 1.03, 5120: 0.97, 13824: 1.1})
+    rows += rows_for("W8A8", {1536: 0.9, 5120: 0.99})
+    rules, evidence = suggest_rules(rows)
+    assert rules == [{"w_bits": [3], "min_k": 1, "backend": "cuda", "tails": True},
+                     {"w_bits": [4], "min_k": 1537, "backend": "cuda"}]
+    assert evidence["W8A8"]["verdict"].startswith("no rule")
+    assert suggest_rules(rows, floor=0.98)[0][1]["min_k"] == 5121  # a stricter floor moves the threshold
