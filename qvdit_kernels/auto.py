@@ -1,11 +1,12 @@
 """backend="auto" for the GEMM: which backend runs a shape, from a small table measured per GPU.
 
-`configs/auto.json` holds, per GPU, rules of the form "W3/W4 weights with K >= min_k -> backend", for GEMMs
-with an epilogue tail (activation/residual) too only when the rule says `"tails": true`: the shapes where a
-backend measured faster than the default order (Triton first). A GPU
-without an entry, a shape no rule covers, or a rule whose backend is not available here (the CUDA
-extension not built) keeps the default order in `backends.resolve`. `ops.qlinear` runs the routed backend's
-act-quant too (the CUDA act-quant measured 1.00-1.8x Triton's speed on the 12 bench shapes, run ws7).
+`configs/auto.json` holds, per GPU, rules of the form "W3/W4 weights with K >= min_k -> backend", covering
+GEMMs with an epilogue tail (activation/residual) only when the rule says `"tails": true`: the shapes where a
+backend measured faster than the default order (Triton first); `benchmarks/bench_cuda.py --suggest-auto`
+derives them from a run. A GPU without an entry, a shape no rule covers, or a rule whose backend is not
+available here (the CUDA extension not built) keeps the default order in `backends.resolve`. `ops.qlinear`
+runs the routed backend's act-quant too (the CUDA act-quant ran 1.0-2.2x Triton's speed at A6 on the 12
+bench shapes, run ws7).
 """
 from __future__ import annotations
 
