@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import linecache
 import os
 import statistics
 import sys
@@ -213,12 +214,16 @@ def peak_live_set(events: list[dict], baseline: int = 0, top: int = 12) -> dict:
 
 
 def _frame(frames: list[dict]) -> str:
-    """The innermost frame of our code, diffusers' or inductor's generated code (else the innermost one)."""
+    """The innermost frame of our code, diffusers' or inductor's generated code (else the innermost one). A frame
+    in inductor's generated code also gets its source line, which names the op or buffer (the file's name alone
+    is a hash)."""
     keep = ("qvdit", "diffusers", "torchinductor", "benchmarks")
     for f in frames:
         name = f.get("filename", "")
         if any(k in name for k in keep) and "/torch/" not in name:
-            return f"{'/'.join(name.split('/')[-2:])}:{f.get('line')} {f.get('name')}"
+            label = f"{'/'.join(name.split('/')[-2:])}:{f.get('line')} {f.get('name')}"
+            src = linecache.getline(name, f.get("line") or 0).strip() if "torchinductor" in name else ""
+            return f"{label}: {src[:100]}" if src else label
     return f"{frames[0].get('filename', '?').split('/')[-1]}:{frames[0].get('line')} {frames[0].get('name')}" \
         if frames else "?"
 

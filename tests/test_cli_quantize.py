@@ -127,7 +127,7 @@ def test_bench_linear_smoke_rows_per_backend(tmp_path):
     assert "W3A6 gemm [auto]" in (tmp_path / "linear_t.md").read_text()
 
 
-def test_bench_e2e_peak_live_set_on_a_synthetic_trace():
+def test_bench_e2e_peak_live_set_on_a_synthetic_trace(tmp_path):
     """--memory-trace's reduction: the live set at the highest point, not at the end, grouped by frame."""
     sys.path.insert(0, ROOT)
     from benchmarks.bench_e2e import peak_live_set
@@ -146,3 +146,10 @@ def test_bench_e2e_peak_live_set_on_a_synthetic_trace():
     assert got["peak_bytes"] == 1200 and got["live_blocks"] == 3
     assert [(t["bytes"], t["count"], t["where"]) for t in got["top"]] == [
         (120, 1, "models/c.py:7 c"), (80, 2, "models/b.py:7 b")]
+    gen = tmp_path / "torchinductor_root" / "wo" / "cwo3.py"  # inductor's generated code: its line is quoted
+    gen.parent.mkdir(parents=True)
+    gen.write_text("def call(args):\n    buf0 = empty_strided_cuda((32760, 13824), (13824, 1), torch.bfloat16)\n")
+    got = peak_live_set([{"action": "alloc", "addr": 5, "size": 9,
+                          "frames": [{"filename": str(gen), "line": 2, "name": "call"}]}])
+    want = "wo/cwo3.py:2 call: buf0 = empty_strided_cuda((32760, 13824), (13824, 1), torch.bfloat16)"
+    assert got["top"][0]["where"] == want
