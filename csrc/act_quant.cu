@@ -3,11 +3,10 @@
 // - act_quant_regs_kernel (the fast path: 16-byte aligned rows of K <= 32 * 8 warps * 16 chunks * VEC): a
 //   group of W warps per row holds the whole row in registers (every load issued before the first
 //   reduction), reduces max/min inside the warps (and across the W warps through shared memory), then
-//   writes the codes from registers. Per element it does what the Triton kernel does (its docstring
-//   says why each step is exact): the quotient RN(x / s) as q0 = x*r, e = fma(-q0, s, x), fma(e, r, q0)
-//   with r = RN(1/s); round-half-even and clamp in the float "magic" domain y = t + 1.5*2^23, where the
-//   code is bits(y) - bits(magic) and its low byte is the int8 code; the TQE dot in float32, so u is
-//   within reference.u_within_bound of the float64 value.
+//   writes the codes from registers. Per element it does what the Triton kernel does
+//   (qvdit_layout.h::act_code_magic, also run by the host emulator: Markstein quotient, round and clamp in
+//   the float "magic" domain, where the low byte of bits(y) is the int8 code); the TQE dot in float32, so
+//   u is within reference.u_within_bound of the float64 value.
 // - act_quant_kernel (any other row: unaligned, odd K, very long K): one CTA per row, two passes over
 //   the row (statistics, then codes), the scalar math of the host emulator (qvdit_layout.h), float64 dot.
 // Both use a fixed thread->element mapping and reduction order: results are deterministic.
@@ -126,7 +125,6 @@ __global__ void __launch_bounds__(kAqThreads) act_quant_kernel(const ActQuantArg
 }
 
 // ---------------------------------------------------------------- rows held in registers (fast path)
-constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23: t + kMagic is magic + rint(t) for |t| < 2^22
 constexpr int kRegsMaxWarps = 8;        // warps per row (the CTA's 256 threads)
 
 __device__ __forceinline__ float warp_max(float v) {
@@ -203,10 +201,8 @@ __global__ void __launch_bounds__(kAqThreads) act_quant_regs_kernel(const ActQua
     if (bad) lo = 0.0f;
   }
   const RowQ q = a.bits == 8 ? row_qparams(8, 0.0f, 0.0f, hi) : row_qparams(a.bits, hi, lo, 0.0f);
-  const float r = __frcp_rn(q.scale);
-  // clamp bounds in the magic domain: y = magic + q, kept in [magic - z, magic - z + qmax] (8 bits: +-127)
-  const float ylo = q.sym ? kMagic - 127.0f : kMagic - q.zero, yhi = q.sym ? kMagic + 127.0f : kMagic - q.zero + q.qmax;
-  const int magic_bits = __float_as_int(kMagic);
+  const RowQMagic qm = row_qmagic(q);
+  const int magic_bits = __float_as_int(kActMagic);
 
   int8_t* xq = a.xq + (int64_t)(live ? m : 0) * a.ldq;
   int rowsum = 0;
@@ -227,13 +223,10 @@ __global__ void __launch_bounds__(kAqThreads) act_quant_regs_kernel(const ActQua
       uint32_t codes[VEC];
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        const float v = to_float(e[j]);
-        const float q0 = __fmul_rn(v, r);
-        const float quo = __fmaf_rn(__fmaf_rn(-q0, q.scale, v), r, q0);  // RN(v / s), exactly
-        const float y = bad ? kMagic : fminf(fmaxf(__fadd_rn(quo, kMagic), ylo), yhi);
+        const float y = bad ? kActMagic : act_code_magic(to_float(e[j]), qm);
         const int code = __float_as_int(y) - magic_bits;
         rowsum += code;
-        if (a.alpha) dot = __fmaf_rn(__fsub_rn(y, kMagic), al[j], dot);  // y - magic: the code, exact
+        if (a.alpha) dot = __fmaf_rn(__fsub_rn(y, kActMagic), al[j], dot);  // y - magic: the code, exact
         codes[j] = (uint32_t)code;
       }
       uint32_t packed[VEC / 4];

@@ -578,6 +578,35 @@ QV_HD int act_code(float x, const RowQ& r) {
   return (int)(clampf(q + r.zero, 0.0f, r.qmax) - r.zero);
 }
 
+// The fast path's per-element math (act_quant_regs_kernel, the Triton kernel's): the quotient RN(x / s) as
+// q0 = x*r, e = fma(-q0, s, x), fma(e, r, q0) with r = RN(1/s) (Markstein's correction: exactly IEEE's quotient),
+// then round half to even and clamp in the "magic" domain y = t + 1.5*2^23, where y is magic + the code (exact
+// integers there): the code is bits(y) - bits(magic), its low byte the int8 code, y - magic its float value.
+constexpr float kActMagic = 12582912.0f;
+struct RowQMagic {
+  float scale, r, ylo, yhi;  // r = RN(1/scale); y is kept in [magic - z, magic - z + qmax] (8 bits: +-127)
+};
+QV_HD RowQMagic row_qmagic(const RowQ& q) {
+#ifdef __CUDA_ARCH__
+  const float r = __frcp_rn(q.scale);
+#else
+  const float r = 1.0f / q.scale;
+#endif
+  return {q.scale, r, q.sym ? kActMagic - 127.0f : kActMagic - q.zero,
+          q.sym ? kActMagic + 127.0f : kActMagic - q.zero + q.qmax};
+}
+QV_HD float act_code_magic(float x, const RowQMagic& p) {
+#ifdef __CUDA_ARCH__
+  const float q0 = __fmul_rn(x, p.r);
+  const float t = __fmaf_rn(__fmaf_rn(-q0, p.scale, x), p.r, q0);
+#else
+  const float q0 = x * p.r;
+  const float t = fmaf(fmaf(-q0, p.scale, x), p.r, q0);  // C99 fmaf: one rounding, as on the device
+#endif
+  const float y = QV_FADD(t, kActMagic);
+  return fminf(fmaxf(y, p.ylo), p.yhi);
+}
+
 // The epilogue's float ops on loaded operands, in reference.py's order: acc * sx * sw (+ bias) (+ u * beta).
 // epilogue_value reads the operands from global memory; the ws kernel (ws_epilogue.cuh) from shared memory.
 QV_HD float epilogue_ops(int32_t acc, float sx, float sw, bool has_bias, float bias, bool has_u, float u,

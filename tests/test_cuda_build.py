@@ -169,17 +169,19 @@ def _act_input(m, k, seed):
     return x
 
 
+@pytest.mark.parametrize("path", ["actq", "actq_magic"])
 @pytest.mark.parametrize("bits", [6, 8])
-def test_emulated_act_quant_math(emulator, tmp_path, bits):
-    """The kernel's per-row math (row_qparams, act_code; float32 IEEE, round half to even) gives the
-    reference codes, scales and row sums exactly, NaN scale and zero codes on a non-finite row."""
-    m, k = 9, 77
+def test_emulated_act_quant_math(emulator, tmp_path, bits, path):
+    """The kernels' per-row math gives the reference codes, scales and row sums exactly, NaN scale and zero codes
+    on a non-finite row: row_qparams with act_code (the one-CTA-per-row kernel: float32 IEEE division, round half
+    to even) and with act_code_magic (the register kernel: Markstein quotient, magic-domain rounding and clamp)."""
+    m, k = 9, 77 if path == "actq" else 4099
     x = _act_input(m, k, bits)
     alpha = torch.randn(k, generator=gen(1))
     gate = torch.tensor([0.5, 1.5, 1.0])
     fid = (torch.arange(m) % 3).int()
     _write(tmp_path, x=x, alpha=alpha, gate=gate, fid=fid)
-    res = subprocess.run([str(emulator), "actq", str(bits), str(m), str(k), "3", str(tmp_path)],
+    res = subprocess.run([str(emulator), path, str(bits), str(m), str(k), "3", str(tmp_path)],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     xq, scale, u, rowsum = reference.quantize_activation(x, bits, alpha, gate, fid, want_rowsum=True)

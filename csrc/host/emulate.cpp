@@ -11,7 +11,8 @@
 //                                epilogue's buffer: every word written once, read once, bank-conflict-free
 //                                stores) and DIR/y90.bin (float32 epilogue)
 //   emulate actq BITS M K G DIR  reads DIR/{x,alpha,gate,fid}.bin (float32, fid int32), writes
-//                                DIR/{xq,scale,u,rowsum}.bin
+//                                DIR/{xq,scale,u,rowsum}.bin (the codes as the one-CTA-per-row kernel computes
+//                                them; actq_magic: as the register kernel does, qvdit_layout.h::act_code_magic)
 //   emulate ring MODE STEPS TILES STAGES SEEDS
 //                                the ws ring's barrier protocol in random interleavings (exit 1 on a wrong
 //                                fill or a deadlock, with a message)
@@ -627,7 +628,7 @@ int run_ring(int mode, int steps, int tiles, int stages, unsigned seed) {
 }
 
 // ------------------------------------------------------------------ activation quantization, row by row
-void run_actq(int bits, int m, int k, int num_gates, const std::string& dir) {
+void run_actq(int bits, int m, int k, int num_gates, const std::string& dir, bool magic) {
   const auto x = read_file<float>(dir + "/x.bin", (size_t)m * k);
   const auto alpha = read_file<float>(dir + "/alpha.bin", k);
   const auto gate = read_file<float>(dir + "/gate.bin", num_gates);
@@ -646,10 +647,22 @@ void run_actq(int bits, int m, int k, int num_gates, const std::string& dir) {
       amax = std::fmax(amax, std::fabs(row[c]));
     }
     const RowQ q = bits == 8 ? row_qparams(8, 0.0f, 0.0f, amax) : row_qparams(bits, rmax, rmin, 0.0f);
+    const RowQMagic qm = row_qmagic(q);
     int32_t sum = 0;
     double dot = 0.0;
     for (int c = 0; c < k; ++c) {
-      const int code = bad ? 0 : act_code(row[c], q);
+      int code = 0;  // the one-CTA-per-row kernel's act_code, or (magic) the register kernel's act_code_magic
+      if (!bad && magic) {
+        const float y = act_code_magic(row[c], qm);
+        uint32_t yb, mb;
+        const float mg = kActMagic;
+        std::memcpy(&yb, &y, 4);
+        std::memcpy(&mb, &mg, 4);
+        code = (int)(yb - mb);
+        expect((float)code == y - kActMagic, "act_code_magic: bits(y) - bits(magic) is not y - magic");
+      } else if (!bad) {
+        code = act_code(row[c], q);
+      }
       xq[(size_t)r * k + c] = (int8_t)code;
       sum += code;
       dot += (double)code * (double)alpha[c];
@@ -675,13 +688,13 @@ int main(int argc, char** argv) {
       fails += run_ring(std::atoi(argv[2]), std::atoi(argv[3]), std::atoi(argv[4]), std::atoi(argv[5]), (unsigned)seed);
     return fails ? 1 : 0;
   }
-  if (argc != 7) fail("usage: emulate gemm BITS M K N DIR | emulate actq BITS M K G DIR | "
+  if (argc != 7) fail("usage: emulate gemm BITS M K N DIR | emulate actq[_magic] BITS M K G DIR | "
                       "emulate ring MODE STEPS TILES STAGES SEEDS");
   const std::string cmd = argv[1], dir = argv[6];
   const int bits = std::atoi(argv[2]), m = std::atoi(argv[3]), k = std::atoi(argv[4]), x = std::atoi(argv[5]);
-  if (cmd == "actq") {
+  if (cmd == "actq" || cmd == "actq_magic") {
     expect(bits == 6 || bits == 8, "actq bits must be 6 or 8");
-    run_actq(bits, m, k, x, dir);
+    run_actq(bits, m, k, x, dir, cmd == "actq_magic");
     return 0;
   }
   expect(cmd == "gemm", "unknown command " + cmd);
