@@ -10,7 +10,7 @@ backend ("auto_table") that backend="auto" is to read.
     python benchmarks/bench_cuda.py [--shapes PATH] [--only NAME ...] [--variants W3A6,W4A8] [--tag TAG]
     python benchmarks/bench_cuda.py --kernels triton,"cuda sm90ws"    # a subset of the kernels
     python benchmarks/bench_cuda.py --tails ...                     # + the GEMM with each epilogue tail
-    (Triton fuses the tail; CUDA only with QVDIT_CUDA_FUSED_TAIL=1, else in one pass after the kernel: env.cuda_fused_tail)
+    (Triton fuses the tail; CUDA with QVDIT_CUDA_FUSED_TAIL=1, else in one pass after the kernel: env.cuda_fused_tail)
     python benchmarks/bench_cuda.py --profile SHAPE --variants W3A6   # a few sm90ws GEMM calls, for ncu
     python benchmarks/bench_cuda.py --plot RUN.json[:LABEL] ... --tag NAME   # figure of saved runs (CPU)
     python benchmarks/bench_cuda.py --suggest-auto RUN.json [--floor 0.95]  # configs/auto.json rules it supports
@@ -154,16 +154,16 @@ def suggest_rules(rows, kernel="cuda sm90ws", floor=0.95):
     min_k is one above the largest K at which its GEMM ran below `floor` x Triton's speed (1 when it never did),
     provided its median over those shapes is >= 1x; "tails": true when its tailed GEMMs (gemm+gelu, gemm+res,
     as this run ran them) also stay >= floor there with each median >= 1x. -> (rules, evidence per variant)."""
-    big = [r for r in rows if r["M"] >= BIG_M and r.get("ms") and r.get("kernel") and r.get("variant")]
+    over_triton = summarize(rows)["cuda_over_triton"]
+    k_of = {r["shape"]: r["K"] for r in rows}
 
     def ratios(variant, mode):  # Triton time over `kernel` time, per (shape, K)
-        tri = {(r["shape"], r["K"]): r["ms"] for r in big
-               if r["kernel"] == "triton" and r["variant"] == variant and r["mode"] == mode}
-        return {key: tri[key] / r["ms"] for r in big if r["kernel"] == kernel and r["variant"] == variant
-                and r["mode"] == mode for key in [(r["shape"], r["K"])] if key in tri}
+        per_shape = over_triton.get(f"{kernel} {variant} {mode}", {}).get("per_shape", {})
+        return {(s, k_of[s]): x for s, x in per_shape.items()}
 
     rules, evidence = [], {}
-    for v in sorted({r["variant"] for r in big if r["variant"].startswith("W")}):
+    variants = {r.get("variant") for r in rows if r.get("kernel") == kernel}
+    for v in sorted(v for v in variants if str(v).startswith("W")):
         g = ratios(v, "gemm")
         if not g:
             continue

@@ -35,10 +35,30 @@ __device__ __forceinline__ void load_vec(const T* p, float (&v)[VEC]) {
   }
 }
 
+// A warp's reduction (butterfly: every lane ends with the same value, in the same order).
 template <typename V, class Op>
-__device__ __forceinline__ V block_reduce(V v, Op op, V* sh) {
+__device__ __forceinline__ V warp_reduce(V v, Op op) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+struct MaxOp {
+  __device__ float operator()(float p, float q) const { return fmaxf(p, q); }
+};
+struct MinOp {
+  __device__ float operator()(float p, float q) const { return fminf(p, q); }
+};
+struct OrOp {
+  __device__ int operator()(int p, int q) const { return p | q; }
+};
+struct AddOp {
+  template <typename V>
+  __device__ V operator()(V p, V q) const { return p + q; }
+};
+
+template <typename V, class Op>
+__device__ __forceinline__ V block_reduce(V v, Op op, V* sh) {
+  v = warp_reduce(v, op);
   const int warp = threadIdx.x / 32;
   if (threadIdx.x % 32 == 0) sh[warp] = v;
   __syncthreads();
@@ -51,7 +71,8 @@ __device__ __forceinline__ V block_reduce(V v, Op op, V* sh) {
 
 // A row's results: its scale (NaN for a non-finite row), row sum and u = gate[frame_id[m]] * scale * dot
 // (a bad frame id gives NaN), the product in float64 and rounded once, as reference.py computes it.
-__device__ __forceinline__ void write_row(const ActQuantArgs& a, int m, bool bad, float qscale, int rowsum, double dot) {
+__device__ __forceinline__ void write_row(const ActQuantArgs& a, int m, bool bad, float qscale, int rowsum,
+                                          double dot) {
   const float scale = bad ? __int_as_float(0x7fc00000) : qscale;
   a.scale[m] = scale;
   if (a.rowsum) a.rowsum[m] = rowsum;
@@ -59,7 +80,8 @@ __device__ __forceinline__ void write_row(const ActQuantArgs& a, int m, bool bad
   double g = 1.0;
   if (a.gate) {
     int64_t f = 0;
-    if (a.frame_id) f = a.fid_is_64 ? static_cast<const int64_t*>(a.frame_id)[m] : static_cast<const int32_t*>(a.frame_id)[m];
+    if (a.frame_id)
+      f = a.fid_is_64 ? static_cast<const int64_t*>(a.frame_id)[m] : static_cast<const int32_t*>(a.frame_id)[m];
     g = (f >= 0 && f < a.num_gates) ? (double)a.gate[f] : __longlong_as_double(0x7ff8000000000000LL);
   }
   a.u[m] = (float)(dot * (double)scale * g);
@@ -88,18 +110,13 @@ __global__ void __launch_bounds__(kAqThreads) act_quant_kernel(const ActQuantArg
       amax = fmaxf(amax, fabsf(v[i]));
     }
   }
-  auto fmax_op = [](float p, float q) { return fmaxf(p, q); };
-  auto fmin_op = [](float p, float q) { return fminf(p, q); };
-  auto or_op = [](int p, int q) { return p | q; };
-  auto add_i = [](int p, int q) { return p + q; };
-  auto add_d = [](double p, double q) { return p + q; };
-  bad = block_reduce(bad, or_op, shi);
+  bad = block_reduce(bad, OrOp(), shi);
   RowQ q;
   if (a.bits == 8) {
-    q = row_qparams(8, 0.0f, 0.0f, block_reduce(amax, fmax_op, shf));
+    q = row_qparams(8, 0.0f, 0.0f, block_reduce(amax, MaxOp(), shf));
   } else {
-    const float hi = block_reduce(rmax, fmax_op, shf);
-    q = row_qparams(a.bits, hi, block_reduce(rmin, fmin_op, shf), 0.0f);
+    const float hi = block_reduce(rmax, MaxOp(), shf);
+    q = row_qparams(a.bits, hi, block_reduce(rmin, MinOp(), shf), 0.0f);
   }
 
   int rowsum = 0;
@@ -119,30 +136,13 @@ __global__ void __launch_bounds__(kAqThreads) act_quant_kernel(const ActQuantArg
     if (VEC == 4) *reinterpret_cast<uint32_t*>(xq + c * VEC) = packed[0];
     if (VEC == 8) *reinterpret_cast<uint2*>(xq + c * VEC) = make_uint2(packed[0], packed[VEC >= 8 ? 1 : 0]);
   }
-  rowsum = block_reduce(rowsum, add_i, shi);
-  if (a.alpha) dot = block_reduce(dot, add_d, shd);
+  rowsum = block_reduce(rowsum, AddOp(), shi);
+  if (a.alpha) dot = block_reduce(dot, AddOp(), shd);
   if (threadIdx.x == 0) write_row(a, m, bad, q.scale, rowsum, dot);
 }
 
 // ---------------------------------------------------------------- rows held in registers (fast path)
 constexpr int kRegsMaxWarps = 8;        // warps per row (the CTA's 256 threads)
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-__device__ __forceinline__ float warp_min(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-template <typename V>
-__device__ __forceinline__ V warp_sum(V v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 // W warps per row, each thread holding up to NC 16-byte chunks of VEC elements (chunk c = t + i * 32W).
 template <typename T, int W, int NC>
@@ -179,9 +179,9 @@ __global__ void __launch_bounds__(kAqThreads) act_quant_regs_kernel(const ActQua
       }
     }
   }
-  hi = warp_max(hi);
-  lo = warp_min(lo);
-  bool bad = warp_max(isnan(nan) ? 1.0f : 0.0f) != 0.0f;
+  hi = warp_reduce(hi, MaxOp());
+  lo = warp_reduce(lo, MinOp());
+  bool bad = warp_reduce(isnan(nan) ? 1.0f : 0.0f, MaxOp()) != 0.0f;
   if (W > 1) {
     if (threadIdx.x % 32 == 0) {
       sh_hi[warp] = hi;
@@ -238,8 +238,8 @@ __global__ void __launch_bounds__(kAqThreads) act_quant_regs_kernel(const ActQua
       else *reinterpret_cast<uint32_t*>(xq + c * VEC) = packed[0];
     }
   }
-  rowsum = warp_sum(rowsum);
-  dot = warp_sum(dot);
+  rowsum = warp_reduce(rowsum, AddOp());
+  dot = warp_reduce(dot, AddOp());
   if (W > 1) {
     if (threadIdx.x % 32 == 0) {
       sh_rs[warp] = rowsum;

@@ -220,11 +220,6 @@ Tensor qgemm_cuda(const Tensor& xq_in, const Tensor& x_scale, const Tensor& w_in
   g.epi.n = (int)n;
   const bool tail = activation != 0 || residual.has_value();
   TORCH_CHECK(!tail || out_kind != 3, "activation/residual need a float out_dtype");
-  qv::Epi te{};  // the tail's fields: into g.epi when the kernel fuses it, else for the pass after the kernel
-  te.m = (int)m;
-  te.n = (int)n;
-  Tensor res, rgate;
-  set_tail(te, activation, residual, residual_gate, out_dtype, xq_in, res, rgate);
 
   const bool sm90 = qv::qgemm_sm90_available();
   TORCH_CHECK((path != 2 && path != 3) || sm90, "qgemm path ", path,
@@ -233,13 +228,11 @@ Tensor qgemm_cuda(const Tensor& xq_in, const Tensor& x_scale, const Tensor& w_in
   const bool tail_in_kernel = tail && fuse_tail;
   TORCH_CHECK(ws || !tail_in_kernel, "fuse_tail: the epilogue tail (activation/residual) is fused by the "
               "warp-specialized kernel only (W3/W4 on sm_90a, path auto or sm90ws); this call takes another path");
-  if (tail_in_kernel) {
-    g.epi.activation = te.activation;
-    g.epi.residual = te.residual;
-    g.epi.ld_res = te.ld_res;
-    g.epi.rgate = te.rgate;
-    g.epi.gate_div = te.gate_div;
-  }
+  qv::Epi te{};  // the tail's fields for the pass after the kernel; the kernel's own epilogue when it fuses them
+  te.m = (int)m;
+  te.n = (int)n;
+  Tensor res, rgate;
+  set_tail(tail_in_kernel ? g.epi : te, activation, residual, residual_gate, out_dtype, xq_in, res, rgate);
   if (ws) {
     check_launch(qv::qgemm_sm90_ws(g, (int)w_bits, stream), "qgemm (sm90 warp-specialized)");
   } else if (path == 2 || path == 3 || (path == 0 && sm90)) {

@@ -2,7 +2,7 @@
 // the linear's output y, out = residual + gate[m / gate_div] * gelu_tanh(y), instead of the 4-7 torch kernels
 // (float32 temporaries, the gate row gather) that the reference's formula takes in eager mode. Each thread
 // handles one 16-byte piece of a row (8 bf16/fp16 or 4 float32 values) when the rows allow it, else one value.
-// Same float ops, same order as the warp-specialized kernel's fused tail (ws_epilogue.cuh).
+// The float ops are the warp-specialized kernel's fused tail's (qvdit_layout.h::tail_gelu, tail_residual).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -45,10 +45,8 @@ __global__ void __launch_bounds__(kTailThreads) epilogue_tail_kernel(const T* y,
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
     float v = to_float(in.v[i]);
-    if (e.activation == 1)  // the block's activation, rounded; float32 outputs in torch's tanh form (the fast
-      // exp form's few float32 ulp would show there), 16-bit outputs in the fast form (far below their rounding)
-      v = to_float(from_float<T>(sizeof(T) == 4 ? gelu_tanh_torch(v) : gelu_tanh_exp(v)));
-    if (e.residual) v = QV_FADD(to_float(res.v[i]), gate ? QV_FMUL(v, gate[i]) : v);
+    if (e.activation == 1) v = to_float(from_float<T>(tail_gelu(v, sizeof(T) == 4)));  // rounded, as the block has it
+    if (e.residual) v = tail_residual(to_float(res.v[i]), v, gate != nullptr, gate ? gate[i] : 0.0f);
     out.v[i] = from_float<T>(v);
   }
   store_piece<T, VEC>(static_cast<T*>(e.out) + (int64_t)m * e.n + n0, out);

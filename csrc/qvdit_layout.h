@@ -632,6 +632,14 @@ QV_HD float gelu_tanh_exp(float y) {
   return y / (1.0f + expf(-2.0f * inner));
 #endif
 }
+// The epilogue tail's two steps on one output, as every CUDA tail computes them (ws_epilogue.cuh fused,
+// epilogue_tail.cu after the kernel). GELU: float32 outputs in torch's tanh form (the fast form's few float32
+// ulp would show there), 16-bit outputs in the fast exp form (far below their rounding); the caller rounds.
+QV_HD float tail_gelu(float y, bool float32_out) { return float32_out ? gelu_tanh_torch(y) : gelu_tanh_exp(y); }
+// residual + gate * y (without a gate, residual + y), rounded per step as reference.epilogue_tail computes it.
+QV_HD float tail_residual(float res, float y, bool gated, float gate) {
+  return QV_FADD(res, gated ? QV_FMUL(y, gate) : y);
+}
 QV_HD float epilogue_value(int32_t acc, int m, int n, const Epi& e) {
   return epilogue_ops(acc, e.sx[m], e.sw[n], e.bias != nullptr, e.bias ? e.bias[n] : 0.f, e.u != nullptr,
                       e.u ? e.u[m] : 0.f, e.u ? e.beta[n] : 0.f);

@@ -78,12 +78,12 @@ __device__ __forceinline__ float round_to_out(float y) {
 }
 
 // reference.epilogue_tail's activation on one output: y rounded to the out dtype, gelu_tanh in float32
-// (qvdit_layout.h: the fast exp form for 16-bit outputs, torch's tanh form for float32), rounded again.
+// (qvdit_layout.h::tail_gelu), rounded again.
 template <int OUT, bool TAIL>
 __device__ __forceinline__ float tail_activation(const Epi& e, float y) {
   if (!TAIL) return y;
   y = round_to_out<OUT>(y);
-  if (e.activation == 1) y = round_to_out<OUT>(OUT == 2 ? gelu_tanh_torch(y) : gelu_tanh_exp(y));
+  if (e.activation == 1) y = round_to_out<OUT>(tail_gelu(y, OUT == 2));
   return y;
 }
 
@@ -253,7 +253,7 @@ __device__ __forceinline__ void epilogue_rows(const Epi& e, uint32_t sbase, uint
         cv[a] = zero_corrected((int32_t)raw[a], zw[a], rs);
         float v = epilogue_ops(cv[a], sx, sw[a], e.bias != nullptr, bias[a], e.u != nullptr, um, beta[a]);
         v = tail_activation<OUT, TAIL>(e, v);
-        if (TAIL && e.residual) v = QV_FADD(res[p][a], e.rgate ? QV_FMUL(v, gate[p][a]) : v);
+        if (TAIL && e.residual) v = tail_residual(res[p][a], v, e.rgate != nullptr, gate[p][a]);
         y[a] = v;
       }
       st4<OUT>(e.out, (size_t)m * e.n + n, vec, valid, y, cv);
