@@ -4,11 +4,11 @@
 //   group of W warps per row holds the whole row in registers (every load issued before the first
 //   reduction), reduces max/min inside the warps (and across the W warps through shared memory), then
 //   writes the codes from registers. Per element it does what the Triton kernel does
-//   (qvdit_layout.h::act_code_magic, also run by the host emulator: Markstein quotient, round and clamp in
+//   (qvdit_math.h::act_code_magic, also run by the host emulator: Markstein quotient, round and clamp in
 //   the float "magic" domain, where the low byte of bits(y) is the int8 code); the TQE dot in float32, so
 //   u is within reference.u_within_bound of the float64 value.
 // - act_quant_kernel (any other row: unaligned, odd K, very long K): one CTA per row, two passes over
-//   the row (statistics, then codes), the scalar math of the host emulator (qvdit_layout.h), float64 dot.
+//   the row (statistics, then codes), the scalar math of the host emulator (qvdit_math.h), float64 dot.
 // Both use a fixed thread->element mapping and reduction order: results are deterministic.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -2,7 +2,7 @@
 // the linear's output y, out = residual + gate[m / gate_div] * gelu_tanh(y), instead of the 4-7 torch kernels
 // (float32 temporaries, the gate row gather) that the reference's formula takes in eager mode. Each thread
 // handles one 16-byte piece of a row (8 bf16/fp16 or 4 float32 values) when the rows allow it, else one value.
-// The float ops are the warp-specialized kernel's fused tail's (qvdit_layout.h::tail_gelu, tail_residual).
+// The float ops are the warp-specialized kernel's fused tail's (qvdit_math.h::tail_gelu, tail_residual).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 

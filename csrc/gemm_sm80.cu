@@ -4,7 +4,7 @@
 // cp.async double buffer (A and packed W of step t+1 land while step t computes), then the CTA unpacks
 // the packed weights of step t into one shared int8 buffer U (qvdit_layout.h::unpack_unit), a barrier,
 // and ldmatrix + mma.sync over U and A. Unsigned W3/W4 codes (< 16) are valid s8 operands; the zero
-// point, scales, bias and TQE term are applied in the epilogue (qvdit_layout.h::epilogue_value).
+// point, scales, bias and TQE term are applied in the epilogue (qvdit_math.h::epilogue_value).
 #include "qvdit_kernels.cuh"
 #include "qvdit_kernels.h"
 

@@ -1,6 +1,6 @@
 // qgemm on Hopper (sm_90a), warp-specialized, W3/W4 weights unpacked into wgmma's register operand.
 //
-// The CTA computes C^T = W X^T in tiles of 128 or 256 weight rows x 128 tokens (qvdit_layout.h,
+// The CTA computes C^T = W X^T in tiles of 128 or 256 weight rows x 128 tokens (ws_layout.h,
 // "warp-specialized sm90 path", tile modes): warps 0-7 are two consumer warpgroups, warpgroup 2 the producer (its registers go to the
 // consumers through setmaxnreg: 240 per consumer thread, room for the accumulators, two groups of weight
 // fragments and the epilogue).
@@ -13,7 +13,7 @@
 // So the tensor cores always have the next step queued (what Triton 3.6 cannot do with int32
 // accumulators: it waits for every int8 wgmma), loads run ahead across tiles (persistent CTAs, one per
 // SM), and no CTA-wide barrier is in the mainloop. The epilogue computes the other kernels' values
-// (qvdit_layout.h::epilogue_value) through a shared-memory staging buffer (epilogue_staged), plus
+// (qvdit_math.h::epilogue_value) through a shared-memory staging buffer (epilogue_staged), plus
 // reference.epilogue_tail (GELU, gated residual add), which only this kernel fuses (cooperative modes).
 // W8 stays on gemm_sm90.cu.
 #include <cuda.h>  // CUtensorMap

@@ -1,6 +1,6 @@
 // Device helpers shared by the kernels: element conversions, PTX wrappers (cp.async, ldmatrix, mma.sync, shared
 // loads/stores), the global->shared step loader, the unpack pass and the epilogue store. The index
-// and unpack math itself is in qvdit_layout.h (host-testable). No torch headers here.
+// and unpack math itself is in qvdit_layout.h, ws_layout.h and qvdit_math.h (host-testable). No torch headers here.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -10,7 +10,7 @@
 #include <set>
 #include <utility>
 
-#include "qvdit_layout.h"
+#include "qvdit_math.h"
 
 namespace qv {
 

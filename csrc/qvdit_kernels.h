@@ -5,7 +5,7 @@
 #include <cuda_runtime_api.h>
 #include <stdint.h>
 
-#include "qvdit_layout.h"
+#include "qvdit_math.h"  // (GemmArgs; includes qvdit_layout.h)
 
 namespace qv {
 
@@ -39,7 +39,7 @@ cudaError_t rowsum_s8(const int8_t* xq, int64_t ldq, int m, int k, int32_t* rows
 // e.activation / e.residual / e.ld_res / e.rgate / e.gate_div as the fused tail reads them; out may be y.
 cudaError_t epilogue_tail(const void* y, int64_t ldy, const Epi& e, cudaStream_t stream);
 
-// GEMM paths (GemmArgs in qvdit_layout.h). bits in {3, 4, 8}.
+// GEMM paths (GemmArgs in qvdit_math.h). bits in {3, 4, 8}.
 cudaError_t qgemm_sm80(const GemmArgs& g, int bits, cudaStream_t stream);
 cudaError_t qgemm_sm90(const GemmArgs& g, int bits, cudaStream_t stream);
 int qgemm_sm80_smem_bytes(int bits);
@@ -52,7 +52,7 @@ bool qgemm_sm90_available();
 bool qgemm_sm90_ws_supported(const GemmArgs& g, int bits);
 cudaError_t qgemm_sm90_ws(const GemmArgs& g, int bits, cudaStream_t stream);
 // Its tile height for N output features and K input features (128 or 256 weight rows; QVDIT_WS_ROWS
-// overrides), and its tile mode (qvdit_layout.h: kWsCoop128, kWsCoop256, or with QVDIT_WS_PINGPONG=1
+// overrides), and its tile mode (ws_layout.h: kWsCoop128, kWsCoop256, or with QVDIT_WS_PINGPONG=1
 // kWsPingPong for 128-row tiles; with an epilogue tail kWsCoop128, or with QVDIT_WS_TAIL256=1 the height
 // rule's cooperative mode).
 int qgemm_sm90_ws_rows(int n, int k);

@@ -7,7 +7,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
-#include "qvdit_layout.h"
+#include "qvdit_math.h"
+#include "ws_layout.h"
 #include "wgmma.cuh"  // (QV_SM90A)
 
 namespace qv {
@@ -78,7 +79,7 @@ __device__ __forceinline__ float round_to_out(float y) {
 }
 
 // reference.epilogue_tail's activation on one output: y rounded to the out dtype, gelu_tanh in float32
-// (qvdit_layout.h::tail_gelu), rounded again.
+// (qvdit_math.h::tail_gelu), rounded again.
 template <int OUT, bool TAIL>
 __device__ __forceinline__ float tail_activation(const Epi& e, float y) {
   if (!TAIL) return y;
@@ -107,7 +108,7 @@ __device__ __forceinline__ void ws_warpgroup_sync(int wg) {
 // Why not straight from the accumulator registers (the kernel's first epilogue): its stores left in 4-byte
 // pieces, 16 bytes per token row and warp, and its residual loads likewise; here every global access is 8-16
 // bytes and row-contiguous. Measured against it on the H200 (BENCHMARKS.md, run ws6): the GEMM 1.08x faster at
-// the median, 1.12-1.22x at K <= 1536; the fused tail 1.6-2x faster. The index math is qvdit_layout.h's
+// the median, 1.12-1.22x at K <= 1536; the fused tail 1.6-2x faster. The index math is ws_layout.h's
 // ws_stage_* / ws_read_* (the host emulator runs it).
 __device__ __forceinline__ void lds128(uint32_t addr, uint32_t (&v)[4]) {
   asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"

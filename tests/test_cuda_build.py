@@ -1,6 +1,6 @@
 """The CUDA backend's sources without a GPU: the nvcc compile check of csrc/ (sm_90a and sm_80), and the
 host emulator (csrc/host/emulate.cpp) that runs the kernels' index, copy, unpack, fragment and epilogue
-math (csrc/qvdit_layout.h) against the Python packer and the reference, bit for bit.
+math (csrc/qvdit_layout.h, ws_layout.h, qvdit_math.h) against the Python packer and the reference, bit for bit.
 
 On a GPU with the extension built, tests/test_gemm.py and tests/test_act_quant.py run backend "cuda".
 """
@@ -144,10 +144,10 @@ def test_emulated_gemm_paths_bit_exact(emulator, tmp_path, w_bits, m, k, n):
     assert torch.equal(y, ref)
 
 
-@pytest.mark.parametrize("mode", [1, 2, 3])  # kWsCoop128, kWsCoop256, kWsPingPong (qvdit_layout.h)
+@pytest.mark.parametrize("mode", [1, 2, 3])  # kWsCoop128, kWsCoop256, kWsPingPong (ws_layout.h)
 def test_ws_ring_protocol(emulator, mode):
     """The warp-specialized kernel's producer/consumer barrier protocol (its slot, parity and turn formulas from
-    qvdit_layout.h) in random interleavings against modelled mbarriers: every wait passes only on its own fill,
+    ws_layout.h) in random interleavings against modelled mbarriers: every wait passes only on its own fill,
     no slot is refilled under MMAs still reading it, nothing deadlocks. (Without the ping-pong turn barrier
     this fails at 6 steps per tile.)"""
     stages = 3 if mode == 2 else 4
