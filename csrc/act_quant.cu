@@ -9,7 +9,9 @@
 //   u is within reference.u_within_bound of the float64 value.
 // - act_quant_kernel (any other row: unaligned, odd K, very long K): one CTA per row, two passes over
 //   the row (statistics, then codes), the scalar math of the host emulator (qvdit_math.h), float64 dot.
-// Both use a fixed thread->element mapping and reduction order: results are deterministic.
+// Both use a fixed thread->element mapping and reduction order: results are deterministic. With a.activation = 1
+// both quantize gelu_tanh(x) rounded to x's dtype (gelu_rounded), the FFN's GELU applied as the row is loaded, so
+// fc1's output goes to fc2's codes in one pass without the GELU's output ever being written.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <math.h>
@@ -22,9 +24,9 @@ namespace {
 
 constexpr int kAqThreads = 256;
 
-// VEC consecutive elements of a row (one 16-byte load when VEC > 1).
+// VEC consecutive elements of a row (one 16-byte load when VEC > 1), through the GELU when `gelu`.
 template <typename T, int VEC>
-__device__ __forceinline__ void load_vec(const T* p, float (&v)[VEC]) {
+__device__ __forceinline__ void load_vec(const T* p, float (&v)[VEC], bool gelu) {
   if (VEC == 1) {
     v[0] = to_float(p[0]);
   } else {
@@ -32,6 +34,10 @@ __device__ __forceinline__ void load_vec(const T* p, float (&v)[VEC]) {
     const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) v[i] = to_float(e[i]);
+  }
+  if (gelu) {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) v[i] = gelu_rounded<T>(v[i]);
   }
 }
 
@@ -101,7 +107,7 @@ __global__ void __launch_bounds__(kAqThreads) act_quant_kernel(const ActQuantArg
   int bad = 0;
   for (int c = threadIdx.x; c < chunks; c += kAqThreads) {
     float v[VEC];
-    load_vec<T, VEC>(x + c * VEC, v);
+    load_vec<T, VEC>(x + c * VEC, v, a.activation == 1);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
       bad |= !isfinite(v[i]);
@@ -123,7 +129,7 @@ __global__ void __launch_bounds__(kAqThreads) act_quant_kernel(const ActQuantArg
   double dot = 0.0;
   for (int c = threadIdx.x; c < chunks; c += kAqThreads) {
     float v[VEC];
-    load_vec<T, VEC>(x + c * VEC, v);
+    load_vec<T, VEC>(x + c * VEC, v, a.activation == 1);
     uint32_t packed[VEC >= 4 ? VEC / 4 : 1] = {};
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
@@ -142,10 +148,31 @@ __global__ void __launch_bounds__(kAqThreads) act_quant_kernel(const ActQuantArg
 }
 
 // ---------------------------------------------------------------- rows held in registers (fast path)
+// gelu_rounded of the elements of a 16-byte chunk, as a new chunk (built from 32-bit words: a chunk written
+// element by element through a T pointer goes to local memory).
+template <typename T>
+__device__ __forceinline__ uint4 gelu_chunk(const uint4& in) {
+  constexpr int VEC = 16 / sizeof(T);
+  const T* e = reinterpret_cast<const T*>(&in);
+  uint32_t w[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    if (VEC == 4) {
+      w[j] = __float_as_uint(gelu_rounded<T>(to_float(e[j])));
+    } else {  // two 16-bit elements per word, low half first
+      const T lo = from_float<T>(gelu_rounded<T>(to_float(e[2 * j])));
+      const T hi = from_float<T>(gelu_rounded<T>(to_float(e[2 * j + 1])));
+      w[j] = (uint32_t)*reinterpret_cast<const uint16_t*>(&lo) | ((uint32_t)*reinterpret_cast<const uint16_t*>(&hi) << 16);
+    }
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
 constexpr int kRegsMaxWarps = 8;        // warps per row (the CTA's 256 threads)
 
-// W warps per row, each thread holding up to NC 16-byte chunks of VEC elements (chunk c = t + i * 32W).
-template <typename T, int W, int NC>
+// W warps per row, each thread holding up to NC 16-byte chunks of VEC elements (chunk c = t + i * 32W); GELU:
+// the held row goes through gelu_rounded once all its loads are issued.
+template <typename T, int W, int NC, bool GELU>
 __global__ void __launch_bounds__(kAqThreads) act_quant_regs_kernel(const ActQuantArgs a) {
   constexpr int VEC = 16 / sizeof(T), G = 32 * W, kRows = kAqThreads / G;
   __shared__ float sh_hi[kAqThreads / 32], sh_lo[kAqThreads / 32], sh_dot[kAqThreads / 32];
@@ -161,6 +188,11 @@ __global__ void __launch_bounds__(kAqThreads) act_quant_regs_kernel(const ActQua
   for (int i = 0; i < NC; ++i) {
     const int c = t + i * G;
     raw[i] = c < chunks ? *reinterpret_cast<const uint4*>(x + c * VEC) : make_uint4(0, 0, 0, 0);
+  }
+  if (GELU) {  // (only the row's chunks: the padding is zero and gelu(0) = 0)
+#pragma unroll
+    for (int i = 0; i < NC; ++i)
+      if (t + i * G < chunks) raw[i] = gelu_chunk<T>(raw[i]);
   }
   // statistics: max(row, 0) and min(row, 0) (8 bits: max |row|); fma(v, 0, nan) turns any inf/NaN into NaN
   float hi = 0.0f, lo = 0.0f, nan = 0.0f;
@@ -259,19 +291,19 @@ __global__ void __launch_bounds__(kAqThreads) act_quant_regs_kernel(const ActQua
 
 // The fast path's launch: one warp per row for rows of up to 32 x 16 chunks (8 chunks per thread when they
 // suffice), else the fewest warps (2, 4, 8) that hold the row in 16 chunks per thread; false: too long.
-template <typename T>
+template <typename T, bool GELU>
 bool launch_regs(const ActQuantArgs& a, int chunks, cudaStream_t stream) {
   const auto grid = [&](int w) { return (a.m + kAqThreads / (32 * w) - 1) / (kAqThreads / (32 * w)); };
   if (chunks <= 32 * 8)
-    act_quant_regs_kernel<T, 1, 8><<<grid(1), kAqThreads, 0, stream>>>(a);
+    act_quant_regs_kernel<T, 1, 8, GELU><<<grid(1), kAqThreads, 0, stream>>>(a);
   else if (chunks <= 32 * 16)
-    act_quant_regs_kernel<T, 1, 16><<<grid(1), kAqThreads, 0, stream>>>(a);
+    act_quant_regs_kernel<T, 1, 16, GELU><<<grid(1), kAqThreads, 0, stream>>>(a);
   else if (chunks <= 64 * 16)
-    act_quant_regs_kernel<T, 2, 16><<<grid(2), kAqThreads, 0, stream>>>(a);
+    act_quant_regs_kernel<T, 2, 16, GELU><<<grid(2), kAqThreads, 0, stream>>>(a);
   else if (chunks <= 128 * 16)
-    act_quant_regs_kernel<T, 4, 16><<<grid(4), kAqThreads, 0, stream>>>(a);
+    act_quant_regs_kernel<T, 4, 16, GELU><<<grid(4), kAqThreads, 0, stream>>>(a);
   else if (chunks <= 32 * kRegsMaxWarps * 16)
-    act_quant_regs_kernel<T, kRegsMaxWarps, 16><<<grid(kRegsMaxWarps), kAqThreads, 0, stream>>>(a);
+    act_quant_regs_kernel<T, kRegsMaxWarps, 16, GELU><<<grid(kRegsMaxWarps), kAqThreads, 0, stream>>>(a);
   else
     return false;
   return true;
@@ -284,7 +316,9 @@ cudaError_t launch_typed(const ActQuantArgs& a, cudaStream_t stream) {
                       (a.ldx * (int64_t)sizeof(T)) % 16 == 0 && reinterpret_cast<uintptr_t>(a.xq) % kVec == 0 &&
                       a.ldq % kVec == 0;
   const bool regs_ok = vec_ok && (a.alpha == nullptr || reinterpret_cast<uintptr_t>(a.alpha) % 16 == 0);
-  if (regs_ok && launch_regs<T>(a, a.k / kVec, stream)) return cudaGetLastError();
+  if (regs_ok && (a.activation == 1 ? launch_regs<T, true>(a, a.k / kVec, stream)
+                                     : launch_regs<T, false>(a, a.k / kVec, stream)))
+    return cudaGetLastError();
   if (vec_ok)
     act_quant_kernel<T, kVec><<<a.m, kAqThreads, 0, stream>>>(a);
   else

@@ -2,7 +2,8 @@
 // implementations, so the ops trace under torch.compile. The only file with torch headers; the kernels
 // behind qvdit_kernels.h compile with plain nvcc (csrc/compile_check.sh).
 //
-//   torch.ops.qvdit.cuda_act_quant(x, bits, alpha, gate, frame_id, want_rowsum) -> (xq, scale, u, rowsum)
+//   torch.ops.qvdit.cuda_act_quant(x, bits, alpha, gate, frame_id, want_rowsum, activation=0)
+//     -> (xq, scale, u, rowsum); activation 1: the codes of gelu_tanh(x) (FFN fc1 -> GELU -> fc2)
 //       u is [M] when alpha is given, else [0]; rowsum is [M] when want_rowsum, else [0].
 //   torch.ops.qvdit.cuda_qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum,
 //                              out_dtype, path, activation, residual, residual_gate) -> [M, N]
@@ -51,10 +52,12 @@ void check_launch(cudaError_t err, const char* what) {
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> act_quant_cuda(const Tensor& x_in, int64_t bits, const OptT& alpha,
-                                                          const OptT& gate, const OptT& frame_id, bool want_rowsum) {
+                                                          const OptT& gate, const OptT& frame_id, bool want_rowsum,
+                                                          int64_t activation) {
   TORCH_CHECK(x_in.is_cuda() && x_in.dim() == 2, "x must be a 2-D CUDA tensor, got ", x_in.sizes(), " on ",
               x_in.device());
   TORCH_CHECK(bits == 6 || bits == 8, "bits must be 6 or 8, got ", bits);
+  TORCH_CHECK(activation == 0 || activation == 1, "activation must be 0 (none) or 1 (gelu_tanh), got ", activation);
   const auto st = x_in.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, "x must be float32, bfloat16 or float16");
   c10::cuda::CUDAGuard guard(x_in.device());
@@ -94,6 +97,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> act_quant_cuda(const Tensor& x_in, in
   a.m = (int)m;
   a.k = (int)k;
   a.bits = (int)bits;
+  a.activation = (int)activation;
   a.xq = xq.data_ptr<int8_t>();
   a.ldq = k;
   a.scale = scale.data_ptr<float>();
@@ -275,7 +279,7 @@ Tensor epilogue_tail_cuda(const Tensor& y_in, int64_t activation, const OptT& re
 
 // ---------------------------------------------------------------- Meta (fake) implementations: shapes only
 std::tuple<Tensor, Tensor, Tensor, Tensor> act_quant_meta(const Tensor& x, int64_t, const OptT& alpha, const OptT&,
-                                                          const OptT&, bool want_rowsum) {
+                                                          const OptT&, bool want_rowsum, int64_t) {
   const auto m = x.sym_size(0), k = x.sym_size(1);
   auto opts = x.options();
   return {at::empty_symint({m, k}, opts.dtype(at::kChar)), at::empty_symint({m}, opts.dtype(at::kFloat)),
@@ -296,8 +300,8 @@ Tensor epilogue_tail_meta(const Tensor& y, int64_t, const OptT&, const OptT&) {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(qvdit, m) {  // a fragment: the Triton ops (triton/library.py) share the namespace
-  m.def("cuda_act_quant(Tensor x, int bits, Tensor? alpha, Tensor? gate, Tensor? frame_id, bool want_rowsum)"
-        " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("cuda_act_quant(Tensor x, int bits, Tensor? alpha, Tensor? gate, Tensor? frame_id, bool want_rowsum,"
+        " int activation=0) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("cuda_qgemm(Tensor xq, Tensor x_scale, Tensor w_packed, int w_bits, Tensor w_scale, Tensor w_zero,"
         " Tensor? bias, Tensor? u, Tensor? beta, Tensor? x_rowsum, ScalarType out_dtype, int path,"
         " int activation=0, Tensor? residual=None, Tensor? residual_gate=None, bool fuse_tail=False) -> Tensor");

@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(kTailThreads) epilogue_tail_kernel(const T* y,
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
     float v = to_float(in.v[i]);
-    if (e.activation == 1) v = to_float(from_float<T>(tail_gelu(v, sizeof(T) == 4)));  // rounded, as the block has it
+    if (e.activation == 1) v = gelu_rounded<T>(v);
     if (e.residual) v = tail_residual(to_float(res.v[i]), v, gate != nullptr, gate ? gate[i] : 0.0f);
     out.v[i] = from_float<T>(v);
   }

@@ -23,6 +23,10 @@ template <> __device__ __forceinline__ float from_float<float>(float v) { return
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 
+// gelu_tanh of an element of type T as the block has it: computed in float32 (qvdit_math.h::tail_gelu), rounded to T.
+template <typename T>
+__device__ __forceinline__ float gelu_rounded(float v) { return to_float(from_float<T>(tail_gelu(v, sizeof(T) == 4))); }
+
 __device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
 
 // 16-byte global->shared copy; src_size 0 zero-fills the destination (rows/columns past the edge).

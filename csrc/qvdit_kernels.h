@@ -28,6 +28,7 @@ struct ActQuantArgs {
   float* scale;
   float* u;         // null when alpha is null
   int32_t* rowsum;  // may be null
+  int activation;   // 0 none, 1 gelu_tanh: quantize gelu(x) rounded to x's dtype (qvdit_math.h::tail_gelu)
 };
 cudaError_t act_quant(const ActQuantArgs& a, cudaStream_t stream);
 

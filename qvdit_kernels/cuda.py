@@ -39,13 +39,13 @@ def gemm_path() -> int:
     return GEMM_PATHS[name]
 
 
-@register("quantize_activation", "cuda")
-def quantize_activation(x, bits, alpha=None, gate=None, frame_id=None, want_rowsum=False):
-    out = torch.ops.qvdit.cuda_act_quant(x, bits, alpha, gate, frame_id, want_rowsum)
-    return act_quant_results(*out, alpha, want_rowsum)
-
-
 ACTIVATIONS = {None: 0, "gelu_tanh": 1}
+
+
+@register("quantize_activation", "cuda")
+def quantize_activation(x, bits, alpha=None, gate=None, frame_id=None, want_rowsum=False, activation=None):
+    out = torch.ops.qvdit.cuda_act_quant(x, bits, alpha, gate, frame_id, want_rowsum, ACTIVATIONS[activation])
+    return act_quant_results(*out, alpha, want_rowsum)
 
 
 @torch.compiler.assume_constant_result  # a fixed property of the GPU and build: traced as a constant
@@ -85,10 +85,12 @@ def qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias=None, u=None, bet
 @register("qlinear", "cuda")
 @fuses_tail
 def qlinear(x2, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, gate, frame_id, out_dtype, format,
-            activation=None, residual=None, residual_gate=None):
-    """act-quant (codes, scale, TQE u and the row sums in one pass) then the GEMM; TQE on when alpha/beta given."""
+            activation=None, residual=None, residual_gate=None, input_activation=None):
+    """act-quant (codes, scale, TQE u and the row sums in one pass; of the GELU of x2 with input_activation) then
+    the GEMM; TQE on when alpha/beta given."""
     require_default_format("cuda", w_bits, format)
-    xq, sx, u, rowsum = torch.ops.qvdit.cuda_act_quant(x2, a_bits, alpha, gate, frame_id, True)
+    xq, sx, u, rowsum = torch.ops.qvdit.cuda_act_quant(x2, a_bits, alpha, gate, frame_id, True,
+                                                       ACTIVATIONS[input_activation])
     if alpha is None:
         u = None
     return _gemm(xq, sx, w_packed, w_bits, w_scale, w_zero, bias, u, beta, rowsum, out_dtype, activation, residual,

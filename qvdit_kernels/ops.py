@@ -124,30 +124,40 @@ def unpack_weight(packed: torch.Tensor, bits: int, k: int, format: str | None = 
     return backends.resolve("unpack_weight", backend, packed.device)(packed, bits, k, format)
 
 
-def _quantize_activation_checked(x, bits, alpha, gate, frame_id, backend, want_rowsum):
+def _check_activation(name: str, activation) -> None:
+    if activation is not None and activation not in reference.ACTIVATIONS:
+        raise ValueError(f"{name} must be None or one of {reference.ACTIVATIONS}, got {activation!r}")
+
+
+def _quantize_activation_checked(x, bits, alpha, gate, frame_id, backend, want_rowsum, activation=None):
     check_bits("bits", bits, A_BITS)
+    _check_activation("activation", activation)
     check_tensor("x", x, FLOAT_DTYPES, (None, None))
     m, k = x.shape
     if k < 1:
         raise ValueError(f"x must have K >= 1 columns, got shape {list(x.shape)}")
     _check_tqe(m, k, x.device, alpha, gate, frame_id)
     fn = backends.resolve("quantize_activation", backend, x.device)
-    return fn(x, bits, alpha, gate, frame_id, want_rowsum)
+    if activation is None:  # (backends take activation= as a keyword: absent means none)
+        return fn(x, bits, alpha, gate, frame_id, want_rowsum)
+    return fn(x, bits, alpha, gate, frame_id, want_rowsum, activation=activation)
 
 
-def quantize_activation(x, bits, alpha=None, gate=None, frame_id=None, backend="auto"):
+def quantize_activation(x, bits, alpha=None, gate=None, frame_id=None, backend="auto", activation=None):
     """Per-token dynamic quantization of x [M, K] (float32, bfloat16 or float16).
 
     Returns exactly three results: (xq int8 [M, K] (codes q - z), scale f32 [M], u f32 [M] or None).
     `u[m] = gate[frame_id[m]] * (x^[m, :] . alpha)` is the TQE term; it is None when alpha is None.
     gate None means all ones; frame_id None means every row uses gate[0].
+    activation ("gelu_tanh"): quantize `reference.activate(x, activation)` (rounded to x's dtype) in the same pass,
+    the op that produced the linear's input (FFN fc1 -> GELU -> fc2), so that output is never written.
     """
-    return _quantize_activation_checked(x, bits, alpha, gate, frame_id, backend, want_rowsum=False)
+    return _quantize_activation_checked(x, bits, alpha, gate, frame_id, backend, False, activation)
 
 
-def quantize_activation_rowsum(x, bits, alpha=None, gate=None, frame_id=None, backend="auto"):
+def quantize_activation_rowsum(x, bits, alpha=None, gate=None, frame_id=None, backend="auto", activation=None):
     """Fused variant for the GEMM: (xq, scale, u, rowsum int32 [M]) in one pass over x."""
-    return _quantize_activation_checked(x, bits, alpha, gate, frame_id, backend, want_rowsum=True)
+    return _quantize_activation_checked(x, bits, alpha, gate, frame_id, backend, True, activation)
 
 
 def norm_quantize(x, bits, eps, weight=None, bias=None, scale=None, shift=None, mod_rows=1, alphas=None,
@@ -187,8 +197,7 @@ def norm_quantize(x, bits, eps, weight=None, bias=None, scale=None, shift=None, 
 
 def _check_tail(m, n, device, out_dtype, activation, residual, residual_gate):
     """The optional epilogue tail (`reference.epilogue_tail`): activation, residual [M, N], residual_gate [G, N]."""
-    if activation is not None and activation not in reference.ACTIVATIONS:
-        raise ValueError(f"activation must be None or one of {reference.ACTIVATIONS}, got {activation!r}")
+    _check_activation("activation", activation)
     if residual_gate is not None and residual is None:
         raise ValueError("residual_gate given without residual: the gate scales the linear's output added to it")
     if (activation is not None or residual is not None) and out_dtype == torch.int32:
@@ -206,13 +215,14 @@ def _has_tail(activation, residual) -> bool:
     return activation is not None or residual is not None
 
 
-def _run_gemm(fn, args, activation, residual, residual_gate):
-    """A backend's GEMM with the tail fused when the backend fuses it (`backends.fuses_tail`), else after it."""
+def _run_gemm(fn, args, activation, residual, residual_gate, **kw):
+    """A backend's GEMM (`kw`: its other keywords) with the tail fused when the backend fuses it
+    (`backends.fuses_tail`), else after it."""
     if not _has_tail(activation, residual):
-        return fn(*args)
+        return fn(*args, **kw)
     if getattr(fn, "fuses_tail", False):
-        return fn(*args, activation=activation, residual=residual, residual_gate=residual_gate)
-    return reference.epilogue_tail(fn(*args), activation, residual, residual_gate)
+        return fn(*args, activation=activation, residual=residual, residual_gate=residual_gate, **kw)
+    return reference.epilogue_tail(fn(*args, **kw), activation, residual, residual_gate)
 
 
 def _auto_gemm_backend(backend, device, w_bits, k, tail) -> str:
@@ -259,13 +269,16 @@ def qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias=None, u=None, bet
 
 def qlinear(x, w_packed, w_bits, w_scale, w_zero, a_bits, bias=None, alpha=None, beta=None, gate=None,
             frame_id=None, out_dtype=None, backend="auto", format=None, activation=None, residual=None,
-            residual_gate=None):
+            residual_gate=None, input_activation=None):
     """Quantized linear: act-quant of x [..., K] then `qgemm`; returns [..., N] (x.dtype unless out_dtype).
 
     TQE is on when alpha and beta are given (u is then computed in the act-quant pass).
     activation / residual ([..., N]) / residual_gate ([G, N]): the epilogue tail of `qgemm`.
+    input_activation ("gelu_tanh"): the linear of `reference.activate(x, input_activation)`, the activation
+    applied inside the act-quant pass (FFN fc2 taking fc1's output before its GELU).
     """
     check_tensor("x", x, FLOAT_DTYPES)
+    _check_activation("input_activation", input_activation)
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (the K features)")
     lead, k = x.shape[:-1], x.shape[-1]
@@ -285,11 +298,12 @@ def qlinear(x, w_packed, w_bits, w_scale, w_zero, a_bits, bias=None, alpha=None,
         _check_tqe(x2.shape[0], k, x.device, alpha, gate, frame_id)
         _check_weight_args(k, x.device, w_packed, w_bits, w_scale, w_zero, bias, beta, out_dtype, format)
         _check_tail(x2.shape[0], w_packed.shape[0], x.device, out_dtype, activation, res2, residual_gate)
+        kw = {} if input_activation is None else {"input_activation": input_activation}  # (absent means none)
         y = _run_gemm(fused, (x2, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, gate, frame_id,
-                              out_dtype, format), activation, res2, residual_gate)
+                              out_dtype, format), activation, res2, residual_gate, **kw)
     else:
         need_rowsum = w_bits != 8
-        res = _quantize_activation_checked(x2, a_bits, alpha, gate, frame_id, backend, want_rowsum=need_rowsum)
+        res = _quantize_activation_checked(x2, a_bits, alpha, gate, frame_id, backend, need_rowsum, input_activation)
         xq, sx, u = res[:3]
         rowsum = res[3] if need_rowsum else None
         y = qgemm(xq, sx, w_packed, w_bits, w_scale, w_zero, bias, u, beta, rowsum, out_dtype, gemm_backend, format,

@@ -90,12 +90,15 @@ def frame_gate(m: int, gate, frame_id) -> torch.Tensor | None:
     return gate[frame_id.long()]
 
 
-def quantize_activation(x, bits, alpha=None, gate=None, frame_id=None, want_rowsum=False):
+def quantize_activation(x, bits, alpha=None, gate=None, frame_id=None, want_rowsum=False, activation=None):
     """Per-token dynamic quantization of x [M, K] -> (xq int8, scale f32 [M], u f32 [M] | None[, rowsum int32 [M]]).
 
     `u` (the TQE term) is computed in float64 from the exact integer codes and rounded once to float32;
-    fast kernels sum in float32 and meet `tqe_u_bound`.
+    fast kernels sum in float32 and meet `tqe_u_bound`. `activation` ("gelu_tanh"): quantize `activate(x)`
+    instead, the op that produced the linear's input (FFN fc1 -> GELU -> fc2), rounded to x's dtype as the
+    block rounds it.
     """
+    x = activate(x, activation)
     scale, zero = rowwise_qparams(x, bits)
     q = quantize_rows(x, scale, zero, bits) - zero[:, None]
     bad = _nonfinite_rows(x)
@@ -199,6 +202,12 @@ def epilogue(acc, x_scale, w_scale, bias=None, u=None, beta=None, out_dtype=torc
 ACTIVATIONS = ("gelu_tanh",)
 
 
+def activate(y, activation=None):
+    """The activation of a block's FFN as diffusers computes it on a tensor of the model's dtype:
+    `F.gelu(y, approximate="tanh")` (float32 inside, rounded to y's dtype); y itself for None."""
+    return y if activation is None else F.gelu(y, approximate="tanh")
+
+
 def epilogue_tail(y, activation=None, residual=None, residual_gate=None):
     """What a DiT block does right after a linear, applied to the linear's output y [M, N] (in its out dtype),
     written as the unfused block computes it (Wan, CogVideoX, Latte in diffusers):
@@ -207,8 +216,7 @@ def epilogue_tail(y, activation=None, residual=None, residual_gate=None):
         out = (residual.float() + h.float() * gate[m // (M // G)]).to(y.dtype)   residual_gate [G, N] float32
         out = (residual.float() + h.float()).to(y.dtype)        residual without a gate (= residual + h)
     """
-    if activation is not None:
-        y = F.gelu(y, approximate="tanh")
+    y = activate(y, activation)
     if residual is None:
         return y
     h = y.float()

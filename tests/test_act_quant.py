@@ -6,7 +6,7 @@ import torch
 import qvdit_kernels as qk
 from qvdit_kernels import reference as ref
 
-from conftest import KERNEL_BACKENDS, device_for, gen
+from conftest import KERNEL_BACKENDS, device_for, gen, ulp
 
 SHAPES = [(1, 1), (1, 200), (37, 64), (37, 200), (64, 1152)]
 
@@ -151,6 +151,35 @@ def test_deterministic(backend):
     assert all(torch.equal(p, q) for p, q in zip(a, b))
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("bits", [6, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("m,k", [(37, 200), (64, 1152)])
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # (the interpreter's numpy exp at x = -30: inf, gelu -0)
+def test_gelu_prologue_quantizes_the_blocks_gelu(backend, bits, dtype, m, k):
+    """activation="gelu_tanh": the codes of h = gelu_tanh(x) as the block has it (rounded to x's dtype). A kernel's
+    GELU (the exp form) may round an element one ulp of the dtype away from torch's, which can move the row's scale
+    by that much and single codes by one; every code still dequantizes to within the quantization step of h, the
+    row sums are the codes' and u meets the TQE bound of the codes and scale it returns."""
+    x = (outlier_input(m, k, m + k) * 3).to(dtype)
+    x[0, :5] = torch.tensor([-30.0, -10.0, 0.0, 10.0, 30.0])  # the exp's overflow and underflow ends, gelu(0) = 0
+    alpha = torch.randn(k, generator=gen(16)) / k**0.5
+    gate, fid = torch.linspace(0.5, 2.0, 4), (torch.arange(m) % 4).int()
+    xq, s, u, rs = run(backend, x, bits, alpha=alpha, gate=gate, frame_id=fid, activation="gelu_tanh")
+    h = ref.activate(x, "gelu_tanh")
+    want_q, want_s, _ = ref.quantize_activation(h, bits)
+    qmax = 127 if bits == 8 else 63
+    tol_s = 2 * ulp(h).amax(1) / qmax + 4 * 2.0**-23 * want_s
+    assert ((s - want_s).abs() <= tol_s).all()
+    assert ((xq.int() - want_q.int()).abs() <= 1).all()
+    step = s[:, None] * (0.5 if bits == 8 else 1.0)  # (6 bits: the zero point's rounding moves the clamp ends)
+    assert ((s[:, None] * xq.float() - h.float()).abs() <= step + ulp(h) + 1e-6 * s[:, None]).all()
+    assert torch.equal(rs, xq.long().sum(1).int())
+    assert ref.u_within_bound(u, xq, s, alpha, gate, fid)
+    plain = run(backend, x, bits, alpha=alpha, gate=gate, frame_id=fid)  # without it: x's own codes, not h's
+    assert not torch.equal(plain[0], xq)
+
+
 def test_three_results():
     out = qk.quantize_activation(torch.randn(3, 8), 8)
     assert len(out) == 3 and out[2] is None
@@ -172,5 +201,7 @@ def test_act_quant_errors():
         qk.quantize_activation(x, 8, alpha=torch.randn(8), gate=torch.ones(2), frame_id=torch.zeros(3, dtype=torch.int32))
     with pytest.raises(ValueError, match="without alpha"):
         qk.quantize_activation(x, 8, gate=torch.ones(2))
+    with pytest.raises(ValueError, match="activation must be None or one of"):
+        qk.quantize_activation(x, 8, activation="relu")
     with pytest.raises(ValueError, match="alpha is on meta"):
         qk.quantize_activation(x, 8, alpha=torch.empty(8, device="meta"))

@@ -201,6 +201,7 @@ def test_opcheck_ops():
     alpha, gate, fid = torch.randn(130).to(DEV), torch.ones(2).to(DEV), torch.zeros(5, dtype=torch.int32).to(DEV)
     torch.library.opcheck(torch.ops.qvdit.cuda_act_quant.default, (x, 6, alpha, gate, fid, True))
     torch.library.opcheck(torch.ops.qvdit.cuda_act_quant.default, (x, 8, None, None, None, False))
+    torch.library.opcheck(torch.ops.qvdit.cuda_act_quant.default, (x, 6, alpha, gate, fid, True, 1))  # GELU of x
     y, res = torch.randn(6, 16, device=DEV).bfloat16(), torch.randn(6, 16, device=DEV).bfloat16()
     torch.library.opcheck(torch.ops.qvdit.cuda_epilogue_tail.default, (y, 1, res, torch.rand(2, 16, device=DEV)))
 
@@ -326,10 +327,12 @@ def test_sanitizer_smoke(path, monkeypatch):
             assert_tail_within(got, plain, "gelu_tanh", res, gate, f"{path} W{w_bits} {dt}")
         x = torch.randn(m, k, device=DEV)
         qk.quantize_activation_rowsum(x, 6, alpha=torch.randn(k, device=DEV), backend="cuda")
+        qk.quantize_activation_rowsum(x.bfloat16(), 6, backend="cuda", activation="gelu_tanh")  # the GELU prologue
     for dt, n in ((torch.bfloat16, 64), (torch.float16, 77)):  # the one-pass tail after a GEMM (16-byte, scalar)
         y, res = torch.randn(9, n, device=DEV).to(dt), torch.randn(9, n, device=DEV).to(dt)
         torch.ops.qvdit.cuda_epilogue_tail(y, 1, res, torch.rand(3, n, device=DEV))
     for dt, k in ((torch.bfloat16, 5120), (torch.float32, 5120)):  # act-quant rows of 2 and 4 warps (shared memory)
-        qk.quantize_activation_rowsum(torch.randn(5, k, device=DEV).to(dt), 6, alpha=torch.randn(k, device=DEV),
-                                      backend="cuda")
+        for act in (None, "gelu_tanh"):
+            qk.quantize_activation_rowsum(torch.randn(5, k, device=DEV).to(dt), 6, alpha=torch.randn(k, device=DEV),
+                                          backend="cuda", activation=act)
     torch.cuda.synchronize()

@@ -183,6 +183,31 @@ def test_epilogue_tail(backend, w_bits, a_bits, out_dtype, tail):
                                       residual_gate=None if gate is None else gate.to(dev)))
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("w_bits,a_bits", [(3, 6), (4, 8), (8, 8)])
+def test_qlinear_input_activation(backend, w_bits, a_bits):
+    """qlinear(input_activation="gelu_tanh") is the GEMM of quantize_activation(activation="gelu_tanh")'s codes, bit
+    for bit on every backend (one act-quant, one GEMM); on the reference it is qlinear of the block's GELU output."""
+    m, k, n = 37, 200, 75
+    g = gen(24)
+    x = (torch.randn(m, k, generator=g) * 2).bfloat16()
+    q, sw, zw = qk.quantize_weight(torch.randn(n, k, generator=g), w_bits)
+    packed = qk.pack_weight(q, w_bits)
+    alpha, beta = torch.randn(k, generator=g) / k**0.5, torch.randn(n, generator=g) * 0.1
+    dev = device_for(backend)
+    t = lambda v: v.to(dev)  # noqa: E731
+    lin = dict(w_packed=t(packed), w_bits=w_bits, w_scale=t(sw), w_zero=t(zw), a_bits=a_bits, alpha=t(alpha),
+               beta=t(beta), backend=backend)
+    got = qk.qlinear(t(x), **lin, input_activation="gelu_tanh").cpu()
+    xq, sx, u, rs = qk.quantize_activation_rowsum(t(x), a_bits, t(alpha), backend=backend, activation="gelu_tanh")
+    want = qk.qgemm(xq, sx, t(packed), w_bits, t(sw), t(zw), u=u, beta=t(beta), x_rowsum=rs, backend=backend).cpu()
+    assert torch.equal(got, want)
+    if backend == "torch":
+        assert torch.equal(got, qk.qlinear(torch.nn.functional.gelu(x, approximate="tanh"), **lin))
+    with pytest.raises(ValueError, match="input_activation must be None or one of"):
+        qk.qlinear(t(x), **lin, input_activation="relu")
+
+
 def test_epilogue_tail_rounds_like_the_block():
     """The reference tail is what a diffusers block computes after its linear, op for op (bf16)."""
     g = gen(23)

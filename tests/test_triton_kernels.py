@@ -337,6 +337,7 @@ def test_opcheck_custom_ops():
     alpha, gate, fid = torch.randn(130).to(DEVICE), torch.ones(2).to(DEVICE), torch.zeros(5, dtype=torch.int32).to(DEVICE)
     torch.library.opcheck(torch.ops.qvdit.triton_act_quant.default, (x, 6, alpha, gate, fid, True))
     torch.library.opcheck(torch.ops.qvdit.triton_act_quant.default, (x, 8, None, None, None, False))
+    torch.library.opcheck(torch.ops.qvdit.triton_act_quant.default, (x, 6, alpha, gate, fid, True, "gelu_tanh"))
     _, _, wp, sw, zw, bias, _, beta = d
     torch.library.opcheck(torch.ops.qvdit.triton_qlinear.default,
                           (x, wp, 3, sw, zw, 6, bias, alpha, beta, gate, fid, torch.float32, "", None, None))
@@ -344,6 +345,8 @@ def test_opcheck_custom_ops():
     res, rgate = torch.randn(5, 12).to(DEVICE), torch.randn(1, 12).to(DEVICE)
     torch.library.opcheck(torch.ops.qvdit.triton_qlinear.default,
                           (x, wp, 3, sw, zw, 6, bias, alpha, beta, gate, fid, torch.float32, "gelu_tanh", res, rgate))
+    torch.library.opcheck(torch.ops.qvdit.triton_qlinear.default,  # the GELU of x in the act-quant pass
+                          (x, wp, 3, sw, zw, 6, bias, alpha, beta, gate, fid, torch.float32, "", res, rgate, "gelu_tanh"))
     torch.library.opcheck(torch.ops.qvdit.triton_qgemm.default,
                           tuple(dict(a, activation="gelu_tanh", residual=res.bfloat16(), residual_gate=None).values()))
 

@@ -3,10 +3,12 @@
 - `feed`: the LayerNorm + adaLN modulation in front of the linears runs as one kernel that also quantizes
   its output (`qvdit_kernels.norm_quantize`), and each consuming QLinear (q, k and v share one pass)
   receives its codes, scale, row sums and TQE term directly.
-- `attention_into` / `ffn_into`: what follows a linear goes into its GEMM epilogue: the FFN's GELU into fc1,
-  and the (gated) residual add of the block into the attention output projection and fc2
-  (`qvdit_kernels.qgemm(activation=, residual=, residual_gate=)`), so those elementwise passes over the
-  [tokens, C] activations (float32 in Wan) disappear.
+- `attention_into` / `ffn_into`: what follows a linear goes into its GEMM epilogue: the (gated) residual add of
+  the block into the attention output projection and fc2 (`qvdit_kernels.qgemm(residual=, residual_gate=)`), so
+  those elementwise passes over the [tokens, C] activations (float32 in Wan) disappear; and the FFN's GELU goes
+  into fc2's act-quant (`qvdit_kernels.qlinear(input_activation=)`), which quantizes the GELU of fc1's output as
+  it reads it. On every backend fc1's [tokens, 4C] output is then written once and read once; a GELU in fc1's
+  epilogue does as well only where the GEMM fuses it (Triton), while the CUDA GEMM runs it as a pass of its own.
 
 Eager and compiled: the kernels are custom ops, and the handoffs (`QLinear._prequant`, `QLinear._residual`) are
 set and consumed inside one block's forward, so `torch.compile(fullgraph=True)` traces them as plain side effects
@@ -127,7 +129,8 @@ def attention_into(attn: nn.Module, call, residual: torch.Tensor, gate=None) -> 
 
 def ffn_into(ffn: nn.Module, x: torch.Tensor, residual: torch.Tensor, gate=None) -> torch.Tensor:
     """residual_add(residual, ffn(x), gate) for diffusers' FeedForward [GELU(tanh) with proj, Dropout, Linear,
-    (Dropout)]: with both linears QLinears, fc1 applies the GELU and fc2 the residual add in their epilogues."""
+    (Dropout)]: with both linears QLinears, fc2 applies the GELU in its act-quant pass and the residual add in its
+    epilogue."""
     net = getattr(ffn, "net", None)
     rows = _gate_rows(gate, residual) if residual.dim() == 3 else False
     act = net[0] if isinstance(net, nn.ModuleList) and len(net) in (3, 4) else None
@@ -136,5 +139,5 @@ def ffn_into(ffn: nn.Module, x: torch.Tensor, residual: torch.Tensor, gate=None)
             and isinstance(net[2], QLinear) and all(_inactive(m) for m in list(net)[1:2] + list(net)[3:])
             and residual.dtype == x.dtype):
         return residual_add(residual, ffn(x), gate)
-    h = act.proj(x, activation="gelu_tanh")
-    return net[2](h, residual=residual, residual_gate=rows)
+    h = act.proj(x)  # fc1's output before the GELU
+    return net[2](h, input_activation="gelu_tanh", residual=residual, residual_gate=rows)

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .activations import gelu_tanh
 from .tune import persistent_grid
 
 MAX_ONE_PASS_K = 16384  # longest row held in registers
@@ -92,12 +93,15 @@ def _row_params(hi, lo, BITS: tl.constexpr):
 
 
 @triton.jit
-def _load(xrow, rmask, K, OFF, W: tl.constexpr, EVICT: tl.constexpr):
+def _load(xrow, rmask, K, OFF, W: tl.constexpr, EVICT: tl.constexpr, GELU: tl.constexpr):
     """One piece (or chunk) [BLOCK_M, W] of the rows, columns OFF.., as float32 (0 outside the row).
-    EVICT: L2 policy; the two-pass path keeps its first read in L2 for the second ("evict_last")."""
+    EVICT: L2 policy; the two-pass path keeps its first read in L2 for the second ("evict_last").
+    GELU: gelu_tanh(x) rounded to x's dtype, the values the block's GELU would have written (gelu(0) = 0)."""
     cols = OFF + tl.arange(0, W)
-    return tl.load(xrow + cols[None, :], mask=rmask[:, None] & (cols[None, :] < K), other=0.0,
-                   eviction_policy=EVICT).to(tl.float32)
+    x = tl.load(xrow + cols[None, :], mask=rmask[:, None] & (cols[None, :] < K), other=0.0, eviction_policy=EVICT)
+    if GELU:
+        return gelu_tanh(x.to(tl.float32)).to(x.dtype).to(tl.float32)
+    return x.to(tl.float32)
 
 
 @triton.jit
@@ -153,6 +157,7 @@ def act_quant_kernel(
     BITS: tl.constexpr, HAS_TQE: tl.constexpr, HAS_GATE: tl.constexpr, HAS_FID: tl.constexpr,
     WANT_RS: tl.constexpr, BLOCK_M: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
     P3: tl.constexpr, ONE_PASS: tl.constexpr, INTERPRET: tl.constexpr, PERSISTENT: tl.constexpr = False,
+    GELU: tl.constexpr = False,
 ):
     """One block of BLOCK_M rows per program, or (PERSISTENT) a fixed grid of programs striding over the
     row blocks: fewer rows in flight at once, so a two-pass program's second read still finds its rows
@@ -162,12 +167,12 @@ def act_quant_kernel(
         while rb < tl.cdiv(M, BLOCK_M):
             _row_block(rb, x_ptr, xq_ptr, s_ptr, u_ptr, rs_ptr, alpha_ptr, gate_ptr, fid_ptr, M, K, stride_xm,
                        stride_qm, BITS, HAS_TQE, HAS_GATE, HAS_FID, WANT_RS, BLOCK_M, P0, P1, P2, P3, ONE_PASS,
-                       INTERPRET)
+                       INTERPRET, GELU)
             rb += tl.num_programs(0)
     else:
         _row_block(tl.program_id(0), x_ptr, xq_ptr, s_ptr, u_ptr, rs_ptr, alpha_ptr, gate_ptr, fid_ptr, M, K,
                    stride_xm, stride_qm, BITS, HAS_TQE, HAS_GATE, HAS_FID, WANT_RS, BLOCK_M, P0, P1, P2, P3,
-                   ONE_PASS, INTERPRET)
+                   ONE_PASS, INTERPRET, GELU)
 
 
 @triton.jit
@@ -176,20 +181,20 @@ def _row_block(
     M, K, stride_xm, stride_qm,
     BITS: tl.constexpr, HAS_TQE: tl.constexpr, HAS_GATE: tl.constexpr, HAS_FID: tl.constexpr,
     WANT_RS: tl.constexpr, BLOCK_M: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
-    P3: tl.constexpr, ONE_PASS: tl.constexpr, INTERPRET: tl.constexpr,
+    P3: tl.constexpr, ONE_PASS: tl.constexpr, INTERPRET: tl.constexpr, GELU: tl.constexpr,
 ):
     rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     xrow = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
     qrow = xq_ptr + rows.to(tl.int64)[:, None] * stride_qm
     if ONE_PASS:  # the row is the pieces P0..P3 (0 = absent), all loaded before any reduction
-        x0 = _load(xrow, rmask, K, 0, P0, "evict_first")
+        x0 = _load(xrow, rmask, K, 0, P0, "evict_first", GELU)
         if P1 > 0:
-            x1 = _load(xrow, rmask, K, P0, P1, "evict_first")
+            x1 = _load(xrow, rmask, K, P0, P1, "evict_first", GELU)
         if P2 > 0:
-            x2 = _load(xrow, rmask, K, P0 + P1, P2, "evict_first")
+            x2 = _load(xrow, rmask, K, P0 + P1, P2, "evict_first", GELU)
         if P3 > 0:
-            x3 = _load(xrow, rmask, K, P0 + P1 + P2, P3, "evict_first")
+            x3 = _load(xrow, rmask, K, P0 + P1 + P2, P3, "evict_first", GELU)
         hi, lo = _tile_stats(x0, BITS, INTERPRET)
         if P1 > 0:
             hi, lo = _merge_stats(hi, lo, x1, BITS, INTERPRET)
@@ -217,15 +222,16 @@ def _row_block(
         lo = tl.zeros([BLOCK_M], tl.float32)
         k0 = 0
         while k0 < K:  # a while loop: the interpreter (numpy >= 2.3) cannot take a run-time bound in range()
-            hi, lo = _merge_stats(hi, lo, _load(xrow, rmask, K, k0, P0, "evict_last"), BITS, INTERPRET)
+            hi, lo = _merge_stats(hi, lo, _load(xrow, rmask, K, k0, P0, "evict_last", GELU), BITS, INTERPRET)
             k0 += P0
         s, r, z, good = _row_params(hi, lo, BITS)
         rsum = tl.zeros([BLOCK_M], tl.int32)
         dot = tl.zeros([BLOCK_M], tl.float32)
         k0 = 0
         while k0 < K:
-            rs, d = _quantize_store(_load(xrow, rmask, K, k0, P0, "evict_first"), qrow, alpha_ptr, rmask, K, k0, s, r, z, good, P0,
-                                    BITS, HAS_TQE, WANT_RS, INTERPRET)
+            xc = _load(xrow, rmask, K, k0, P0, "evict_first", GELU)
+            rs, d = _quantize_store(xc, qrow, alpha_ptr, rmask, K, k0, s, r, z, good, P0, BITS, HAS_TQE, WANT_RS,
+                                    INTERPRET)
             rsum, dot = rsum + rs, dot + d
             k0 += P0
     s = tl.where(good, s, float("nan"))
@@ -294,8 +300,9 @@ def default_params(k: int, interpret: bool) -> dict:
 
 
 def act_quant(x, bits, alpha=None, gate=None, frame_id=None, want_rowsum=True, interpret=False, params=None,
-              tuner=None):
-    """Launch: x [M, K] (f32/bf16/f16, unit column stride) -> (xq, scale, u | None, rowsum | None).
+              tuner=None, gelu=False):
+    """Launch: x [M, K] (f32/bf16/f16, unit column stride) -> (xq, scale, u | None, rowsum | None); with `gelu`
+    the codes of gelu_tanh(x) rounded to x's dtype (`reference.quantize_activation(activation="gelu_tanh")`).
 
     `params` forces one launch config; else `tuner(candidates, run)` picks one (default_params without).
     """
@@ -320,7 +327,7 @@ def act_quant(x, bits, alpha=None, gate=None, frame_id=None, want_rowsum=True, i
         act_quant_kernel[(persistent_grid(triton.cdiv(m, p["BLOCK_M"]), per_sm, dev, interpret),)](
             x, xq, scale, u, rs, alpha, gate, frame_id, m, k, x.stride(0), xq.stride(0),
             BITS=bits, HAS_TQE=alpha is not None, HAS_GATE=gate is not None, HAS_FID=frame_id is not None,
-            WANT_RS=want_rowsum, INTERPRET=interpret, PERSISTENT=bool(per_sm), **p,
+            WANT_RS=want_rowsum, INTERPRET=interpret, PERSISTENT=bool(per_sm), GELU=gelu, **p,
         )
 
     if params is None:

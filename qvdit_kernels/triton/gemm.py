@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .activations import gelu_tanh
 from .tune import persistent_grid
 from .unpack import unpack_w3_full, unpack_w3_tail, unpack_w4
 
@@ -141,8 +142,7 @@ def _tail(y, res_ptr, rgate_ptr, offs_m, rm, rn, stride_rm, gate_div, N, mask, O
     if GELU or HAS_RES:
         y = y.to(OUT).to(tl.float32)
     if GELU:
-        inner = 0.7978845608028654 * (y + 0.044715 * (y * y * y))
-        y = (y / (1.0 + tl.exp(-2.0 * inner))).to(OUT).to(tl.float32)
+        y = gelu_tanh(y).to(OUT).to(tl.float32)
     if HAS_RES:
         r = tl.load(res_ptr + offs_m.to(tl.int64)[None, :] * stride_rm + rn[:, None], mask=mask, other=0.0)
         if HAS_RGATE:

@@ -71,10 +71,10 @@ def _rows(t: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- act-quant
 def _act_quant_impl(x: Tensor, bits: int, alpha: Optional[Tensor], gate: Optional[Tensor], frame_id: Optional[Tensor],
-                    want_rowsum: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                    want_rowsum: bool, activation: str = "") -> tuple[Tensor, Tensor, Tensor, Tensor]:
     with _on(x):
         xq, s, u, rs = _aq.act_quant(_rows(x), bits, _vec(alpha), _vec(gate), _vec(frame_id), want_rowsum,
-                                     interpret=_interpret(x), tuner=_aq_tuner(x))
+                                     interpret=_interpret(x), tuner=_aq_tuner(x), gelu=activation == "gelu_tanh")
     m = x.shape[0]
     u = u if u is not None else x.new_empty(0, dtype=torch.float32)
     rs = rs if rs is not None else x.new_empty(0, dtype=torch.int32)
@@ -85,7 +85,7 @@ act_quant_op = torch.library.custom_op("qvdit::triton_act_quant", _act_quant_imp
 
 
 @act_quant_op.register_fake
-def _(x, bits, alpha, gate, frame_id, want_rowsum):
+def _(x, bits, alpha, gate, frame_id, want_rowsum, activation=""):
     m, k = x.shape
     return (x.new_empty((m, k), dtype=torch.int8), x.new_empty(m, dtype=torch.float32),
             x.new_empty(m if alpha is not None else 0, dtype=torch.float32),
@@ -143,12 +143,13 @@ def _(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum, o
 def _qlinear_impl(x: Tensor, w_packed: Tensor, w_bits: int, w_scale: Tensor, w_zero: Tensor, a_bits: int,
                   bias: Optional[Tensor], alpha: Optional[Tensor], beta: Optional[Tensor], gate: Optional[Tensor],
                   frame_id: Optional[Tensor], out_dtype: torch.dtype, activation: str, residual: Optional[Tensor],
-                  residual_gate: Optional[Tensor]) -> Tensor:
+                  residual_gate: Optional[Tensor], input_activation: str = "") -> Tensor:
     tqe = alpha is not None and beta is not None
     with _on(x):
         xq, sx, u, rs = _aq.act_quant(_rows(x), a_bits, _vec(alpha) if tqe else None, _vec(gate) if tqe else None,
                                       _vec(frame_id) if tqe else None, want_rowsum=w_bits != 8,
-                                      interpret=_interpret(x), tuner=_aq_tuner(x))
+                                      interpret=_interpret(x), tuner=_aq_tuner(x),
+                                      gelu=input_activation == "gelu_tanh")
     return _gemm_run(xq, sx, w_packed, w_bits, w_scale, w_zero, bias, u, beta if tqe else None, rs, out_dtype,
                      activation, residual, residual_gate)
 
@@ -158,14 +159,15 @@ qlinear_op = torch.library.custom_op("qvdit::triton_qlinear", _qlinear_impl, mut
 
 @qlinear_op.register_fake
 def _(x, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, gate, frame_id, out_dtype, activation,
-      residual, residual_gate):
+      residual, residual_gate, input_activation=""):
     return x.new_empty((x.shape[0], w_packed.shape[0]), dtype=out_dtype)
 
 
 # ----------------------------------------------------------------------------- backend "triton"
 @register("quantize_activation", "triton")
-def quantize_activation(x, bits, alpha=None, gate=None, frame_id=None, want_rowsum=False):
-    out = _call(torch.ops.qvdit.triton_act_quant, _act_quant_impl, x, bits, alpha, gate, frame_id, want_rowsum)
+def quantize_activation(x, bits, alpha=None, gate=None, frame_id=None, want_rowsum=False, activation=None):
+    out = _call(torch.ops.qvdit.triton_act_quant, _act_quant_impl, x, bits, alpha, gate, frame_id, want_rowsum,
+                activation or "")
     return act_quant_results(*out, alpha, want_rowsum)
 
 
@@ -181,10 +183,11 @@ def qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias=None, u=None, bet
 @register("qlinear", "triton")
 @fuses_tail
 def qlinear(x2, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, gate, frame_id, out_dtype, format,
-            activation=None, residual=None, residual_gate=None):
+            activation=None, residual=None, residual_gate=None, input_activation=None):
     require_default_format("triton", w_bits, format)
     return _call(torch.ops.qvdit.triton_qlinear, _qlinear_impl, x2, w_packed, w_bits, w_scale, w_zero, a_bits, bias,
-                 alpha, beta, gate, frame_id, out_dtype, activation or "", residual, residual_gate)
+                 alpha, beta, gate, frame_id, out_dtype, activation or "", residual, residual_gate,
+                 input_activation or "")
 
 
 # ----------------------------------------------------------------------------- norm + act-quant (fused producer)
