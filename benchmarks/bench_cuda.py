@@ -114,6 +114,15 @@ def run_variant(p, wb, ab, shape, t_bf16, rows, do_aq, kernels, tails=False):
                 nbytes = p.m * p.k * (p.x.element_size() + 1) + p.m * 12
                 record(rows, p, shape, f"{label} act_quant A{ab} +TQE", "act_quant", ms, None, variant=f"A{ab}",
                        kernel=label, gbs=nbytes / ms / 1e6, ok=aq_ok)
+                # the same pass quantizing the GELU of x (FFN fc1's output into fc2: activation="gelu_tanh"); a
+                # kernel's GELU may round an element one ulp from torch's, so codes are checked to within one
+                gq = qk.quantize_activation_rowsum(p.x, ab, backend=backend, activation="gelu_tanh", **aq_kw)[0][idx]
+                gref = ref.quantize_activation(ref.activate(p.x[idx], "gelu_tanh"), ab)[0]
+                g_ok = bool((gq.int() - gref.int()).abs().max() <= 1)
+                ms = bench_ms(lambda: qk.quantize_activation_rowsum(p.x, ab, backend=backend, activation="gelu_tanh",
+                                                                    **aq_kw)) if g_ok else None
+                record(rows, p, shape, f"{label} act_quant+gelu A{ab} +TQE", "act_quant+gelu", ms, None,
+                       variant=f"A{ab}", kernel=label, gbs=nbytes / ms / 1e6 if ms else None, ok=g_ok)
         except Exception:
             traceback.print_exc(limit=4)
             rows.append(dict(shape=shape, M=p.m, K=p.k, N=p.n, method=f"{label} {name} +TQE", mode="-", ms=None,
@@ -131,7 +140,7 @@ def summarize(rows):
         out["ratio_bf16"][f"{key[0]} | {key[1]}"] = dict(median=statistics.median(rs), min=min(rs), n=len(rs))
     for label in CUDA_LABELS:
         for v in sorted({r["variant"] for r in big if r.get("kernel") == label}):
-            for mode in ("gemm", "full", "act_quant", "gemm+gelu", "gemm+res"):
+            for mode in ("gemm", "full", "act_quant", "act_quant+gelu", "gemm+gelu", "gemm+res"):
                 tri = {r["shape"]: r["ms"] for r in big if r.get("kernel") == "triton" and r["variant"] == v
                        and r["mode"] == mode}
                 cu = {r["shape"]: r["ms"] for r in big if r.get("kernel") == label and r["variant"] == v
