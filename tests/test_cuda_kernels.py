@@ -184,6 +184,26 @@ def test_act_quant_real_k_bit_exact(k, bits, dtype):
         assert ref.u_within_bound(got[2], got[0], got[1], alpha[:kk], gate, fid)
 
 
+@pytest.mark.parametrize("k", [77, 1152, 5120, 13824, 65536])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_act_quant_gelu_prologue_equals_the_tail_pass(k, dtype):
+    """activation="gelu_tanh" quantizes exactly the values the CUDA tail pass writes for GELU (both gelu_rounded):
+    codes, scales and row sums equal act-quant of cuda_epilogue_tail(x) bit for bit (u within its bound), on the register kernels
+    (1-8 warps per row) and the one-CTA-per-row kernel (K = 65536; odd K through a strided view)."""
+    m = 300 if k <= 20000 else 40
+    x = ((torch.randn(m, k, device=DEV) * 3) * torch.exp(torch.randn(m, 1, device=DEV))).to(dtype)
+    x[2, :3] = torch.tensor([-30.0, 0.0, float("inf")])  # exp overflow (gelu -0), zero, a spoiled row
+    alpha = torch.randn(k, device=DEV) / k**0.5
+    for xin in (x, x[:, : k - 1]):
+        kk = xin.shape[1]
+        h = torch.ops.qvdit.cuda_epilogue_tail(xin.contiguous(), 1, None, None)
+        got = qk.quantize_activation_rowsum(xin, 6, alpha=alpha[:kk], backend="cuda", activation="gelu_tanh")
+        want = qk.quantize_activation_rowsum(h, 6, alpha=alpha[:kk], backend="cuda")
+        assert torch.equal(got[0], want[0]) and torch.equal(got[3], want[3])
+        assert torch.equal(got[1].nan_to_num(), want[1].nan_to_num()) and torch.equal(got[1].isnan(), want[1].isnan())
+        assert ref.u_within_bound(got[2], got[0], got[1], alpha[:kk])  # (h is contiguous: maybe another kernel's dot)
+
+
 def test_bad_frame_id_gives_nan_u_not_a_crash():
     x = torch.randn(4, 64, device=DEV)
     fid = torch.tensor([0, 1, 5, -1], dtype=torch.int32, device=DEV)
