@@ -82,6 +82,17 @@ def availability(backend: str, device: torch.device) -> tuple[bool, str]:
     return True, ""
 
 
+def auto_name(op: str, device: torch.device) -> str:
+    """The backend "auto" runs `op` with on `device` (before auto.py's per-shape GEMM table, which ops.py applies)."""
+    if device.type == "cuda":
+        # Triton first: its act-quant and its GEMM at small K measured faster; the GEMM shapes where the
+        # CUDA kernel wins are routed by ops.py from auto.py's table before they get here.
+        for name in ("triton", "cuda"):
+            if availability(name, device)[0] and (op, name) in _IMPLS:
+                return name
+    return "torch"
+
+
 def resolve(op: str, backend: str, device: torch.device, fallback: bool = True) -> Callable | None:
     """The implementation of `op` to run for `backend` on tensors of `device`.
 
@@ -94,13 +105,8 @@ def resolve(op: str, backend: str, device: torch.device, fallback: bool = True) 
     if backend == "torch":
         return ref
     if backend == "auto":
-        if device.type == "cuda":
-            # Triton first: its act-quant and its GEMM at small K measured faster; the GEMM shapes where the
-            # CUDA kernel wins are routed by ops.py from auto.py's table before they get here.
-            for name in ("triton", "cuda"):
-                if availability(name, device)[0] and (op, name) in _IMPLS:
-                    return _IMPLS[(op, name)]
-        return ref
+        name = auto_name(op, device)
+        return ref if name == "torch" else _IMPLS[(op, name)]
     ok, why = availability(backend, device)
     if (op, backend) in _IMPLS and ok:
         return _IMPLS[(op, backend)]

@@ -241,6 +241,21 @@ def _auto_gemm_backend(backend, device, w_bits, k, tail) -> str:
     return name
 
 
+def tail_as_own_pass(backend, device, w_bits: int, k: int) -> bool:
+    """Whether a GEMM of this layer (`backend`, w_bits, K) with an epilogue tail runs the tail as a pass of its own
+    after the kernel, i.e. routes to the CUDA backend without QVDIT_CUDA_FUSED_TAIL=1 (Triton fuses the tail into
+    its GEMM's epilogue; the reference runs torch ops). models/fused.py then moves the FFN's GELU into fc2's
+    act-quant instead (`qlinear(input_activation=)`)."""
+    name = _auto_gemm_backend(backend, device, w_bits, k, True)
+    if name == "auto":
+        name = backends.auto_name("qgemm", device)
+    if name != "cuda":
+        return False
+    from . import cuda
+
+    return not cuda.fused_tail_enabled()
+
+
 def qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias=None, u=None, beta=None, x_rowsum=None,
           out_dtype=torch.bfloat16, backend="auto", format=None, activation=None, residual=None, residual_gate=None):
     """y = (xq @ (qw - zw)^T) * sx[m] * sw[n] + bias[n] + u[m] * beta[n]  ->  [M, N] in out_dtype.

@@ -120,3 +120,10 @@ def test_bench_cuda_suggests_the_rules_a_run_supports():
                      {"w_bits": [4], "min_k": 1537, "backend": "cuda"}]
     assert evidence["W8A8"]["verdict"].startswith("no rule")
     assert suggest_rules(rows, floor=0.98)[0][1]["min_k"] == 5121  # a stricter floor moves the threshold
+
+
+def test_tail_as_own_pass_only_for_cuda():
+    """Triton and the reference take the tail in the GEMM call (models/fused.py then keeps the FFN's GELU in fc1)."""
+    cpu = torch.device("cpu")
+    for backend in ("torch", "triton", "auto"):
+        assert not qk.ops.tail_as_own_pass(backend, cpu, 3, 1536)

@@ -204,6 +204,13 @@ def test_act_quant_gelu_prologue_equals_the_tail_pass(k, dtype):
         assert ref.u_within_bound(got[2], got[0], got[1], alpha[:kk])  # (h is contiguous: maybe another kernel's dot)
 
 
+def test_tail_as_own_pass(monkeypatch):
+    """backend="cuda" runs a GEMM's tail as a pass after the kernel unless QVDIT_CUDA_FUSED_TAIL=1."""
+    assert qk.ops.tail_as_own_pass("cuda", DEV, 3, 1536)
+    monkeypatch.setenv("QVDIT_CUDA_FUSED_TAIL", "1")
+    assert not qk.ops.tail_as_own_pass("cuda", DEV, 3, 1536)
+
+
 def test_bad_frame_id_gives_nan_u_not_a_crash():
     x = torch.randn(4, 64, device=DEV)
     fid = torch.tensor([0, 1, 5, -1], dtype=torch.int32, device=DEV)

@@ -74,9 +74,11 @@ def run(model, kw, fuse, monkeypatch):
     return out, len(calls)
 
 
-# per block: attn1's o-proj with its gated residual; attn2's o-proj, plain residual; fc2 quantizing the GELU of
-# fc1's output, with the gated residual (fc1 itself is a plain linear)
-BLOCK_TAILS = [(None, None, True, True), (None, None, True, False), ("gelu_tanh", None, True, True)]
+# per block: fc1 + GELU; attn1's o-proj with its gated residual; attn2's o-proj, plain residual; fc2, gated
+BLOCK_TAILS = [(None, "gelu_tanh", False, False), (None, None, True, True), (None, None, True, False),
+               (None, None, True, True)]
+# the same where fc1's GEMM would run the GELU as a pass of its own (CUDA): fc2 quantizes the GELU of fc1's output
+BLOCK_TAILS_GELU_IN_FC2 = [(None, None, True, True), (None, None, True, False), ("gelu_tanh", None, True, True)]
 
 
 def test_reference_fused_equals_unfused_bit_for_bit(monkeypatch):
@@ -84,10 +86,21 @@ def test_reference_fused_equals_unfused_bit_for_bit(monkeypatch):
     plain, n0 = run(model, kw, False, monkeypatch)
     fused_out, n1 = run(model, kw, True, monkeypatch)
     assert n0 == 0 and n1 == 3 * 2  # three norm sites in each of the two blocks
-    assert sorted(TAILS, key=str) == sorted(BLOCK_TAILS * 2, key=str)  # GELU into fc2, residual adds in epilogues
+    assert sorted(TAILS, key=str) == sorted(BLOCK_TAILS * 2, key=str)  # GELU and the three residual adds in epilogues
     assert torch.equal(plain, fused_out)
     assert all(q._prequant is None and q._residual is None
                for q in model.modules() if isinstance(q, QLinear))  # every handoff consumed
+
+
+def test_reference_gelu_in_fc2_equals_unfused_bit_for_bit(monkeypatch):
+    """Where fc1's GEMM would run its tail as a pass of its own (the CUDA kernel; ops.tail_as_own_pass), the GELU
+    moves into fc2's act-quant (qlinear(input_activation=)): still the unfused block's result bit for bit."""
+    model, kw = quantized("torch", torch.device("cpu")), inputs(torch.device("cpu"))
+    plain, _ = run(model, kw, False, monkeypatch)
+    monkeypatch.setattr(qk.ops, "tail_as_own_pass", lambda *a: True)
+    out, _ = run(model, kw, True, monkeypatch)  # (run undoes the monkeypatches when it ends)
+    assert sorted(TAILS, key=str) == sorted(BLOCK_TAILS_GELU_IN_FC2 * 2, key=str)
+    assert torch.equal(plain, out)
 
 
 @pytest.fixture(scope="module")

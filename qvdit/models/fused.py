@@ -5,10 +5,13 @@
   receives its codes, scale, row sums and TQE term directly.
 - `attention_into` / `ffn_into`: what follows a linear goes into its GEMM epilogue: the (gated) residual add of
   the block into the attention output projection and fc2 (`qvdit_kernels.qgemm(residual=, residual_gate=)`), so
-  those elementwise passes over the [tokens, C] activations (float32 in Wan) disappear; and the FFN's GELU goes
-  into fc2's act-quant (`qvdit_kernels.qlinear(input_activation=)`), which quantizes the GELU of fc1's output as
-  it reads it. On every backend fc1's [tokens, 4C] output is then written once and read once; a GELU in fc1's
-  epilogue does as well only where the GEMM fuses it (Triton), while the CUDA GEMM runs it as a pass of its own.
+  those elementwise passes over the [tokens, C] activations (float32 in Wan) disappear. The FFN's GELU goes into
+  fc1's epilogue where fc1's GEMM fuses its tail (Triton; `qgemm(activation=)`), and else into fc2's act-quant
+  (`qvdit_kernels.qlinear(input_activation=)`, which quantizes the GELU of fc1's output as it reads it): the CUDA
+  GEMM would run it as a pass of its own over fc1's [tokens, 4C] output (`qvdit_kernels.ops.tail_as_own_pass`).
+  The GELU costs an act-quant pass more than it costs a GEMM epilogue (it is bound by the special-function unit:
+  on the H200 the act-quant of wan14b fc2's input ran 0.60x as fast with it on Triton and 0.57x on CUDA, BENCHMARKS
+  run 8), so it goes to fc2 only to save that pass.
 
 Eager and compiled: the kernels are custom ops, and the handoffs (`QLinear._prequant`, `QLinear._residual`) are
 set and consumed inside one block's forward, so `torch.compile(fullgraph=True)` traces them as plain side effects
@@ -129,8 +132,8 @@ def attention_into(attn: nn.Module, call, residual: torch.Tensor, gate=None) -> 
 
 def ffn_into(ffn: nn.Module, x: torch.Tensor, residual: torch.Tensor, gate=None) -> torch.Tensor:
     """residual_add(residual, ffn(x), gate) for diffusers' FeedForward [GELU(tanh) with proj, Dropout, Linear,
-    (Dropout)]: with both linears QLinears, fc2 applies the GELU in its act-quant pass and the residual add in its
-    epilogue."""
+    (Dropout)]: with both linears QLinears, fc2 applies the residual add in its epilogue, and the GELU runs in
+    fc1's epilogue or fc2's act-quant pass (module docstring)."""
     net = getattr(ffn, "net", None)
     rows = _gate_rows(gate, residual) if residual.dim() == 3 else False
     act = net[0] if isinstance(net, nn.ModuleList) and len(net) in (3, 4) else None
@@ -139,5 +142,8 @@ def ffn_into(ffn: nn.Module, x: torch.Tensor, residual: torch.Tensor, gate=None)
             and isinstance(net[2], QLinear) and all(_inactive(m) for m in list(net)[1:2] + list(net)[3:])
             and residual.dtype == x.dtype):
         return residual_add(residual, ffn(x), gate)
-    h = act.proj(x)  # fc1's output before the GELU
-    return net[2](h, input_activation="gelu_tanh", residual=residual, residual_gate=rows)
+    fc1 = act.proj
+    if qk.ops.tail_as_own_pass(fc1.backend, x.device, fc1.w_bits, fc1.in_features):
+        h = fc1(x)  # fc1's output before the GELU, which fc2 applies as it quantizes h
+        return net[2](h, input_activation="gelu_tanh", residual=residual, residual_gate=rows)
+    return net[2](fc1(x, activation="gelu_tanh"), residual=residual, residual_gate=rows)
