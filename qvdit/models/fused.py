@@ -10,7 +10,7 @@
   (`qvdit_kernels.qlinear(input_activation=)`, which quantizes the GELU of fc1's output as it reads it): the CUDA
   GEMM would run it as a pass of its own over fc1's [tokens, 4C] output (`qvdit_kernels.ops.tail_as_own_pass`).
   The GELU costs an act-quant pass more than it costs a GEMM epilogue (it is bound by the special-function unit:
-  on the H200 the act-quant of wan14b fc2's input ran 0.60x as fast with it on Triton and 0.57x on CUDA, BENCHMARKS
+  on the H200 the act-quant of wan14b fc2's input ran 0.59x as fast with it on Triton and 0.61x on CUDA, BENCHMARKS
   run 8), so it goes to fc2 only to save that pass.
 
 Eager and compiled: the kernels are custom ops, and the handoffs (`QLinear._prequant`, `QLinear._residual`) are
