@@ -16,6 +16,8 @@
 #include <cuda_fp16.h>
 #include <math.h>
 
+#include <type_traits>
+
 #include "qvdit_kernels.cuh"
 #include "qvdit_kernels.h"
 
@@ -148,16 +150,17 @@ __global__ void __launch_bounds__(kAqThreads) act_quant_kernel(const ActQuantArg
 }
 
 // ---------------------------------------------------------------- rows held in registers (fast path)
-// Two floats rounded to T (nearest even) as one 32-bit word, low half first: one paired conversion instruction.
-__device__ __forceinline__ uint32_t pack2(__nv_bfloat16*, float lo, float hi) {
-  const __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&p);
+// Two floats rounded to a 16-bit T (nearest even) as one 32-bit word, low half first: one paired conversion.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same<T, __half>::value) {
+    const __half2 p = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&p);
+  } else {
+    const __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&p);
+  }
 }
-__device__ __forceinline__ uint32_t pack2(__half*, float lo, float hi) {
-  const __half2 p = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&p);
-}
-__device__ __forceinline__ uint32_t pack2(float*, float, float) { return 0; }  // (not called: VEC = 4)
 
 // gelu_rounded of the elements of a 16-byte chunk, as a new chunk built from 32-bit words (a chunk written element
 // by element through a T pointer goes to local memory). Each value is rounded to T once, two per conversion: the
@@ -169,10 +172,10 @@ __device__ __forceinline__ uint4 gelu_chunk(const uint4& in) {
   uint32_t w[4];
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    if (VEC == 4)
+    if constexpr (VEC == 4)
       w[j] = __float_as_uint(gelu_rounded<T>(to_float(e[j])));
     else
-      w[j] = pack2((T*)nullptr, tail_gelu(to_float(e[2 * j]), false), tail_gelu(to_float(e[2 * j + 1]), false));
+      w[j] = pack2<T>(tail_gelu(to_float(e[2 * j]), false), tail_gelu(to_float(e[2 * j + 1]), false));
   }
   return make_uint4(w[0], w[1], w[2], w[3]);
 }

@@ -138,8 +138,6 @@ def _quantize_activation_checked(x, bits, alpha, gate, frame_id, backend, want_r
         raise ValueError(f"x must have K >= 1 columns, got shape {list(x.shape)}")
     _check_tqe(m, k, x.device, alpha, gate, frame_id)
     fn = backends.resolve("quantize_activation", backend, x.device)
-    if activation is None:  # (backends take activation= as a keyword: absent means none)
-        return fn(x, bits, alpha, gate, frame_id, want_rowsum)
     return fn(x, bits, alpha, gate, frame_id, want_rowsum, activation=activation)
 
 
@@ -313,9 +311,8 @@ def qlinear(x, w_packed, w_bits, w_scale, w_zero, a_bits, bias=None, alpha=None,
         _check_tqe(x2.shape[0], k, x.device, alpha, gate, frame_id)
         _check_weight_args(k, x.device, w_packed, w_bits, w_scale, w_zero, bias, beta, out_dtype, format)
         _check_tail(x2.shape[0], w_packed.shape[0], x.device, out_dtype, activation, res2, residual_gate)
-        kw = {} if input_activation is None else {"input_activation": input_activation}  # (absent means none)
         y = _run_gemm(fused, (x2, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, gate, frame_id,
-                              out_dtype, format), activation, res2, residual_gate, **kw)
+                              out_dtype, format), activation, res2, residual_gate, input_activation=input_activation)
     else:
         need_rowsum = w_bits != 8
         res = _quantize_activation_checked(x2, a_bits, alpha, gate, frame_id, backend, need_rowsum, input_activation)

@@ -58,8 +58,8 @@ def wan_block_forward(self, hidden_states: torch.Tensor, encoder_hidden_states: 
                       rotary_emb: torch.Tensor) -> torch.Tensor:
     """diffusers 0.42 `WanTransformerBlock.forward` with its three norm sites (norm1 + modulation -> q/k/v,
     norm2 -> cross-attention q, norm3 + modulation -> FFN in) run by `fused.feed` (the norm, the modulation
-    and the act-quant of the consumers in one pass), the FFN's GELU in fc2's act-quant pass and the three residual
-    adds in the epilogues of the output projections and fc2 (`fused.attention_into`, `fused.ffn_into`).
+    and the act-quant of the consumers in one pass), the FFN's GELU in fc1's epilogue or fc2's act-quant pass, and the
+    three residual adds in the epilogues of the output projections and fc2 (`fused.attention_into`, `fused.ffn_into`).
     tests/test_fused_producers.py checks it against the original bit for bit on the reference backend."""
     if temb.ndim == 4:  # (B, S, 6, C): per-token modulation (Wan 2.2 TI2V)
         mods = [t.squeeze(2) for t in (self.scale_shift_table.unsqueeze(0) + temb.float()).chunk(6, dim=2)]
@@ -80,7 +80,7 @@ def wan_block_forward(self, hidden_states: torch.Tensor, encoder_hidden_states: 
     # 3. Feed-forward
     ffn_in = getattr(self.ffn.net[0], "proj", None)  # the GELU module's projection
     norm_hidden_states = fused.feed(self.norm3, hidden_states, [ffn_in], c_scale_msa, c_shift_msa)
-    return fused.ffn_into(self.ffn, norm_hidden_states, hidden_states, c_gate_msa)  # GELU and residual in fc2
+    return fused.ffn_into(self.ffn, norm_hidden_states, hidden_states, c_gate_msa)  # residual in fc2
 
 
 register_adapter(WanAdapter())
