@@ -210,8 +210,12 @@ __global__ void __launch_bounds__(kWsThreads, 1) qgemm_sm90_ws_kernel(const __gr
       if (gi == 0) store_params<Plan>(params, sbase, pb, ptid);  // (its loads waited under group 0's MMAs)
       if (gi + 1 < groups) consumer_group<BITS, MODE>(w, sbase, it0, gi + 1, leader, row0, q, acc, f1, f0);
     }
+    // Ping-pong: every wait of this tile has passed (the last one came with the last group's fragments), so
+    // the other warpgroup may start its tile now: its first MMAs queue behind this tile's last ones, and the
+    // tensor cores see no gap between the two (arriving after the wait below left the pipe empty while the
+    // other warpgroup woke up and unpacked its first group).
+    if (Plan::kPingPong && leader) mbar_arrive(sbase + Plan::turn(1 - wg));
     wgmma_wait<0>();
-    if (Plan::kPingPong && leader) mbar_arrive(sbase + Plan::turn(1 - wg));  // the other's next tile may start
     QV_UNROLL
     for (int mb = 0; mb < MB; ++mb) fence_regs<64>(acc[mb]);
     fence_regs<32>(&f0[0][0]);

@@ -355,6 +355,11 @@ def test_sanitizer_smoke(path, monkeypatch):
         x = torch.randn(m, k, device=DEV)
         qk.quantize_activation_rowsum(x, 6, alpha=torch.randn(k, device=DEV), backend="cuda")
         qk.quantize_activation_rowsum(x.bfloat16(), 6, backend="cuda", activation="gelu_tanh")  # the GELU prologue
+    if path.startswith("sm90ws"):  # several tiles per CTA (persistent loop; ping-pong: the turn barriers, both ways)
+        for w_bits in (3, 4):
+            a, qw = problem(4100, 520, 1280, w_bits, 6, seed=w_bits)
+            want = exact_acc(a["xq"], qw, a["w_zero"])
+            assert torch.equal(qk.qgemm(**a, out_dtype=torch.int32, backend="cuda").double(), want)
     for dt, n in ((torch.bfloat16, 64), (torch.float16, 77)):  # the one-pass tail after a GEMM (16-byte, scalar)
         y, res = torch.randn(9, n, device=DEV).to(dt), torch.randn(9, n, device=DEV).to(dt)
         torch.ops.qvdit.cuda_epilogue_tail(y, 1, res, torch.rand(3, n, device=DEV))

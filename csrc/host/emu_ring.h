@@ -71,8 +71,8 @@ inline int run_ring(int mode, int steps, int tiles, int stages, unsigned seed) {
         if (t1 < steps && h1 == 0)
           c.push_back({kWait, ws_slot(it0 + t1, S), ws_full_parity(it0 + t1, S), it0 + t1, ws_slot(it0 + t1, S)});
       }
+      if (pp) c.push_back({kArrive, 2 * S + (1 - wg), 0, -1, -1});  // the turn: before the last MMAs retire
       c.push_back({kRetire, -1, 0, it0 + steps - 1, ws_slot(it0 + steps - 1, S)});  // wgmma_wait<0>
-      if (pp) c.push_back({kArrive, 2 * S + (1 - wg), 0, -1, -1});
       c.push_back({kArrive, S + ws_slot(it0 + steps - 1, S), 0, -1, -1});
       if (!pp) c.push_back({kSync, -1, 0, ntile, -1});  // bar.sync 1, 256 (both warpgroups)
     }
