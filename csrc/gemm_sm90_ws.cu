@@ -98,12 +98,13 @@ __device__ __forceinline__ void build_group(uint32_t p_slot, bool tail, int h, i
 }
 
 // One MMA group of a consumer warpgroup (group gi = step gi / MB, half gi % MB): its 8 MMAs from
-// fragments fc, then retire group gi-1 (release its step's slot if that was the step's last group) and
-// unpack group gi+1 into fn (the registers group gi-1 read), waiting for its slot first if it starts a step.
-template <int BITS, int MODE, int MB = WsPlan<BITS, MODE>::MB>
+// fragments fc, `beside()` while they run (kWsDefer128: a piece of the previous tile's epilogue), then retire
+// group gi-1 (release its step's slot if that was the step's last group) and unpack group gi+1 into fn (the
+// registers group gi-1 read), waiting for its slot first if it starts a step.
+template <int BITS, int MODE, class Beside, int MB = WsPlan<BITS, MODE>::MB>
 __device__ __forceinline__ void consumer_group(const WsArgs& w, uint32_t sbase, int it0, int gi, bool leader,
                                                int row0, int q, uint32_t (&acc)[MB][64], uint32_t (&fc)[8][4],
-                                               uint32_t (&fn)[8][4]) {
+                                               uint32_t (&fn)[8][4], const Beside& beside) {
   using Plan = WsPlan<BITS, MODE>;
   constexpr int S = Plan::kStages;
   const int t = gi / MB, h = gi % MB, s = ws_slot(it0 + t, S);
@@ -119,6 +120,7 @@ __device__ __forceinline__ void consumer_group(const WsArgs& w, uint32_t sbase, 
   wgmma_commit();
   QV_UNROLL
   for (int mb = 0; mb < MB; ++mb) fence_regs<64>(acc[mb]);
+  beside();
   wgmma_wait<1>();  // group gi-1 has retired: its fragment registers (fn) are free
   fence_regs<32>(&fn[0][0]);
   if (h == 0 && t > 0 && leader) mbar_arrive(sbase + Plan::empty(ws_slot(it0 + t - 1, S)));  // step t-1 done
@@ -185,6 +187,17 @@ __global__ void __launch_bounds__(kWsThreads, 1) qgemm_sm90_ws_kernel(const __gr
   const bool leader = tid % 128 == 0;
   const int groups = w.steps * MB;
   uint32_t acc[MB][64], f0[8][4], f1[8][4];
+  const Epi& e = g.epi;
+  // (only in the cooperative modes, which the host takes for a tail; never with int32 outputs, which the
+  // bindings refuse with a tail: the exact accumulator is stored)
+  const bool tail = Plan::kTail && e.out_kind != 3 && (e.activation || e.residual);
+  const int lr = row0 - Plan::wg_row0(wg), wtid = tid % 128, c = 2 * q;  // (row, thread index) in the warpgroup
+  // kWsDefer128: the tile whose accumulators wait in the slabs (its first output row and column, operand buffer;
+  // dm0 < 0: none), and its epilogue passes between the MMA groups of the next tile
+  int dm0 = -1, dn0 = 0, dpb = 0;
+  const auto deferred = [&](int q0, int q1) {
+    if (Plan::kDeferred && dm0 >= 0) epilogue_passes_for<Plan>(e, tail, sbase, dpb, wg, dm0, dn0, wtid, q0, q1);
+  };
   int ntile = 0;  // tiles of this CTA so far (both warpgroups')
   for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x, ++ntile) {
     if (!ws_owns(Plan::kPingPong, ntile, wg)) continue;  // the other warpgroup's tile
@@ -206,9 +219,12 @@ __global__ void __launch_bounds__(kWsThreads, 1) qgemm_sm90_ws_kernel(const __gr
     mbar_wait(sbase + Plan::full(ws_slot(it0, S)), ws_full_parity(it0, S));
     build_group<BITS, MB>(sbase + Plan::p(ws_slot(it0, S)), g.tail && w.steps == 1, 0, row0, q, f0);
     for (int gi = 0; gi < groups; gi += 2) {
-      consumer_group<BITS, MODE>(w, sbase, it0, gi, leader, row0, q, acc, f0, f1);
+      consumer_group<BITS, MODE>(w, sbase, it0, gi, leader, row0, q, acc, f0, f1,
+                                 [&] { deferred(ws_defer_pass(gi, groups), ws_defer_pass(gi + 1, groups)); });
       if (gi == 0) store_params<Plan>(params, sbase, pb, ptid);  // (its loads waited under group 0's MMAs)
-      if (gi + 1 < groups) consumer_group<BITS, MODE>(w, sbase, it0, gi + 1, leader, row0, q, acc, f1, f0);
+      if (gi + 1 < groups)
+        consumer_group<BITS, MODE>(w, sbase, it0, gi + 1, leader, row0, q, acc, f1, f0,
+                                   [&] { deferred(ws_defer_pass(gi + 1, groups), ws_defer_pass(gi + 2, groups)); });
     }
     // Ping-pong: every wait of this tile has passed (the last one came with the last group's fragments), so
     // the other warpgroup may start its tile now: its first MMAs queue behind this tile's last ones, and the
@@ -221,6 +237,17 @@ __global__ void __launch_bounds__(kWsThreads, 1) qgemm_sm90_ws_kernel(const __gr
     fence_regs<32>(&f0[0][0]);
     fence_regs<32>(&f1[0][0]);
     if (leader) mbar_arrive(sbase + Plan::empty(ws_slot(it0 + w.steps - 1, S)));
+    if (Plan::kDeferred) {
+      // This warpgroup's passes over its slabs (the tile before's epilogue) are done, so the slabs take this
+      // tile's accumulators; then both warpgroups meet: the slabs are visible to the readers of the warpgroup,
+      // this tile's operands (stored by warpgroup 0) to both, and every pass over operand buffer pb ^ 1 is done
+      // (the next tile stores its operands there).
+      ws_warpgroup_sync(wg);
+      stage_all<Plan>(sbase, wg, lr, c, acc);
+      asm volatile("bar.sync 1, %0;\n" ::"n"(kWsConsumers) : "memory");
+      dm0 = tm * kBM, dn0 = tn * Plan::kRows, dpb = pb;
+      continue;
+    }
     // Every consumer of the tile has staged its operands, and has finished the epilogue of its tile before
     // this one, which read the buffer that its next tile's store_params overwrites. (Named barrier 1 for
     // both warpgroups, 1 + wg for one.)
@@ -231,12 +258,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) qgemm_sm90_ws_kernel(const __gr
     else
       asm volatile("bar.sync 2, 128;\n" ::: "memory");
 
-    const Epi& e = g.epi;
-    const int m0 = tm * kBM, n0 = tn * Plan::kRows, c = 2 * q;
-    // (only in the cooperative modes, which the host takes for a tail; never with int32 outputs, which the
-    // bindings refuse with a tail: the exact accumulator is stored)
-    const bool tail = Plan::kTail && e.out_kind != 3 && (e.activation || e.residual);
-    const int lr = row0 - Plan::wg_row0(wg), wtid = tid % 128;  // (row, thread index) in the warpgroup
+    const int m0 = tm * kBM, n0 = tn * Plan::kRows;
     switch (e.out_kind + (tail ? 4 : 0)) {
       case 0: epilogue_staged<0, false, Plan>(e, sbase, pb, wg, m0, n0, lr, c, wtid, acc); break;
       case 1: epilogue_staged<1, false, Plan>(e, sbase, pb, wg, m0, n0, lr, c, wtid, acc); break;
@@ -247,6 +269,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) qgemm_sm90_ws_kernel(const __gr
       default: epilogue_staged<2, Plan::kTail, Plan>(e, sbase, pb, wg, m0, n0, lr, c, wtid, acc); break;
     }
   }
+  deferred(0, kWsDeferPasses);  // (kWsDefer128) the last tile's epilogue, whole
 #else
   __trap();  // built without an sm_90a target; the host launcher refuses before getting here
 #endif
@@ -319,14 +342,16 @@ int qgemm_sm90_ws_rows(int n, int k) {
 }
 
 int qgemm_sm90_ws_mode(int n, int k, bool tail) {
+  const char* defer = std::getenv("QVDIT_WS_DEFER");  // 0: 128-row tiles with the epilogue after each mainloop
+  const int coop128 = defer && std::atoi(defer) == 0 ? kWsCoop128 : kWsDefer128;
   if (tail) {  // a cooperative mode (WsPlan::kTail): 128 rows, or with QVDIT_WS_TAIL256=1 the height rule's
     // (opt-in, kept for experiments: 1.4-1.9x slower than 128 rows on the 14B/5B shapes, BENCHMARKS run ws7)
     const char* t256 = std::getenv("QVDIT_WS_TAIL256");
-    return t256 && std::atoi(t256) == 1 && qgemm_sm90_ws_rows(n, k) == 256 ? kWsCoop256 : kWsCoop128;
+    return t256 && std::atoi(t256) == 1 && qgemm_sm90_ws_rows(n, k) == 256 ? kWsCoop256 : coop128;
   }
   const char* pp = std::getenv("QVDIT_WS_PINGPONG");  // 1: ping-pong for 128-row tiles (opt-in: slower, run ws5)
   if (qgemm_sm90_ws_rows(n, k) == 256) return kWsCoop256;
-  return pp && std::atoi(pp) == 1 ? kWsPingPong : kWsCoop128;
+  return pp && std::atoi(pp) == 1 ? kWsPingPong : coop128;
 }
 
 cudaError_t qgemm_sm90_ws(const GemmArgs& g, int bits, cudaStream_t stream) {
@@ -334,6 +359,7 @@ cudaError_t qgemm_sm90_ws(const GemmArgs& g, int bits, cudaStream_t stream) {
   switch (qgemm_sm90_ws_mode(g.epi.n, g.ka, g.epi.activation != 0 || g.epi.residual != nullptr)) {
     case kWsCoop256: return bits == 3 ? launch_ws<3, kWsCoop256>(g, stream) : launch_ws<4, kWsCoop256>(g, stream);
     case kWsPingPong: return bits == 3 ? launch_ws<3, kWsPingPong>(g, stream) : launch_ws<4, kWsPingPong>(g, stream);
+    case kWsDefer128: return bits == 3 ? launch_ws<3, kWsDefer128>(g, stream) : launch_ws<4, kWsDefer128>(g, stream);
     default: return bits == 3 ? launch_ws<3, kWsCoop128>(g, stream) : launch_ws<4, kWsCoop128>(g, stream);
   }
 }

@@ -194,6 +194,67 @@ __device__ __forceinline__ void st4(void* p, size_t i, bool vec, int valid, cons
   }
 }
 
+// A thread's 4 weight rows' epilogue operands (tile rows r .. r + 3, from buffer pb).
+struct RowOps {
+  float sw[4], zw[4], bias[4], beta[4];
+};
+template <class Plan>
+__device__ __forceinline__ void load_row_ops(uint32_t sbase, int pb, int r, RowOps& o) {
+  lds128f(sbase + Plan::param(pb, 4) + 4 * r, o.sw);
+  lds128f(sbase + Plan::param(pb, 5) + 4 * r, o.zw);
+  lds128f(sbase + Plan::param(pb, 6) + 4 * r, o.bias);
+  lds128f(sbase + Plan::param(pb, 7) + 4 * r, o.beta);
+}
+
+// Whether a thread's 4 outputs from column n on (valid of them in range) take 8/16-byte accesses: whole 4-output
+// groups (n is a multiple of 4) in rows that start 4-element aligned.
+template <int OUT, bool TAIL>
+__device__ __forceinline__ bool epilogue_vec(const Epi& e, int valid) {
+  constexpr int kEl = OUT >= 2 ? 4 : 2;  // bytes per output
+  const auto al = [](const void* p, int64_t ld, int bytes) {
+    return reinterpret_cast<uintptr_t>(p) % (4 * bytes) == 0 && (ld * bytes) % (4 * bytes) == 0;
+  };
+  return valid >= 4 && al(e.out, e.n, kEl) && (!TAIL || !e.residual || al(e.residual, e.ld_res, kEl)) &&
+         (!TAIL || !e.rgate || al(e.rgate, e.n, 4));
+}
+
+// (TAIL with a residual) the residual and gate values of token m's outputs n .. n + 3 (tt: the token in the tile).
+template <int OUT, bool TAIL, class Plan>
+__device__ __forceinline__ void tail_loads(const Epi& e, uint32_t sbase, int pb, int tt, int m, int n, bool vec,
+                                           int valid, float (&res)[4], float (&gate)[4]) {
+  if (!(TAIL && e.residual)) return;
+  ld4<OUT>(e.residual, (size_t)m * e.ld_res + n, vec, valid, res);
+  if (e.rgate) {
+    const int grow = (int)lds32(sbase + Plan::param(pb, 3) + 4 * tt);
+    ld4<2>(e.rgate, (size_t)grow * e.n + n, vec, valid, gate);
+  }
+}
+
+// One token's 4 outputs: token tl of the staged chunk at `stage` (tt in the tile, m in the output), rows col ..
+// col + 3 of the chunk (outputs n .. n + 3): the zero correction, epilogue_ops (the float ops of every kernel),
+// the optional tail (reference.epilogue_tail), one 8- or 16-byte store.
+template <int OUT, bool TAIL, class Plan>
+__device__ __forceinline__ void epilogue_token(const Epi& e, uint32_t sbase, uint32_t stage, int pb, const RowOps& r,
+                                               int tl, int tt, int m, int n, int col, bool vec, int valid,
+                                               const float (&res)[4], const float (&gate)[4]) {
+  uint32_t raw[4];
+  lds128(stage + 4 * ws_stage_word(tl, col), raw);
+  const float sx = ldsf(sbase + Plan::param(pb, 0) + 4 * tt);
+  const int32_t rs = (int32_t)lds32(sbase + Plan::param(pb, 1) + 4 * tt);
+  const float um = ldsf(sbase + Plan::param(pb, 2) + 4 * tt);
+  float y[4];
+  int32_t cv[4];
+  QV_UNROLL
+  for (int a = 0; a < 4; ++a) {
+    cv[a] = zero_corrected((int32_t)raw[a], r.zw[a], rs);
+    float v = epilogue_ops(cv[a], sx, r.sw[a], e.bias != nullptr, r.bias[a], e.u != nullptr, um, r.beta[a]);
+    v = tail_activation<OUT, TAIL>(e, v);
+    if (TAIL && e.residual) v = tail_residual(res[a], v, e.rgate != nullptr, gate[a]);
+    y[a] = v;
+  }
+  st4<OUT>(e.out, (size_t)m * e.n + n, vec, valid, y, cv);
+}
+
 // The staged chunk back along rows (see above): rb = the m-block's first row in the tile, t0 = the chunk's
 // first token in the tile, wtid = the thread's index in its warpgroup. LEAN (MB = 2: 128 accumulator
 // registers stay live through the loop over chunks, within the 168-register cap): the weight-row operands
@@ -202,64 +263,75 @@ __device__ __forceinline__ void st4(void* p, size_t i, bool vec, int valid, cons
 template <int OUT, bool TAIL, bool LEAN, class Plan>
 __device__ __forceinline__ void epilogue_rows(const Epi& e, uint32_t sbase, uint32_t stage, int pb, int m0, int n0,
                                               int rb, int t0, int wtid) {
-  constexpr int kEl = OUT >= 2 ? 4 : 2;  // bytes per output
-  constexpr int PF = LEAN ? 1 : 4;       // tokens whose tail loads go out together
+  constexpr int PF = LEAN ? 1 : 4;  // tokens whose tail loads go out together
   const int col = ws_read_col(wtid), n = n0 + rb + col, valid = e.n - n;
   if (valid <= 0) return;
-  float sw[4], zw[4], bias[4], beta[4];
-  auto row_operands = [&] {
-    lds128f(sbase + Plan::param(pb, 4) + 4 * (rb + col), sw);
-    lds128f(sbase + Plan::param(pb, 5) + 4 * (rb + col), zw);
-    lds128f(sbase + Plan::param(pb, 6) + 4 * (rb + col), bias);
-    lds128f(sbase + Plan::param(pb, 7) + 4 * (rb + col), beta);
-  };
-  if (!LEAN) row_operands();
-  // 8/16-byte accesses: whole 4-output groups (n is a multiple of 4) in rows that start 4-element aligned
-  const auto al = [](const void* p, int64_t ld, int bytes) {
-    return reinterpret_cast<uintptr_t>(p) % (4 * bytes) == 0 && (ld * bytes) % (4 * bytes) == 0;
-  };
-  const bool vec = valid >= 4 && al(e.out, e.n, kEl) && (!TAIL || !e.residual || al(e.residual, e.ld_res, kEl)) &&
-                   (!TAIL || !e.rgate || al(e.rgate, e.n, 4));
+  RowOps r;
+  if (!LEAN) load_row_ops<Plan>(sbase, pb, rb + col, r);
+  const bool vec = epilogue_vec<OUT, TAIL>(e, valid);
   QV_UNROLL
   for (int p0 = 0; p0 < 4; p0 += PF) {
     // (TAIL) the residual and gate values of PF tokens first: out may alias residual, so a later token's
     // loads could not move above an earlier one's stores
     float res[PF][4], gate[PF][4];
-    if (TAIL && e.residual) {
-      QV_UNROLL
-      for (int p = 0; p < PF; ++p) {
-        const int tl = ws_read_token(wtid, p0 + p), m = m0 + t0 + tl;
-        if (m >= e.m) continue;
-        ld4<OUT>(e.residual, (size_t)m * e.ld_res + n, vec, valid, res[p]);
-        if (e.rgate) {
-          const int grow = (int)lds32(sbase + Plan::param(pb, 3) + 4 * (t0 + tl));
-          ld4<2>(e.rgate, (size_t)grow * e.n + n, vec, valid, gate[p]);
-        }
-      }
+    QV_UNROLL
+    for (int p = 0; p < PF; ++p) {
+      const int tt = t0 + ws_read_token(wtid, p0 + p);
+      if (m0 + tt < e.m) tail_loads<OUT, TAIL, Plan>(e, sbase, pb, tt, m0 + tt, n, vec, valid, res[p], gate[p]);
     }
     QV_UNROLL
     for (int p = 0; p < PF; ++p) {
       const int tl = ws_read_token(wtid, p0 + p), m = m0 + t0 + tl;
       if (m >= e.m) continue;
-      if (LEAN) row_operands();
-      uint32_t raw[4];
-      lds128(stage + 4 * ws_stage_word(tl, col), raw);
-      const float sx = ldsf(sbase + Plan::param(pb, 0) + 4 * (t0 + tl));
-      const int32_t rs = (int32_t)lds32(sbase + Plan::param(pb, 1) + 4 * (t0 + tl));
-      const float um = ldsf(sbase + Plan::param(pb, 2) + 4 * (t0 + tl));
-      float y[4];
-      int32_t cv[4];
-      QV_UNROLL
-      for (int a = 0; a < 4; ++a) {
-        cv[a] = zero_corrected((int32_t)raw[a], zw[a], rs);
-        float v = epilogue_ops(cv[a], sx, sw[a], e.bias != nullptr, bias[a], e.u != nullptr, um, beta[a]);
-        v = tail_activation<OUT, TAIL>(e, v);
-        if (TAIL && e.residual) v = tail_residual(res[p][a], v, e.rgate != nullptr, gate[p][a]);
-        y[a] = v;
-      }
-      st4<OUT>(e.out, (size_t)m * e.n + n, vec, valid, y, cv);
+      if (LEAN) load_row_ops<Plan>(sbase, pb, rb + col, r);
+      epilogue_token<OUT, TAIL, Plan>(e, sbase, stage, pb, r, tl, t0 + tl, m, n, col, vec, valid, res[p], gate[p]);
     }
   }
+}
+
+// kWsDefer128: passes q0 .. q1 - 1 (ws_layout.h, ws_defer_pass) of the tile at (m0, n0) that waits in warpgroup
+// wg's slabs, its operands in buffer pb. Called between the next tile's MMA groups: a rolled loop (its code runs
+// beside the mainloop's registers), the row operands read once per call.
+template <int OUT, bool TAIL, class Plan>
+__device__ __forceinline__ void epilogue_passes(const Epi& e, uint32_t sbase, int pb, int wg, int m0, int n0,
+                                                int wtid, int q0, int q1) {
+  const int col = ws_read_col(wtid), n = n0 + Plan::wg_row0(wg) + col, valid = e.n - n;
+  if (valid <= 0 || q0 >= q1) return;
+  RowOps r;
+  load_row_ops<Plan>(sbase, pb, Plan::wg_row0(wg) + col, r);
+  const bool vec = epilogue_vec<OUT, TAIL>(e, valid);
+#pragma unroll 1
+  for (int q = q0; q < q1; ++q) {
+    const int ch = q / 4, tl = ws_read_token(wtid, q % 4), tt = kWsStageTokens * ch + tl, m = m0 + tt;
+    if (m >= e.m) break;  // (tt grows with q)
+    float res[4], gate[4];
+    tail_loads<OUT, TAIL, Plan>(e, sbase, pb, tt, m, n, vec, valid, res, gate);
+    epilogue_token<OUT, TAIL, Plan>(e, sbase, sbase + Plan::stage(wg, ch), pb, r, tl, tt, m, n, col, vec, valid, res,
+                                    gate);
+  }
+}
+
+// The deferred passes in this launch's out dtype and tail choice (only that instantiation runs).
+template <class Plan>
+__device__ __forceinline__ void epilogue_passes_for(const Epi& e, bool tail, uint32_t sbase, int pb, int wg, int m0,
+                                                    int n0, int wtid, int q0, int q1) {
+  switch (e.out_kind + (tail ? 4 : 0)) {
+    case 0: epilogue_passes<0, false, Plan>(e, sbase, pb, wg, m0, n0, wtid, q0, q1); break;
+    case 1: epilogue_passes<1, false, Plan>(e, sbase, pb, wg, m0, n0, wtid, q0, q1); break;
+    case 2: epilogue_passes<2, false, Plan>(e, sbase, pb, wg, m0, n0, wtid, q0, q1); break;
+    case 3: epilogue_passes<3, false, Plan>(e, sbase, pb, wg, m0, n0, wtid, q0, q1); break;
+    case 4: epilogue_passes<0, Plan::kTail, Plan>(e, sbase, pb, wg, m0, n0, wtid, q0, q1); break;
+    case 5: epilogue_passes<1, Plan::kTail, Plan>(e, sbase, pb, wg, m0, n0, wtid, q0, q1); break;
+    default: epilogue_passes<2, Plan::kTail, Plan>(e, sbase, pb, wg, m0, n0, wtid, q0, q1); break;
+  }
+}
+
+// kWsDefer128: this warpgroup's accumulators of the tile into its 4 slabs (no barrier between chunks: each has
+// its own slab).
+template <class Plan>
+__device__ __forceinline__ void stage_all(uint32_t sbase, int wg, int lr, int c, const uint32_t (&acc)[Plan::MB][64]) {
+  QV_UNROLL
+  for (int ch = 0; ch < 4; ++ch) stage_chunk<Plan::MB>(sbase + Plan::stage(wg, ch), 0, ch, lr, c, acc);
 }
 
 // The staged epilogue of one tile for warpgroup wg, one out dtype and tail choice. Unrolled over the chunks:

@@ -48,8 +48,13 @@ struct WsFmt<4> {
 //   kWsPingPong: each warpgroup owns whole 128-row tiles (MB = 2), taking every other tile of the CTA. The
 //               ring's load order alternates the two, and a warpgroup starts a tile only when the other has
 //               finished the mainloop of the tile before (WsPlan::turn), so one warpgroup's epilogue runs
-//               while the other's MMAs do (for small K, where the per-tile epilogue is a large share).
-constexpr int kWsCoop128 = 1, kWsCoop256 = 2, kWsPingPong = 3;
+//               while the other's MMAs do (for small K, where the per-tile epilogue is a large share);
+//   kWsDefer128: kWsCoop128 with the epilogue deferred: at the end of its mainloop a warpgroup only stages
+//               its accumulators (all 4 chunks, one slab each) and starts the next tile; the epilogue of the
+//               staged tile runs in pieces between the next tile's MMA groups, while they execute
+//               (ws_defer_pass). Both warpgroups keep feeding the tensor cores; the epilogue's ALU work fills
+//               their idle issue slots instead of leaving the tensor cores idle between tiles.
+constexpr int kWsCoop128 = 1, kWsCoop256 = 2, kWsPingPong = 3, kWsDefer128 = 4;
 
 // The staged epilogue (ws_epilogue.cuh) moves a warpgroup's accumulators through a staging buffer in chunks:
 // chunk ch of m-block mb = tokens 32 ch .. 32 ch + 31 of the tile x the m-block's 64 weight rows, as
@@ -65,18 +70,25 @@ QV_HD int ws_stage_row(int i, int lr) { return lr + 8 * ((i / 2) % 2); }
 QV_HD int ws_stage_word(int token, int row) { return token * kWsStageLd + row; }
 QV_HD int ws_read_token(int wtid, int p) { return wtid / 16 + 8 * p; }
 QV_HD int ws_read_col(int wtid) { return 4 * (wtid % 16); }
+// kWsDefer128: the staged tile's epilogue is 16 passes per warpgroup (pass q = chunk q / 4, token pass q % 4);
+// MMA group gi of the next tile (of `groups`) is followed by passes ws_defer_pass(gi, groups) ..
+// ws_defer_pass(gi + 1, groups) - 1, so every pass runs once and the work spreads evenly over the mainloop.
+constexpr int kWsDeferPasses = 16;
+QV_HD int ws_defer_pass(int gi, int groups) { return gi >= groups ? kWsDeferPasses : kWsDeferPasses * gi / groups; }
 
 template <int BITS, int MODE>
 struct WsPlan {
-  static constexpr int MB = MODE == kWsCoop128 ? 1 : 2;          // m64 blocks per consumer warpgroup
+  static constexpr int MB = MODE == kWsCoop128 || MODE == kWsDefer128 ? 1 : 2;  // m64 blocks per consumer warpgroup
   static constexpr bool kPingPong = MODE == kWsPingPong;
+  static constexpr bool kDeferred = MODE == kWsDefer128;
   static constexpr int kRows = MODE == kWsCoop256 ? 256 : 128;  // weight rows per tile
   // Whether the kernel can fuse reference.epilogue_tail (GELU, gated residual add): the cooperative modes. The
   // host takes the 128-row one for a tail unless QVDIT_WS_TAIL256=1 (qgemm_sm90_ws_mode): the 256-row tail
   // compiles without spills but has not run on a GPU yet.
   static constexpr bool kTail = MODE != kWsPingPong;
   static constexpr int kSlotConsumers = kPingPong ? 1 : 2;       // warpgroups that read (and release) a slot
-  static constexpr int kStages = kRows == 256 ? 3 : kWsStages;  // (a 256-row slot is 56-64 KB)
+  // (a 256-row slot is 56-64 KB; the deferred mode's slabs take the fourth 128-row slot's room)
+  static constexpr int kStages = kRows == 256 || kDeferred ? 3 : kWsStages;
   static constexpr int kABytes = kBM * kWsKS;                    // two SW128 blocks of [128 tokens][128 B]
   static constexpr int kPBytes = kRows * WsFmt<BITS>::kRowBytes;  // [weight rows][row bytes]
   static constexpr int kSlotBytes = kABytes + kPBytes;
@@ -88,9 +100,12 @@ struct WsPlan {
   static constexpr int kTokenArrays = 4;
   static constexpr int kParamBytes = kBM * 4 * kTokenArrays + kRows * 16;
   static constexpr int kParamBufs = kPingPong ? 4 : 2;
-  // Each consumer warpgroup's epilogue staging buffer (ws_epilogue.cuh; index math: ws_stage_word below).
+  // Each consumer warpgroup's epilogue staging buffer (ws_epilogue.cuh; index math: ws_stage_word below): one
+  // chunk (slab) at a time, or (kDeferred) all 4 chunks of its tile, which wait there for the next mainloop.
   static constexpr int kStageBytes = kWsStageTokens * kWsStageLd * 4;
-  static constexpr int kBytes = kStages * kSlotBytes + kBarBytes + kParamBufs * kParamBytes + 2 * kStageBytes;
+  static constexpr int kSlabs = kDeferred ? 4 : 1;
+  static constexpr int kBytes =
+      kStages * kSlotBytes + kBarBytes + kParamBufs * kParamBytes + 2 * kSlabs * kStageBytes;
   static constexpr int kAllocBytes = kBytes + 1024;
   QV_HD static uint32_t a(int slot) { return (uint32_t)(slot * kSlotBytes); }
   QV_HD static uint32_t p(int slot) { return (uint32_t)(slot * kSlotBytes + kABytes); }
@@ -107,8 +122,10 @@ struct WsPlan {
     return array < kTokenArrays ? base + (uint32_t)(array * kBM * 4)
                                 : base + (uint32_t)(kTokenArrays * kBM * 4 + (array - kTokenArrays) * kRows * 4);
   }
-  QV_HD static uint32_t stage(int wg) {
-    return (uint32_t)(kStages * kSlotBytes + kBarBytes + kParamBufs * kParamBytes + wg * kStageBytes);
+  // warpgroup wg's staging slab for chunk ch (the one buffer unless kDeferred)
+  QV_HD static uint32_t stage(int wg, int ch = 0) {
+    return (uint32_t)(kStages * kSlotBytes + kBarBytes + kParamBufs * kParamBytes +
+                      (wg * kSlabs + (kDeferred ? ch : 0)) * kStageBytes);
   }
   // Warpgroup wg's first weight row in the tile (its m-blocks are 64 rows apart).
   QV_HD static int wg_row0(int wg) { return kPingPong ? 0 : wg * 64 * MB; }

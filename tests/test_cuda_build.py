@@ -121,7 +121,7 @@ GEMM_SHAPES = [(1, 1, 1), (37, 200, 75), (130, 384, 129), (16, 1152, 40), (8, 25
 @pytest.mark.parametrize("m,k,n", GEMM_SHAPES)
 def test_emulated_gemm_paths_bit_exact(emulator, tmp_path, w_bits, m, k, n):
     """Every GEMM data path (mma.sync, wgmma, and for W3/W4 the warp-specialized wgmma with register
-    weight fragments in each tile mode: 128- and 256-row cooperative, ping-pong) gives the exact int32
+    weight fragments in each tile mode: 128- and 256-row cooperative, ping-pong, deferred epilogue) gives the exact int32
     accumulator, and the epilogue function gives the reference float32 epilogue bit for bit (same
     operations in the same order)."""
     g = gen(m * 7 + k * 3 + n + w_bits)
@@ -136,7 +136,7 @@ def test_emulated_gemm_paths_bit_exact(emulator, tmp_path, w_bits, m, k, n):
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     want = xq.long() @ (qw.long() - zw.long()[:, None]).T
-    for path in ("acc80", "acc90") + (("accws1", "accws2", "accws3") if w_bits != 8 else ()):
+    for path in ("acc80", "acc90") + (("accws1", "accws2", "accws3", "accws4") if w_bits != 8 else ()):
         got = _read(tmp_path, path, np.int32, (m, n))
         assert torch.equal(got.long(), want), f"{path}: {(got.long() != want).sum().item()} of {m * n} wrong"
     y = _read(tmp_path, "y90", np.float32, (m, n))
@@ -144,13 +144,13 @@ def test_emulated_gemm_paths_bit_exact(emulator, tmp_path, w_bits, m, k, n):
     assert torch.equal(y, ref)
 
 
-@pytest.mark.parametrize("mode", [1, 2, 3])  # kWsCoop128, kWsCoop256, kWsPingPong (ws_layout.h)
+@pytest.mark.parametrize("mode", [1, 2, 3, 4])  # kWsCoop128, kWsCoop256, kWsPingPong, kWsDefer128 (ws_layout.h)
 def test_ws_ring_protocol(emulator, mode):
     """The warp-specialized kernel's producer/consumer barrier protocol (its slot, parity and turn formulas from
     ws_layout.h) in random interleavings against modelled mbarriers: every wait passes only on its own fill,
     no slot is refilled under MMAs still reading it, nothing deadlocks. (Without the ping-pong turn barrier
     this fails at 6 steps per tile.)"""
-    stages = 3 if mode == 2 else 4
+    stages = 3 if mode in (2, 4) else 4
     for steps in (1, 2, 3, 5, 6, 9):
         for tiles in (1, 4, 7):
             res = subprocess.run([str(emulator), "ring", str(mode), str(steps), str(tiles), str(stages), "25"],

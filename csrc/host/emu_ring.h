@@ -56,7 +56,7 @@ inline int run_ring(int mode, int steps, int tiles, int stages, unsigned seed) {
   }
   for (int wg = 0; wg < wgs; ++wg) {
     auto& c = prog[1 + wg];
-    const int MB = mode == kWsCoop128 ? 1 : 2, groups = steps * MB;
+    const int MB = mode == kWsCoop128 || mode == kWsDefer128 ? 1 : 2, groups = steps * MB;
     for (int ntile = 0; ntile < tiles; ++ntile) {
       if (!ws_owns(pp, ntile, wg)) continue;
       const int it0 = ntile * steps;

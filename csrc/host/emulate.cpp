@@ -376,11 +376,26 @@ void cta_ws(const Problem& p, int cta, int grid, std::vector<int32_t>& out, std:
         }
     }
     // the staged epilogue (ws_epilogue.cuh), per warpgroup and chunk: the writers' accumulators into the
-    // staging buffer, then the readers' 4-output groups out of it (transposed: accumulator rows are weight rows)
+    // staging buffer, then the readers' 4-output groups out of it (transposed: accumulator rows are weight rows).
+    // kWsDefer128: all 4 chunks into their slabs first, then the passes in the order the next tile's MMA groups
+    // run them (ws_defer_pass), each exactly once.
+    std::vector<int> order;  // the reading passes over one set of slabs: q -> (slab q / 4, token pass q % 4)
+    if (Plan::kDeferred) {
+      const int groups = steps * MB;
+      for (int gi = 0; gi < groups; ++gi)
+        for (int q = ws_defer_pass(gi, groups); q < ws_defer_pass(gi + 1, groups); ++q) order.push_back(q);
+      expect((int)order.size() == kWsDeferPasses, "deferred epilogue: the groups do not run every pass once");
+      for (int q = 0; q < kWsDeferPasses; ++q) expect(order[q] == q, "deferred epilogue: passes out of order");
+    } else {
+      order = {0, 1, 2, 3};
+    }
     for (int wg = 0; wg < kWgs; ++wg)
-      for (int k = 0; k < 4 * MB; ++k) {
+      for (int k0 = 0; k0 < 4 * MB; k0 += Plan::kSlabs) {
+        std::vector<std::vector<int64_t>> slabs(Plan::kSlabs, std::vector<int64_t>(kWsStageTokens * kWsStageLd,
+                                                                                   INT64_MIN));  // (never written)
+        for (int k = k0; k < k0 + Plan::kSlabs; ++k) {
         const int mb = k / 4, ch = k % 4;
-        std::vector<int64_t> buf(kWsStageTokens * kWsStageLd, INT64_MIN);  // (sentinel: never written)
+        std::vector<int64_t>& buf = slabs[k - k0];
         for (int w = 0; w < 4; ++w)
           for (int i = 16 * ch; i < 16 * ch + 16; ++i) {  // one store instruction of warp w
             uint32_t banks = 0;
@@ -394,8 +409,11 @@ void cta_ws(const Problem& p, int cta, int grid, std::vector<int32_t>& out, std:
             }
             expect(banks == 0xffffffffu, "staged epilogue: a warp's staging store hits a bank twice");
           }
+        }
+        for (int q : order) {
+        const int k = k0 + q / 4, mb = k / 4, ch = k % 4, pass = q % 4;
+        std::vector<int64_t>& buf = slabs[q / 4];
         for (int wtid = 0; wtid < 128; ++wtid)
-          for (int pass = 0; pass < 4; ++pass)
             for (int a = 0; a < 4; ++a) {
               const int tok = ws_read_token(wtid, pass), row = ws_read_col(wtid) + a;
               expect(tok >= 0 && tok < kWsStageTokens && row >= 0 && row < 64,
@@ -410,9 +428,11 @@ void cta_ws(const Problem& p, int cta, int grid, std::vector<int32_t>& out, std:
               out[idx] = zero_corrected((int32_t)v, p.zw[n], p.rowsum[m]);
               ++hits[idx];
             }
-        for (int tok = 0; tok < kWsStageTokens; ++tok)
-          for (int row = 0; row < 64; ++row)
-            expect(buf[ws_stage_word(tok, row)] == INT64_MAX, "staged epilogue: a staged word is never read");
+        }
+        for (const auto& buf : slabs)
+          for (int tok = 0; tok < kWsStageTokens; ++tok)
+            for (int row = 0; row < 64; ++row)
+              expect(buf[ws_stage_word(tok, row)] == INT64_MAX, "staged epilogue: a staged word is never read");
       }
   }
 }
@@ -434,7 +454,7 @@ void run_gemm(Problem& p, const std::string& dir) {
   for (int h : tiles) expect(h == 1, "tile_coords does not visit every tile exactly once");
   for (size_t i = 0; i < mn; ++i) expect(hits80[i] == 1 && hits90[i] == 1, "an output is not written exactly once");
   if constexpr (BITS != 8) {  // the ws path (every tile mode) as a persistent grid of 3 CTAs
-    for (int mode : {kWsCoop128, kWsCoop256, kWsPingPong}) {
+    for (int mode : {kWsCoop128, kWsCoop256, kWsPingPong, kWsDefer128}) {
       std::vector<int32_t> accws(mn, 0);
       std::vector<int> hitsws(mn, 0);
       for (int cta = 0; cta < 3; ++cta) {
@@ -442,6 +462,8 @@ void run_gemm(Problem& p, const std::string& dir) {
           cta_ws<BITS, kWsCoop128>(p, cta, 3, accws, hitsws);
         else if (mode == kWsCoop256)
           cta_ws<BITS, kWsCoop256>(p, cta, 3, accws, hitsws);
+        else if (mode == kWsDefer128)
+          cta_ws<BITS, kWsDefer128>(p, cta, 3, accws, hitsws);
         else
           cta_ws<BITS, kWsPingPong>(p, cta, 3, accws, hitsws);
       }
