@@ -342,8 +342,10 @@ int qgemm_sm90_ws_rows(int n, int k) {
 }
 
 int qgemm_sm90_ws_mode(int n, int k, bool tail) {
-  const char* defer = std::getenv("QVDIT_WS_DEFER");  // 0: 128-row tiles with the epilogue after each mainloop
-  const int coop128 = defer && std::atoi(defer) == 0 ? kWsCoop128 : kWsDefer128;
+  // 1: 128-row tiles with the deferred epilogue (opt-in: 0.84-0.95x as fast as kWsCoop128 on the H200, BENCHMARKS
+  // run ws9; its ring has 3 slots, and 128-row tiles are bound by the activation traffic from L2 either way)
+  const char* defer = std::getenv("QVDIT_WS_DEFER");
+  const int coop128 = defer && std::atoi(defer) == 1 ? kWsDefer128 : kWsCoop128;
   if (tail) {  // a cooperative mode (WsPlan::kTail): 128 rows, or with QVDIT_WS_TAIL256=1 the height rule's
     // (opt-in, kept for experiments: 1.4-1.9x slower than 128 rows on the 14B/5B shapes, BENCHMARKS run ws7)
     const char* t256 = std::getenv("QVDIT_WS_TAIL256");

@@ -56,7 +56,7 @@ if has test; then
     python3 -m pytest -q -p no:cacheprovider tests/test_gemm.py -k cuda
   QVDIT_CUDA_GEMM_PATH=sm90ws QVDIT_WS_PINGPONG=1 step test_shared_sm90ws_pingpong \
     python3 -m pytest -q -p no:cacheprovider tests/test_gemm.py -k cuda
-  QVDIT_CUDA_GEMM_PATH=sm90ws QVDIT_WS_DEFER=0 step test_shared_sm90ws_coop128 \
+  QVDIT_CUDA_GEMM_PATH=sm90ws QVDIT_WS_DEFER=1 step test_shared_sm90ws_defer \
     python3 -m pytest -q -p no:cacheprovider tests/test_gemm.py -k cuda
   # the shared tests with the tail fused in the ws kernel (opt-in; N odd: the staged epilogue's scalar path)
   QVDIT_CUDA_FUSED_TAIL=1 QVDIT_CUDA_GEMM_PATH=sm90ws step test_shared_sm90ws_fused_tail \

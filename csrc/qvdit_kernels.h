@@ -53,7 +53,7 @@ bool qgemm_sm90_available();
 bool qgemm_sm90_ws_supported(const GemmArgs& g, int bits);
 cudaError_t qgemm_sm90_ws(const GemmArgs& g, int bits, cudaStream_t stream);
 // Its tile height for N output features and K input features (128 or 256 weight rows; QVDIT_WS_ROWS
-// overrides), and its tile mode (ws_layout.h: 128-row tiles kWsDefer128, or kWsCoop128 with QVDIT_WS_DEFER=0,
+// overrides), and its tile mode (ws_layout.h: 128-row tiles kWsCoop128, or kWsDefer128 with QVDIT_WS_DEFER=1,
 // or kWsPingPong with QVDIT_WS_PINGPONG=1; 256-row tiles kWsCoop256; with an epilogue tail the 128-row
 // cooperative mode, or with QVDIT_WS_TAIL256=1 the height rule's).
 int qgemm_sm90_ws_rows(int n, int k);

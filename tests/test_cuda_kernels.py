@@ -17,17 +17,17 @@ from test_gemm import make_problem
 
 pytestmark = pytest.mark.skipif("cuda" not in KERNEL_BACKENDS, reason="needs a GPU and the built CUDA extension")
 DEV = torch.device("cuda")
-# sm90ws: the warp-specialized kernel (W3/W4; W8 takes sm90), its 128-row tiles with the deferred epilogue;
-# sm90ws_pp: the same in ping-pong tile mode (QVDIT_WS_PINGPONG=1, which applies to its 128-row tiles);
-# sm90ws_coop: 128-row tiles with the epilogue after each mainloop (QVDIT_WS_DEFER=0)
-PATHS = ["sm80", "sm90", "sm90ws", "sm90ws_pp", "sm90ws_coop"]
+# sm90ws: the warp-specialized kernel (W3/W4; W8 takes sm90); sm90ws_pp: the same in ping-pong tile mode
+# (QVDIT_WS_PINGPONG=1, which applies to its 128-row tiles); sm90ws_defer: 128-row tiles with the deferred
+# epilogue (QVDIT_WS_DEFER=1)
+PATHS = ["sm80", "sm90", "sm90ws", "sm90ws_pp", "sm90ws_defer"]
 
 
 def set_path(monkeypatch, name):
     """Select one GEMM kernel through the environment (read per call)."""
     monkeypatch.setenv("QVDIT_CUDA_GEMM_PATH", "sm90ws" if name.startswith("sm90ws") else name)
     monkeypatch.setenv("QVDIT_WS_PINGPONG", "1" if name == "sm90ws_pp" else "0")
-    monkeypatch.setenv("QVDIT_WS_DEFER", "0" if name == "sm90ws_coop" else "1")
+    monkeypatch.setenv("QVDIT_WS_DEFER", "1" if name == "sm90ws_defer" else "0")
 
 
 @pytest.fixture(params=PATHS)
