@@ -331,6 +331,7 @@ cudaError_t launch_typed(const ActQuantArgs& a, cudaStream_t stream) {
   if (regs_ok && (a.activation == 1 ? launch_regs<T, true>(a, a.k / kVec, stream)
                                      : launch_regs<T, false>(a, a.k / kVec, stream)))
     return cudaGetLastError();
+  if (a.inplace) return cudaErrorNotSupported;  // (the kernels below read a row again after writing codes)
   if (vec_ok)
     act_quant_kernel<T, kVec><<<a.m, kAqThreads, 0, stream>>>(a);
   else

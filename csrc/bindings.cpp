@@ -5,6 +5,8 @@
 //   torch.ops.qvdit.cuda_act_quant(x, bits, alpha, gate, frame_id, want_rowsum, activation=0)
 //     -> (xq, scale, u, rowsum); activation 1: the codes of gelu_tanh(x) (FFN fc1 -> GELU -> fc2)
 //       u is [M] when alpha is given, else [0]; rowsum is [M] when want_rowsum, else [0].
+//   torch.ops.qvdit.cuda_act_quant_inplace(x!, bits, alpha, gate, frame_id, activation=0) -> (scale, u, rowsum)
+//       the same with the codes written over x's own rows (x.view(int8)[:, :K] afterwards): no code buffer.
 //   torch.ops.qvdit.cuda_qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum,
 //                              out_dtype, path, activation, residual, residual_gate) -> [M, N]
 //       activation 0 none / 1 gelu_tanh, residual [M, N] (out dtype), residual_gate f32 [G, N]: the epilogue
@@ -51,20 +53,24 @@ void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "qvdit CUDA ", what, " failed: ", cudaGetErrorString(err));
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> act_quant_cuda(const Tensor& x_in, int64_t bits, const OptT& alpha,
-                                                          const OptT& gate, const OptT& frame_id, bool want_rowsum,
-                                                          int64_t activation) {
-  TORCH_CHECK(x_in.is_cuda() && x_in.dim() == 2, "x must be a 2-D CUDA tensor, got ", x_in.sizes(), " on ",
-              x_in.device());
+// Checks x, bits and activation as both act-quant ops take them (the error names the argument).
+void check_act_quant_args(const Tensor& x, int64_t bits, int64_t activation) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2, "x must be a 2-D CUDA tensor, got ", x.sizes(), " on ", x.device());
   TORCH_CHECK(bits == 6 || bits == 8, "bits must be 6 or 8, got ", bits);
   TORCH_CHECK(activation == 0 || activation == 1, "activation must be 0 (none) or 1 (gelu_tanh), got ", activation);
-  const auto st = x_in.scalar_type();
+  const auto st = x.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, "x must be float32, bfloat16 or float16");
-  c10::cuda::CUDAGuard guard(x_in.device());
-  const Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
+}
+
+// The act-quant launch of both ops on x (unit column stride): codes into xq (row stride ldq bytes), the row scale,
+// TQE u (alpha given) and row sums (want_rowsum) into new tensors, returned. inplace: xq overlays x
+// (ActQuantArgs::inplace); the launch then fails with cudaErrorNotSupported where the row cannot be held.
+std::tuple<Tensor, Tensor, Tensor> act_quant_launch(const Tensor& x, int64_t bits, const OptT& alpha,
+                                                    const OptT& gate, const OptT& frame_id, bool want_rowsum,
+                                                    int64_t activation, int8_t* xq, int64_t ldq, bool inplace) {
   const int64_t m = x.size(0), k = x.size(1);
+  const auto st = x.scalar_type();
   auto opts = x.options();
-  Tensor xq = at::empty({m, k}, opts.dtype(at::kChar));
   Tensor scale = at::empty({m}, opts.dtype(at::kFloat));
   Tensor u = at::empty({alpha ? m : 0}, opts.dtype(at::kFloat));
   Tensor rowsum = at::empty({want_rowsum ? m : 0}, opts.dtype(at::kInt));
@@ -98,18 +104,49 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> act_quant_cuda(const Tensor& x_in, in
   a.k = (int)k;
   a.bits = (int)bits;
   a.activation = (int)activation;
-  a.xq = xq.data_ptr<int8_t>();
-  a.ldq = k;
+  a.xq = xq;
+  a.ldq = ldq;
+  a.inplace = inplace;
   a.scale = scale.data_ptr<float>();
   a.rowsum = want_rowsum ? rowsum.data_ptr<int32_t>() : nullptr;
-  check_launch(qv::act_quant(a, c10::cuda::getCurrentCUDAStream()), "act_quant");
+  const cudaError_t err = qv::act_quant(a, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(!(inplace && err == cudaErrorNotSupported), "cuda_act_quant_inplace: x must have 16-byte aligned rows ",
+              "of at most ", 16 * 256 * 16 / x.element_size(), " elements, a multiple of ", 16 / x.element_size(),
+              " (a row is held in registers before its codes overwrite it), got ", x.sizes(), " with row stride ",
+              x.stride(0));
+  check_launch(err, "act_quant");
+  return {scale, u, rowsum};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> act_quant_cuda(const Tensor& x_in, int64_t bits, const OptT& alpha,
+                                                          const OptT& gate, const OptT& frame_id, bool want_rowsum,
+                                                          int64_t activation) {
+  check_act_quant_args(x_in, bits, activation);
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
+  Tensor xq = at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kChar));
+  auto [scale, u, rowsum] = act_quant_launch(x, bits, alpha, gate, frame_id, want_rowsum, activation,
+                                             xq.data_ptr<int8_t>(), x.size(1), false);
   return {xq, scale, u, rowsum};
 }
 
-// Activation (or W8 weight) codes with a row length that is a multiple of 16 and a 16-byte aligned
-// base, as the cp.async loaders need; a zero-padded copy otherwise (odd K only).
+// The act-quant of x with its codes written over x itself: row m's K codes in the first K bytes of row m's storage
+// (x.view(int8)[:, :K] afterwards, row stride x.stride(0) * x.element_size() bytes), so no [M, K] code buffer
+// exists beside x (the FFN's fc2, whose input is dead after its act-quant). Returns scale, u, row sums.
+std::tuple<Tensor, Tensor, Tensor> act_quant_inplace_cuda(Tensor& x, int64_t bits, const OptT& alpha,
+                                                          const OptT& gate, const OptT& frame_id, int64_t activation) {
+  check_act_quant_args(x, bits, activation);
+  TORCH_CHECK(x.stride(1) == 1, "cuda_act_quant_inplace: x must have unit column stride, got strides ", x.strides());
+  c10::cuda::CUDAGuard guard(x.device());
+  return act_quant_launch(x, bits, alpha, gate, frame_id, true, activation, static_cast<int8_t*>(x.data_ptr()),
+                          x.stride(0) * (int64_t)x.element_size(), true);
+}
+
+// Activation (or W8 weight) codes with a row length that is a multiple of 16 and a 16-byte aligned base and
+// row stride, as the loaders need; a zero-padded copy otherwise (odd K only). (Rows may be strided: the codes
+// cuda_act_quant_inplace leaves inside its input's rows.)
 Tensor padded_rows(const Tensor& t, int64_t cols) {
-  if (t.size(1) == cols && t.is_contiguous() && aligned16(t)) return t;
+  if (t.size(1) == cols && t.stride(1) == 1 && t.stride(0) % 16 == 0 && aligned16(t)) return t;
   Tensor p = at::zeros({t.size(0), cols}, t.options());
   p.narrow(1, 0, t.size(1)).copy_(t);
   return p;
@@ -189,7 +226,8 @@ Tensor qgemm_cuda(const Tensor& xq_in, const Tensor& x_scale, const Tensor& w_in
     rowsum = x_rowsum->contiguous();
   } else {
     rowsum = at::empty({m}, xq_in.options().dtype(at::kInt));
-    check_launch(qv::rowsum_s8(a.data_ptr<int8_t>(), ka, (int)m, (int)ka, rowsum.data_ptr<int32_t>(), stream), "rowsum");
+    check_launch(qv::rowsum_s8(a.data_ptr<int8_t>(), a.stride(0), (int)m, (int)ka, rowsum.data_ptr<int32_t>(), stream),
+                 "rowsum");
   }
   const Tensor sx = x_scale.contiguous(), sw = w_scale.contiguous(), zw = w_zero.contiguous();
   Tensor bias32, u32, beta32;
@@ -207,7 +245,7 @@ Tensor qgemm_cuda(const Tensor& xq_in, const Tensor& x_scale, const Tensor& w_in
     g.epi.beta = beta32.data_ptr<float>();
   }
   g.a = a.data_ptr<int8_t>();
-  g.lda = ka;
+  g.lda = a.stride(0);
   g.ka = ka;
   g.w = static_cast<const uint8_t*>(w.data_ptr());
   g.ldw = w.size(1);
@@ -287,6 +325,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> act_quant_meta(const Tensor& x, int64
           at::empty_symint({want_rowsum ? m : c10::SymInt(0)}, opts.dtype(at::kInt))};
 }
 
+std::tuple<Tensor, Tensor, Tensor> act_quant_inplace_meta(Tensor& x, int64_t, const OptT& alpha, const OptT&,
+                                                          const OptT&, int64_t) {
+  const auto m = x.sym_size(0);
+  auto opts = x.options();
+  return {at::empty_symint({m}, opts.dtype(at::kFloat)),
+          at::empty_symint({alpha ? m : c10::SymInt(0)}, opts.dtype(at::kFloat)), at::empty_symint({m}, opts.dtype(at::kInt))};
+}
+
 Tensor qgemm_meta(const Tensor& xq, const Tensor&, const Tensor& w, int64_t, const Tensor&, const Tensor&, const OptT&,
                   const OptT&, const OptT&, const OptT&, at::ScalarType out_dtype, int64_t, int64_t, const OptT&,
                   const OptT&, bool) {
@@ -302,6 +348,8 @@ Tensor epilogue_tail_meta(const Tensor& y, int64_t, const OptT&, const OptT&) {
 TORCH_LIBRARY_FRAGMENT(qvdit, m) {  // a fragment: the Triton ops (triton/library.py) share the namespace
   m.def("cuda_act_quant(Tensor x, int bits, Tensor? alpha, Tensor? gate, Tensor? frame_id, bool want_rowsum,"
         " int activation=0) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("cuda_act_quant_inplace(Tensor(a!) x, int bits, Tensor? alpha, Tensor? gate, Tensor? frame_id,"
+        " int activation=0) -> (Tensor, Tensor, Tensor)");
   m.def("cuda_qgemm(Tensor xq, Tensor x_scale, Tensor w_packed, int w_bits, Tensor w_scale, Tensor w_zero,"
         " Tensor? bias, Tensor? u, Tensor? beta, Tensor? x_rowsum, ScalarType out_dtype, int path,"
         " int activation=0, Tensor? residual=None, Tensor? residual_gate=None, bool fuse_tail=False) -> Tensor");
@@ -310,12 +358,14 @@ TORCH_LIBRARY_FRAGMENT(qvdit, m) {  // a fragment: the Triton ops (triton/librar
 
 TORCH_LIBRARY_IMPL(qvdit, CUDA, m) {
   m.impl("cuda_act_quant", &act_quant_cuda);
+  m.impl("cuda_act_quant_inplace", &act_quant_inplace_cuda);
   m.impl("cuda_qgemm", &qgemm_cuda);
   m.impl("cuda_epilogue_tail", &epilogue_tail_cuda);
 }
 
 TORCH_LIBRARY_IMPL(qvdit, Meta, m) {
   m.impl("cuda_act_quant", &act_quant_meta);
+  m.impl("cuda_act_quant_inplace", &act_quant_inplace_meta);
   m.impl("cuda_qgemm", &qgemm_meta);
   m.impl("cuda_epilogue_tail", &epilogue_tail_meta);
 }

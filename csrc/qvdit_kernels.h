@@ -29,6 +29,10 @@ struct ActQuantArgs {
   float* u;         // null when alpha is null
   int32_t* rowsum;  // may be null
   int activation;   // 0 none, 1 gelu_tanh: quantize gelu(x) rounded to x's dtype (qvdit_math.h::tail_gelu)
+  // xq overlays x (row m's codes in the first k bytes of row m's own storage): only the register kernel runs, which
+  // holds a whole row before any of its codes is written; act_quant returns cudaErrorNotSupported when the row
+  // does not fit it (then nothing is written)
+  bool inplace;
 };
 cudaError_t act_quant(const ActQuantArgs& a, cudaStream_t stream);
 

@@ -5,7 +5,7 @@ It raises ImportError with a clear message when the extension is not built; `bac
 into "backend='cuda' is not available: ..." only when someone asks for the CUDA backend.
 
 Ops (schemas in csrc/bindings.cpp, with Meta kernels so they trace under torch.compile):
-`torch.ops.qvdit.cuda_act_quant`, `torch.ops.qvdit.cuda_qgemm` (with a DiT block's GELU/residual tail, fused in
+`torch.ops.qvdit.cuda_act_quant` (and `cuda_act_quant_inplace`, its codes over its input), `torch.ops.qvdit.cuda_qgemm` (with a DiT block's GELU/residual tail, fused in
 the kernel or one pass after it) and `torch.ops.qvdit.cuda_epilogue_tail` (that pass alone, for tests). The GEMM
 has three kernels: the warp-specialized wgmma kernel for W3/W4 (sm_90a, csrc/gemm_sm90_ws.cu: TMA producer warp,
 weights unpacked into wgmma's register operand), wgmma with both operands in shared memory (sm_90a, csrc/gemm_sm90.cu; W8)
@@ -82,15 +82,36 @@ def qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias=None, u=None, bet
                  residual, residual_gate)
 
 
+# Rows the in-place act-quant holds in registers (csrc/act_quant.cu, launch_regs: 8 warps x 32 lanes x 16 chunks of
+# 16 bytes), aligned as its 16-byte loads need.
+INPLACE_MAX_ROW_BYTES = 8 * 32 * 16 * 16
+
+
+def inplace_ok(x2: torch.Tensor) -> bool:
+    """Whether cuda_act_quant_inplace can overwrite x2 [M, K] with its codes: unit column stride, 16-byte aligned
+    rows (the storage offset stands for the address: allocations are aligned; FakeTensors have no address) of
+    whole 16-byte chunks, short enough to be held in registers."""
+    el = x2.element_size()
+    return (x2.dim() == 2 and x2.stride(1) == 1 and (x2.storage_offset() * el) % 16 == 0
+            and (x2.stride(0) * el) % 16 == 0 and (x2.shape[1] * el) % 16 == 0
+            and x2.shape[1] * el <= INPLACE_MAX_ROW_BYTES)
+
+
 @register("qlinear", "cuda")
 @fuses_tail
 def qlinear(x2, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, gate, frame_id, out_dtype, format,
-            activation=None, residual=None, residual_gate=None, input_activation=None):
+            activation=None, residual=None, residual_gate=None, input_activation=None, overwrite_input=False):
     """act-quant (codes, scale, TQE u and the row sums in one pass; of the GELU of x2 with input_activation) then
-    the GEMM; TQE on when alpha/beta given."""
+    the GEMM; TQE on when alpha/beta given. overwrite_input (x2 is dead after this call): the codes go over x2's
+    own rows where `inplace_ok(x2)`, so no [M, K] code buffer is allocated beside it."""
     require_default_format("cuda", w_bits, format)
-    xq, sx, u, rowsum = torch.ops.qvdit.cuda_act_quant(x2, a_bits, alpha, gate, frame_id, True,
-                                                       ACTIVATIONS[input_activation])
+    if overwrite_input and inplace_ok(x2):
+        sx, u, rowsum = torch.ops.qvdit.cuda_act_quant_inplace(x2, a_bits, alpha, gate, frame_id,
+                                                               ACTIVATIONS[input_activation])
+        xq = x2.view(torch.int8)[:, :x2.shape[1]]  # row m's codes: the first K bytes of row m
+    else:
+        xq, sx, u, rowsum = torch.ops.qvdit.cuda_act_quant(x2, a_bits, alpha, gate, frame_id, True,
+                                                           ACTIVATIONS[input_activation])
     if alpha is None:
         u = None
     return _gemm(xq, sx, w_packed, w_bits, w_scale, w_zero, bias, u, beta, rowsum, out_dtype, activation, residual,

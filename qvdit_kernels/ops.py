@@ -282,13 +282,16 @@ def qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias=None, u=None, bet
 
 def qlinear(x, w_packed, w_bits, w_scale, w_zero, a_bits, bias=None, alpha=None, beta=None, gate=None,
             frame_id=None, out_dtype=None, backend="auto", format=None, activation=None, residual=None,
-            residual_gate=None, input_activation=None):
+            residual_gate=None, input_activation=None, overwrite_input=False):
     """Quantized linear: act-quant of x [..., K] then `qgemm`; returns [..., N] (x.dtype unless out_dtype).
 
     TQE is on when alpha and beta are given (u is then computed in the act-quant pass).
     activation / residual ([..., N]) / residual_gate ([G, N]): the epilogue tail of `qgemm`.
     input_activation ("gelu_tanh"): the linear of `reference.activate(x, input_activation)`, the activation
     applied inside the act-quant pass (FFN fc2 taking fc1's output before its GELU).
+    overwrite_input: the caller gives up x (nothing reads it afterwards), so a backend may write the activation
+    codes over it instead of into a buffer of their own (the CUDA backend does, `cuda.inplace_ok`); x's values
+    are then undefined. The output is the same either way.
     """
     check_tensor("x", x, FLOAT_DTYPES)
     _check_activation("input_activation", input_activation)
@@ -312,7 +315,8 @@ def qlinear(x, w_packed, w_bits, w_scale, w_zero, a_bits, bias=None, alpha=None,
         _check_weight_args(k, x.device, w_packed, w_bits, w_scale, w_zero, bias, beta, out_dtype, format)
         _check_tail(x2.shape[0], w_packed.shape[0], x.device, out_dtype, activation, res2, residual_gate)
         y = _run_gemm(fused, (x2, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, gate, frame_id,
-                              out_dtype, format), activation, res2, residual_gate, input_activation=input_activation)
+                              out_dtype, format), activation, res2, residual_gate, input_activation=input_activation,
+                      overwrite_input=overwrite_input)
     else:
         need_rowsum = w_bits != 8
         res = _quantize_activation_checked(x2, a_bits, alpha, gate, frame_id, backend, need_rowsum, input_activation)

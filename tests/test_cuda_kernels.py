@@ -370,3 +370,58 @@ def test_sanitizer_smoke(path, monkeypatch):
             qk.quantize_activation_rowsum(torch.randn(5, k, device=DEV).to(dt), 6, alpha=torch.randn(k, device=DEV),
                                           backend="cuda", activation=act)
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("dt,k,act", [(torch.bfloat16, 8960, 1), (torch.float16, 1536, 0), (torch.float32, 5120, 0),
+                                      (torch.bfloat16, 13824, 1), (torch.bfloat16, 32768, 0)])
+def test_act_quant_inplace_equals_the_copy(dt, k, act):
+    """cuda_act_quant_inplace writes cuda_act_quant's codes over x's own rows (row m's codes: the first K bytes of
+    row m) and returns the same scale, u and row sums; rows of every register-kernel width (1-8 warps), with a
+    padded row stride too."""
+    for cols in (k, k + 64):  # (a view with a longer row stride)
+        base = (torch.randn(37, cols, device=DEV) * 3).to(dt)
+        x = base[:, :k]
+        alpha = torch.randn(k, device=DEV)
+        want = torch.ops.qvdit.cuda_act_quant(x, 6, alpha, None, None, True, act)
+        y = base.clone()[:, :k]
+        got = torch.ops.qvdit.cuda_act_quant_inplace(y, 6, alpha, None, None, act)
+        assert torch.equal(y.view(torch.int8)[:, :k], want[0])
+        for g, w in zip(got, want[1:]):
+            assert torch.equal(g, w)
+
+
+def test_act_quant_inplace_refuses_rows_it_cannot_hold():
+    """Rows past the register kernel (64 KB) or not in whole 16-byte chunks: an error that says why, x untouched."""
+    for shape in ((4, 40000), (4, 1001)):
+        x = torch.randn(*shape, device=DEV).bfloat16()
+        y = x.clone()
+        with pytest.raises(RuntimeError, match="cuda_act_quant_inplace"):
+            torch.ops.qvdit.cuda_act_quant_inplace(y, 6, None, None, None, 0)
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("w_bits", [3, 4])
+def test_qlinear_overwrite_input_same_output_without_a_code_buffer(path, w_bits):
+    """qlinear(overwrite_input=True) gives the output of the copying call bit for bit (the GEMM reads the codes from
+    inside x's rows: a row stride of 2K bytes) and allocates no [M, K] code buffer: its peak is lower by about the
+    codes' M x K bytes."""
+    m, k, n = 2048, 8960, 640
+    g = torch.Generator().manual_seed(w_bits)
+    x = (torch.randn(m, k, generator=g) * 2).to(DEV, torch.bfloat16)
+    a, qw = problem(8, k, n, w_bits, 6, seed=w_bits)
+    kw = dict(w_packed=a["w_packed"], w_bits=w_bits, w_scale=a["w_scale"], w_zero=a["w_zero"], a_bits=6,
+              bias=a["bias"], alpha=torch.randn(k, device=DEV), beta=a["beta"], backend="cuda",
+              input_activation="gelu_tanh")
+    want = qk.qlinear(x, **kw)
+    peaks = []
+    for overwrite in (False, True):
+        x2 = x.clone()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        got = qk.qlinear(x2, overwrite_input=overwrite, **kw)
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() - start)
+        assert torch.equal(got, want)
+        assert torch.equal(x2, x) != overwrite  # overwritten only when allowed
+    assert peaks[1] <= peaks[0] - 0.9 * m * k, peaks

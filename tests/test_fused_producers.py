@@ -169,3 +169,29 @@ def test_per_token_modulation_fused_equals_unfused(monkeypatch):
     plain, _ = run(model, kw, False, monkeypatch)
     fused_out, n = run(model, kw, True, monkeypatch)
     assert n == 6 and sorted(TAILS, key=str) == sorted(BLOCK_TAILS * 2, key=str) and torch.equal(plain, fused_out)
+
+
+@pytest.mark.skipif("cuda" not in KERNEL_BACKENDS, reason="needs a GPU and the built CUDA extension")
+def test_cuda_fc2_quantizes_over_fc1_output_eager_and_compiled(monkeypatch):
+    """On CUDA fc2 quantizes the GELU of fc1's output and writes the codes over it (`qlinear(overwrite_input=True)`,
+    cuda_act_quant_inplace, once per block): the eager and the inductor-compiled fused forwards agree with the
+    unfused one (float rounding: inductor's own norms, u's summation order)."""
+    from qvdit_kernels import cuda as qcuda
+
+    dev = torch.device("cuda")
+    model, kw = quantized("cuda", dev), inputs(dev)
+    plain, _ = run(model, kw, False, monkeypatch)
+    taken = []
+    real_ok = qcuda.inplace_ok
+    monkeypatch.setattr(qcuda, "inplace_ok", lambda x2: taken.append(real_ok(x2)) or taken[-1])
+    eager, n = run(model, kw, True, monkeypatch)
+    assert n == 6 and taken == [True, True]  # (run() undoes the spy: the compiled run below is not counted)
+    for out in (eager,):
+        err = ((out - plain).norm() / plain.norm()).item()
+        assert err < 2e-3, err
+    torch._dynamo.reset()
+    model.compile_repeated_blocks(fullgraph=True)
+    compiled, _ = run(model, kw, True, monkeypatch)
+    err = ((compiled - plain).norm() / plain.norm()).item()
+    assert err < 2e-3, err
+    torch._dynamo.reset()

@@ -11,7 +11,9 @@
   GEMM would run it as a pass of its own over fc1's [tokens, 4C] output (`qvdit_kernels.ops.tail_as_own_pass`).
   The GELU costs an act-quant pass more than it costs a GEMM epilogue (it is bound by the special-function unit:
   on the H200 the act-quant of wan14b fc2's input ran 0.59x as fast with it on Triton and 0.61x on CUDA, BENCHMARKS
-  run 8), so it goes to fc2 only to save that pass.
+  run 8), so it goes to fc2 only to save that pass. There fc1's output is dead once fc2 has quantized it, so fc2
+  writes the codes over it (`qlinear(overwrite_input=True)`): the FFN's activations take one [tokens, 4C] bf16
+  buffer, not that plus an int8 copy.
 
 Eager and compiled: the kernels are custom ops, and the handoffs (`QLinear._prequant`, `QLinear._residual`) are
 set and consumed inside one block's forward, so `torch.compile(fullgraph=True)` traces them as plain side effects
@@ -144,6 +146,6 @@ def ffn_into(ffn: nn.Module, x: torch.Tensor, residual: torch.Tensor, gate=None)
         return residual_add(residual, ffn(x), gate)
     fc1 = act.proj
     if qk.ops.tail_as_own_pass(fc1.backend, x.device, fc1.w_bits, fc1.in_features):
-        h = fc1(x)  # fc1's output before the GELU, which fc2 applies as it quantizes h
-        return net[2](h, input_activation="gelu_tanh", residual=residual, residual_gate=rows)
+        h = fc1(x)  # fc1's output before the GELU, which fc2 applies as it quantizes h, writing the codes over h
+        return net[2](h, input_activation="gelu_tanh", overwrite_input=True, residual=residual, residual_gate=rows)
     return net[2](fc1(x, activation="gelu_tanh"), residual=residual, residual_gate=rows)
