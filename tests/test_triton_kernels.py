@@ -292,6 +292,7 @@ def test_act_quant_paths_equal_reference(bits, path):
     assert ref.u_within_bound(got[2].cpu(), xq, s, alpha, gate, fid)
 
 
+@needs_triton
 def test_act_quant_pieces_cover_k():
     """The pieces are distinct powers of two (at most four) that cover K with less than MIN_PIECE padding
     when K has at most four binary digits above MIN_PIECE."""
