@@ -342,8 +342,8 @@ int qgemm_sm90_ws_rows(int n, int k) {
 }
 
 int qgemm_sm90_ws_mode(int n, int k, bool tail) {
-  // 1: 128-row tiles with the deferred epilogue (opt-in: 0.84-0.95x as fast as kWsCoop128 on the H200, BENCHMARKS
-  // run ws9; its ring has 3 slots, and 128-row tiles are bound by the activation traffic from L2 either way)
+  // 1: 128-row tiles with the deferred epilogue (opt-in: 0.77-0.95x as fast as kWsCoop128 on the H200, BENCHMARKS
+  // run ws9)
   const char* defer = std::getenv("QVDIT_WS_DEFER");
   const int coop128 = defer && std::atoi(defer) == 1 ? kWsDefer128 : kWsCoop128;
   if (tail) {  // a cooperative mode (WsPlan::kTail): 128 rows, or with QVDIT_WS_TAIL256=1 the height rule's

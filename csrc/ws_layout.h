@@ -54,10 +54,8 @@ struct WsFmt<4> {
 //               staged tile runs in pieces between the next tile's MMA groups, while they execute
 //               (ws_defer_pass). Both warpgroups keep feeding the tensor cores; the epilogue's ALU work fills
 //               their idle issue slots instead of leaving the tensor cores idle between tiles. Opt-in
-//               (QVDIT_WS_DEFER=1): measured 0.84-0.95x as fast as kWsCoop128 (BENCHMARKS run ws9). Like ping-pong,
-//               hiding the epilogue did not pay: a 128-row tile pulls ~44 B/clk/SM of activations from L2 at
-//               the full MMA rate, and the L2 cannot serve all SMs that much, so these tiles wait on loads (and
-//               this mode's ring has one slot fewer).
+//               (QVDIT_WS_DEFER=1): measured 0.77-0.95x as fast as kWsCoop128 (BENCHMARKS run ws9; its ring has one
+//               slot fewer). Like ping-pong, hiding the epilogue did not shorten a small-K tile.
 constexpr int kWsCoop128 = 1, kWsCoop256 = 2, kWsPingPong = 3, kWsDefer128 = 4;
 
 // The staged epilogue (ws_epilogue.cuh) moves a warpgroup's accumulators through a staging buffer in chunks:
