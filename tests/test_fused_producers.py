@@ -182,6 +182,7 @@ def test_cuda_fc2_quantizes_over_fc1_output_eager_and_compiled(monkeypatch):
     model, kw = quantized("cuda", dev), inputs(dev)
     plain, _ = run(model, kw, False, monkeypatch)
     taken = []
+    monkeypatch.setenv("QVDIT_FFN_INPLACE", "1")  # (opt-in: qvdit/models/fused.py)
     real_ok = qcuda.inplace_ok
     monkeypatch.setattr(qcuda, "inplace_ok", lambda x2: taken.append(real_ok(x2)) or taken[-1])
     eager, n = run(model, kw, True, monkeypatch)
@@ -191,6 +192,7 @@ def test_cuda_fc2_quantizes_over_fc1_output_eager_and_compiled(monkeypatch):
         assert err < 2e-3, err
     torch._dynamo.reset()
     model.compile_repeated_blocks(fullgraph=True)
+    monkeypatch.setenv("QVDIT_FFN_INPLACE", "1")
     compiled, _ = run(model, kw, True, monkeypatch)
     err = ((compiled - plain).norm() / plain.norm()).item()
     assert err < 2e-3, err

@@ -11,9 +11,10 @@
   GEMM would run it as a pass of its own over fc1's [tokens, 4C] output (`qvdit_kernels.ops.tail_as_own_pass`).
   The GELU costs an act-quant pass more than it costs a GEMM epilogue (it is bound by the special-function unit:
   on the H200 the act-quant of wan14b fc2's input ran 0.59x as fast with it on Triton and 0.61x on CUDA, BENCHMARKS
-  run 8), so it goes to fc2 only to save that pass. There fc1's output is dead once fc2 has quantized it, so fc2
-  writes the codes over it (`qlinear(overwrite_input=True)`): the FFN's activations take one [tokens, 4C] bf16
-  buffer, not that plus an int8 copy.
+  run 8), so it goes to fc2 only to save that pass. There fc1's output is dead once fc2 has quantized it, so with
+  `QVDIT_FFN_INPLACE=1` fc2 writes the codes over it (`qlinear(overwrite_input=True)`): the FFN's activations take
+  one [tokens, 4C] bf16 buffer, not that plus an int8 copy. Opt-in until it has run on a GPU (written in the sixth
+  session without device time left to test it; tests/test_cuda_kernels.py and test_fused_producers.py check it).
 
 Eager and compiled: the kernels are custom ops, and the handoffs (`QLinear._prequant`, `QLinear._residual`) are
 set and consumed inside one block's forward, so `torch.compile(fullgraph=True)` traces them as plain side effects
@@ -37,6 +38,12 @@ from ..qlinear import QLinear
 
 def enabled() -> bool:
     return os.environ.get("QVDIT_FUSE_PRODUCERS", "1") != "0"
+
+
+def ffn_inplace() -> bool:
+    """QVDIT_FFN_INPLACE=1: fc2 writes its activation codes over fc1's output (module docstring; opt-in, not yet
+    run on a GPU)."""
+    return os.environ.get("QVDIT_FFN_INPLACE", "0") == "1"
 
 
 def can_feed(norm: nn.Module, consumers: list, x: torch.Tensor) -> bool:
@@ -146,6 +153,7 @@ def ffn_into(ffn: nn.Module, x: torch.Tensor, residual: torch.Tensor, gate=None)
         return residual_add(residual, ffn(x), gate)
     fc1 = act.proj
     if qk.ops.tail_as_own_pass(fc1.backend, x.device, fc1.w_bits, fc1.in_features):
-        h = fc1(x)  # fc1's output before the GELU, which fc2 applies as it quantizes h, writing the codes over h
-        return net[2](h, input_activation="gelu_tanh", overwrite_input=True, residual=residual, residual_gate=rows)
+        h = fc1(x)  # fc1's output before the GELU, which fc2 applies as it quantizes h (QVDIT_FFN_INPLACE: over h)
+        return net[2](h, input_activation="gelu_tanh", overwrite_input=ffn_inplace(), residual=residual,
+                      residual_gate=rows)
     return net[2](fc1(x, activation="gelu_tanh"), residual=residual, residual_gate=rows)
