@@ -2,7 +2,8 @@
 # The CUDA backend on a GPU machine, in one command: build the extension in place, run its tests on both
 # GEMM kernels, compute-sanitizer memcheck + racecheck on small shapes, the benchmark, and an ncu view.
 #
-#   bash csrc/gpu_check.sh [build] [test] [suite] [sanitize] [bench] [linear] [e2e] [ncu]   (none: build test sanitize)
+#   bash csrc/gpu_check.sh [build] [test] [suite] [sanitize] [bench] [linear] [e2e] [ncu] [ncu_src]
+#   (none: build test sanitize; ncu_src: stall samples per SASS instruction of the small-K ws tile, ncu_stalls.py)
 #
 # $OUT (the device tool's folder; default /tmp/qvdit_gpu_check) gets steps.txt (all step output) and the
 # benchmark's cuda_gpu_check.{json,md}. Through the device
@@ -94,6 +95,13 @@ if has ncu; then
   step ncu ncu --kernel-name regex:qgemm_sm90 -c 1 --section SpeedOfLight --section ComputeWorkloadAnalysis \
     --section WarpStateStats --section LaunchStats --section Occupancy \
     python3 benchmarks/bench_cuda.py --profile wan1.3b_fc1 --variants W3A6
+fi
+if has ncu_src; then  # where the small-K ws tile waits (BENCHMARKS run ws9): stall samples per SASS instruction
+  rep="$OUT/ws_small_k"
+  step ncu_src ncu --kernel-name regex:qgemm_sm90_ws -c 1 --set full -f -o "$rep" \
+    python3 benchmarks/bench_cuda.py --profile wan1.3b_fc1 --variants W3A6
+  step ncu_src_page bash -c "ncu -i '$rep.ncu-rep' --page source --csv --print-source sass > '$OUT/ws_small_k_sass.csv'"
+  step ncu_stalls python3 benchmarks/ncu_stalls.py "$OUT/ws_small_k_sass.csv" --top 60
 fi
 echo "=== summary: stages ${stages[*]}; failed: ${fails[*]:-none}"
 [[ ${#fails[@]} -eq 0 ]]

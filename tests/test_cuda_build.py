@@ -194,3 +194,21 @@ def test_emulated_act_quant_math(emulator, tmp_path, bits, path):
     ok = ~torch.isnan(u)
     assert torch.equal(torch.isnan(got_u), ~ok)
     assert torch.allclose(got_u[ok].double(), u[ok].double(), rtol=2**-22, atol=0)
+
+
+def test_ncu_stalls_reads_the_source_page(tmp_path, capsys):
+    """benchmarks/ncu_stalls.py (gpu_check.sh ncu_src) on a synthetic source-page CSV: shares per opcode and the top
+    instructions; a CSV without stall samples is refused with a message that says what to collect."""
+    from benchmarks import ncu_stalls
+
+    page = tmp_path / "sass.csv"
+    page.write_text('"Address","Source","Warp Stall Sampling (All Samples)","stall_long_sb"\n'
+                    '"0x0","@P0 BRA 0x120","10","0"\n"0x10","WARPGROUP.DEPBAR.LE gsb0, 0x1 ;","30","0"\n'
+                    '"0x20","LDS R4, [R2+0x10] ;","60","50"\n')
+    assert ncu_stalls.main([str(page), "--top", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "60.0%  LDS" in out and "30.0%  WARPGROUP.DEPBAR.LE" in out and "[stall_long_sb=50]" in out
+    assert "BRA 0x120" not in out.split("top 2 instructions:")[1]  # (10 samples: not in the top 2)
+    page.write_text('"Address","Source"\n"0x0","NOP ;"\n')
+    with pytest.raises(SystemExit, match="collect with --set full"):
+        ncu_stalls.main([str(page)])
