@@ -249,6 +249,7 @@ __global__ void __launch_bounds__(kAqThreads) act_quant_regs_kernel(const ActQua
   const int magic_bits = __float_as_int(kActMagic);
 
   int8_t* xq = a.xq + (int64_t)(live ? m : 0) * a.ldq;
+  if (W == 1) __syncwarp();  // (in place: every lane has read its part of the row before any lane writes codes)
   int rowsum = 0;
   float dot = 0.0f;
 #pragma unroll

@@ -79,6 +79,7 @@ std::tuple<Tensor, Tensor, Tensor> act_quant_launch(const Tensor& x, int64_t bit
   if (alpha) {
     check_vec(*alpha, "alpha", k, x);
     alpha32 = f32(*alpha);
+    if (reinterpret_cast<uintptr_t>(alpha32.data_ptr()) % 16 != 0) alpha32 = alpha32.clone();  // (16-byte loads)
     a.alpha = alpha32.data_ptr<float>();
     if (gate) {
       check_cuda(*gate, "gate", x);
@@ -136,7 +137,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> act_quant_cuda(const Tensor& x_in, in
 std::tuple<Tensor, Tensor, Tensor> act_quant_inplace_cuda(Tensor& x, int64_t bits, const OptT& alpha,
                                                           const OptT& gate, const OptT& frame_id, int64_t activation) {
   check_act_quant_args(x, bits, activation);
-  TORCH_CHECK(x.stride(1) == 1, "cuda_act_quant_inplace: x must have unit column stride, got strides ", x.strides());
+  TORCH_CHECK(x.stride(1) == 1 && x.stride(0) >= x.size(1), "cuda_act_quant_inplace: x must have unit column stride "
+              "and rows that do not overlap, got strides ", x.strides(), " for sizes ", x.sizes());
   c10::cuda::CUDAGuard guard(x.device());
   return act_quant_launch(x, bits, alpha, gate, frame_id, true, activation, static_cast<int8_t*>(x.data_ptr()),
                           x.stride(0) * (int64_t)x.element_size(), true);
@@ -248,7 +250,7 @@ Tensor qgemm_cuda(const Tensor& xq_in, const Tensor& x_scale, const Tensor& w_in
   g.lda = a.stride(0);
   g.ka = ka;
   g.w = static_cast<const uint8_t*>(w.data_ptr());
-  g.ldw = w.size(1);
+  g.ldw = w.stride(0);  // (padded_rows keeps a strided W8 weight as it is)
   g.kw = w_bits == 8 ? ka : 0;
   g.tiles_m = (int)((m + qv::kBM - 1) / qv::kBM);
   g.tiles_n = (int)((n + qv::kBN - 1) / qv::kBN);

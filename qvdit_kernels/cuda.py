@@ -92,8 +92,8 @@ def inplace_ok(x2: torch.Tensor) -> bool:
     rows of whole 16-byte chunks, short enough to be held in registers. (While tracing there is no address to
     check: the op itself refuses a misaligned base with an error that says why.)"""
     el = x2.element_size()
-    ok = (x2.dim() == 2 and x2.stride(1) == 1 and (x2.stride(0) * el) % 16 == 0 and (x2.shape[1] * el) % 16 == 0
-          and x2.shape[1] * el <= INPLACE_MAX_ROW_BYTES)
+    ok = (x2.dim() == 2 and x2.stride(1) == 1 and x2.stride(0) >= x2.shape[1] and (x2.stride(0) * el) % 16 == 0
+          and (x2.shape[1] * el) % 16 == 0 and x2.shape[1] * el <= INPLACE_MAX_ROW_BYTES)
     return ok and (torch.compiler.is_compiling() or x2.data_ptr() % 16 == 0)
 
 

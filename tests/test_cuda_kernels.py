@@ -231,6 +231,8 @@ def test_opcheck_ops():
     torch.library.opcheck(torch.ops.qvdit.cuda_act_quant.default, (x, 6, alpha, gate, fid, True))
     torch.library.opcheck(torch.ops.qvdit.cuda_act_quant.default, (x, 8, None, None, None, False))
     torch.library.opcheck(torch.ops.qvdit.cuda_act_quant.default, (x, 6, alpha, gate, fid, True, 1))  # GELU of x
+    x128 = torch.randn(5, 128, generator=gen(3)).to(DEV)  # (in place: 16-byte rows)
+    torch.library.opcheck(torch.ops.qvdit.cuda_act_quant_inplace.default, (x128, 6, alpha[:128], gate, fid, 1))
     y, res = torch.randn(6, 16, device=DEV).bfloat16(), torch.randn(6, 16, device=DEV).bfloat16()
     torch.library.opcheck(torch.ops.qvdit.cuda_epilogue_tail.default, (y, 1, res, torch.rand(2, 16, device=DEV)))
 
@@ -372,8 +374,9 @@ def test_sanitizer_smoke(path, monkeypatch):
     torch.cuda.synchronize()
 
 
-@pytest.mark.parametrize("dt,k,act", [(torch.bfloat16, 8960, 1), (torch.float16, 1536, 0), (torch.float32, 5120, 0),
-                                      (torch.bfloat16, 13824, 1), (torch.bfloat16, 32768, 0)])
+@pytest.mark.parametrize("dt,k,act", [(torch.float16, 1536, 0), (torch.bfloat16, 4096, 1), (torch.bfloat16, 5120, 0),
+                                      (torch.float32, 5120, 0), (torch.bfloat16, 8960, 1), (torch.bfloat16, 13824, 1),
+                                      (torch.bfloat16, 32768, 0)])
 def test_act_quant_inplace_equals_the_copy(dt, k, act):
     """cuda_act_quant_inplace writes cuda_act_quant's codes over x's own rows (row m's codes: the first K bytes of
     row m) and returns the same scale, u and row sums; rows of every register-kernel width (1-8 warps), with a
@@ -391,13 +394,16 @@ def test_act_quant_inplace_equals_the_copy(dt, k, act):
 
 
 def test_act_quant_inplace_refuses_rows_it_cannot_hold():
-    """Rows past the register kernel (64 KB) or not in whole 16-byte chunks: an error that says why, x untouched."""
+    """Rows past the register kernel (64 KB), not in whole 16-byte chunks, or overlapping: an error that says why,
+    x untouched."""
     for shape in ((4, 40000), (4, 1001)):
         x = torch.randn(*shape, device=DEV).bfloat16()
         y = x.clone()
         with pytest.raises(RuntimeError, match="cuda_act_quant_inplace"):
             torch.ops.qvdit.cuda_act_quant_inplace(y, 6, None, None, None, 0)
         assert torch.equal(x, y)
+    with pytest.raises(RuntimeError, match="rows that do not overlap"):
+        torch.ops.qvdit.cuda_act_quant_inplace(torch.randn(64, device=DEV).expand(4, 64), 6, None, None, None, 0)
 
 
 @pytest.mark.parametrize("w_bits", [3, 4])
