@@ -393,27 +393,27 @@ void cta_ws(const Problem& p, int cta, int grid, std::vector<int32_t>& out, std:
       for (int k0 = 0; k0 < 4 * MB; k0 += Plan::kSlabs) {
         std::vector<std::vector<int64_t>> slabs(Plan::kSlabs, std::vector<int64_t>(kWsStageTokens * kWsStageLd,
                                                                                    INT64_MIN));  // (never written)
-        for (int k = k0; k < k0 + Plan::kSlabs; ++k) {
-        const int mb = k / 4, ch = k % 4;
-        std::vector<int64_t>& buf = slabs[k - k0];
-        for (int w = 0; w < 4; ++w)
-          for (int i = 16 * ch; i < 16 * ch + 16; ++i) {  // one store instruction of warp w
-            uint32_t banks = 0;
-            for (int lane = 0; lane < 32; ++lane) {
-              const int tid = wg * 128 + 32 * w + lane, lr = 16 * w + lane / 4, c = 2 * (lane % 4);
-              const int word = ws_stage_word(ws_stage_token(i, c), ws_stage_row(i, lr));
-              expect(word >= 0 && word < kWsStageTokens * kWsStageLd && buf[word] == INT64_MIN,
-                     "staged epilogue: a staging word written twice or out of the buffer");
-              buf[word] = acc[(tid * MB + mb) * 64 + i];
-              banks |= 1u << (word % 32);
+        for (int k = k0; k < k0 + Plan::kSlabs; ++k) {  // the writers: chunk k into slab k - k0
+          const int mb = k / 4, ch = k % 4;
+          std::vector<int64_t>& buf = slabs[k - k0];
+          for (int w = 0; w < 4; ++w)
+            for (int i = 16 * ch; i < 16 * ch + 16; ++i) {  // one store instruction of warp w
+              uint32_t banks = 0;
+              for (int lane = 0; lane < 32; ++lane) {
+                const int tid = wg * 128 + 32 * w + lane, lr = 16 * w + lane / 4, c = 2 * (lane % 4);
+                const int word = ws_stage_word(ws_stage_token(i, c), ws_stage_row(i, lr));
+                expect(word >= 0 && word < kWsStageTokens * kWsStageLd && buf[word] == INT64_MIN,
+                       "staged epilogue: a staging word written twice or out of the buffer");
+                buf[word] = acc[(tid * MB + mb) * 64 + i];
+                banks |= 1u << (word % 32);
+              }
+              expect(banks == 0xffffffffu, "staged epilogue: a warp's staging store hits a bank twice");
             }
-            expect(banks == 0xffffffffu, "staged epilogue: a warp's staging store hits a bank twice");
-          }
         }
-        for (int q : order) {
-        const int k = k0 + q / 4, mb = k / 4, ch = k % 4, pass = q % 4;
-        std::vector<int64_t>& buf = slabs[q / 4];
-        for (int wtid = 0; wtid < 128; ++wtid)
+        for (int q : order) {  // the readers: token pass q % 4 over slab q / 4
+          const int k = k0 + q / 4, mb = k / 4, ch = k % 4, pass = q % 4;
+          std::vector<int64_t>& buf = slabs[q / 4];
+          for (int wtid = 0; wtid < 128; ++wtid)
             for (int a = 0; a < 4; ++a) {
               const int tok = ws_read_token(wtid, pass), row = ws_read_col(wtid) + a;
               expect(tok >= 0 && tok < kWsStageTokens && row >= 0 && row < 64,
