@@ -6,11 +6,12 @@ into "backend='cuda' is not available: ..." only when someone asks for the CUDA 
 
 Ops (schemas in csrc/bindings.cpp, with Meta kernels so they trace under torch.compile):
 `torch.ops.qvdit.cuda_act_quant` (and `cuda_act_quant_inplace`, its codes over its input),
-`torch.ops.qvdit.cuda_qgemm` (with a DiT block's GELU/residual tail, fused in the kernel or one pass after it)
-and `torch.ops.qvdit.cuda_epilogue_tail` (that pass alone, for tests). The GEMM has three kernels: the warp-specialized wgmma kernel for W3/W4 (sm_90a, csrc/gemm_sm90_ws.cu: TMA producer warp,
-weights unpacked into wgmma's register operand), wgmma with both operands in shared memory (sm_90a, csrc/gemm_sm90.cu; W8)
-and mma.sync (sm_80+, csrc/gemm_sm80.cu); QVDIT_CUDA_GEMM_PATH=auto|sm80|sm90|sm90ws picks one (auto:
-sm90ws for W3/W4 and sm90 for W8 where the GPU and the build have them, else sm80).
+`torch.ops.qvdit.cuda_qgemm` (with a DiT block's GELU/residual tail, fused in the kernel or one pass after it) and
+`torch.ops.qvdit.cuda_epilogue_tail` (that pass alone, for tests). The GEMM has three kernels: the warp-specialized
+wgmma kernel for W3/W4 (sm_90a, csrc/gemm_sm90_ws.cu: TMA producer warp, weights unpacked into wgmma's register
+operand), wgmma with both operands in shared memory (sm_90a, csrc/gemm_sm90.cu; W8) and mma.sync (sm_80+,
+csrc/gemm_sm80.cu); QVDIT_CUDA_GEMM_PATH=auto|sm80|sm90|sm90ws picks one (auto: sm90ws for W3/W4 and sm90 for W8
+where the GPU and the build have them, else sm80).
 """
 from __future__ import annotations
 
