@@ -181,6 +181,7 @@ __device__ __forceinline__ uint4 gelu_chunk(const uint4& in) {
 }
 
 constexpr int kRegsMaxWarps = 8;        // warps per row (the CTA's 256 threads)
+static_assert(kActQuantInplaceMaxRowBytes == kRegsMaxWarps * 32 * 16 * 16, "launch_regs' longest row");
 
 // W warps per row, each thread holding up to NC 16-byte chunks of VEC elements (chunk c = t + i * 32W); GELU:
 // the held row goes through gelu_rounded once all its loads are issued.

@@ -259,15 +259,10 @@ __global__ void __launch_bounds__(kWsThreads, 1) qgemm_sm90_ws_kernel(const __gr
       asm volatile("bar.sync 2, 128;\n" ::: "memory");
 
     const int m0 = tm * kBM, n0 = tn * Plan::kRows;
-    switch (e.out_kind + (tail ? 4 : 0)) {
-      case 0: epilogue_staged<0, false, Plan>(e, sbase, pb, wg, m0, n0, lr, c, wtid, acc); break;
-      case 1: epilogue_staged<1, false, Plan>(e, sbase, pb, wg, m0, n0, lr, c, wtid, acc); break;
-      case 2: epilogue_staged<2, false, Plan>(e, sbase, pb, wg, m0, n0, lr, c, wtid, acc); break;
-      case 3: epilogue_staged<3, false, Plan>(e, sbase, pb, wg, m0, n0, lr, c, wtid, acc); break;
-      case 4: epilogue_staged<0, Plan::kTail, Plan>(e, sbase, pb, wg, m0, n0, lr, c, wtid, acc); break;
-      case 5: epilogue_staged<1, Plan::kTail, Plan>(e, sbase, pb, wg, m0, n0, lr, c, wtid, acc); break;
-      default: epilogue_staged<2, Plan::kTail, Plan>(e, sbase, pb, wg, m0, n0, lr, c, wtid, acc); break;
-    }
+    const EpiRegs er = epi_regs(e);  // (per tile: kept out of the mainloop's registers)
+    for_out_kind<Plan>(e.out_kind, tail, [&](auto out, auto t) {
+      epilogue_staged<decltype(out)::value, decltype(t)::value, Plan>(er, sbase, pb, wg, m0, n0, lr, c, wtid, acc);
+    });
   }
   deferred(0, kWsDeferPasses);  // (kWsDefer128) the last tile's epilogue, whole
 #else
@@ -346,11 +341,7 @@ int qgemm_sm90_ws_mode(int n, int k, bool tail) {
   // run ws9)
   const char* defer = std::getenv("QVDIT_WS_DEFER");
   const int coop128 = defer && std::atoi(defer) == 1 ? kWsDefer128 : kWsCoop128;
-  if (tail) {  // a cooperative mode (WsPlan::kTail): 128 rows, or with QVDIT_WS_TAIL256=1 the height rule's
-    // (opt-in, kept for experiments: 1.4-1.9x slower than 128 rows on the 14B/5B shapes, BENCHMARKS run ws7)
-    const char* t256 = std::getenv("QVDIT_WS_TAIL256");
-    return t256 && std::atoi(t256) == 1 && qgemm_sm90_ws_rows(n, k) == 256 ? kWsCoop256 : coop128;
-  }
+  if (tail) return coop128;  // (the modes with WsPlan::kTail)
   const char* pp = std::getenv("QVDIT_WS_PINGPONG");  // 1: ping-pong for 128-row tiles (opt-in: slower, run ws5)
   if (qgemm_sm90_ws_rows(n, k) == 256) return kWsCoop256;
   return pp && std::atoi(pp) == 1 ? kWsPingPong : coop128;

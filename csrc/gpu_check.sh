@@ -78,7 +78,7 @@ if has bench; then
   step bench python3 benchmarks/bench_cuda.py --kernels "triton,cuda sm90ws" --tails --out "$OUT" --tag gpu_check
   QVDIT_CUDA_FUSED_TAIL=1 step bench_fused_tail python3 benchmarks/bench_cuda.py --kernels "cuda sm90ws" --tails \
     --out "$OUT" --tag gpu_check_fused_tail
-  # (QVDIT_WS_TAIL256=1 and QVDIT_WS_PINGPONG=1 select tile modes measured slower: BENCHMARKS runs ws5, ws7)
+  # (QVDIT_WS_PINGPONG=1 and QVDIT_WS_DEFER=1 select tile modes measured slower: BENCHMARKS runs ws5, ws9)
 fi
 if has linear; then  # the CUDA rows beside Triton and auto routing in bench_linear (CUDA-graph timing: device time)
   step linear python3 benchmarks/bench_linear.py --backends triton,cuda,auto --graph --variants W3A6,W4A8 \

@@ -34,6 +34,10 @@ struct ActQuantArgs {
   // does not fit it (then nothing is written)
   bool inplace;
 };
+// The longest row (bytes, in whole 16-byte chunks, 16-byte aligned) the register kernel holds, so the longest
+// an in-place act-quant takes (act_quant.cu, launch_regs: 8 warps x 32 lanes x 16 chunks; qvdit_kernels/cuda.py
+// INPLACE_MAX_ROW_BYTES, checked equal by tests/test_cuda_build.py).
+constexpr int kActQuantInplaceMaxRowBytes = 8 * 32 * 16 * 16;
 cudaError_t act_quant(const ActQuantArgs& a, cudaStream_t stream);
 
 // rowsum[m] = sum_k xq[m, k] (int32), for a qgemm called without x_rowsum.
@@ -58,8 +62,8 @@ bool qgemm_sm90_ws_supported(const GemmArgs& g, int bits);
 cudaError_t qgemm_sm90_ws(const GemmArgs& g, int bits, cudaStream_t stream);
 // Its tile height for N output features and K input features (128 or 256 weight rows; QVDIT_WS_ROWS
 // overrides), and its tile mode (ws_layout.h: 128-row tiles kWsCoop128, or kWsDefer128 with QVDIT_WS_DEFER=1,
-// or kWsPingPong with QVDIT_WS_PINGPONG=1; 256-row tiles kWsCoop256; with an epilogue tail the 128-row
-// cooperative mode, or with QVDIT_WS_TAIL256=1 the height rule's).
+// or kWsPingPong with QVDIT_WS_PINGPONG=1; 256-row tiles kWsCoop256; with an epilogue tail a 128-row
+// cooperative mode).
 int qgemm_sm90_ws_rows(int n, int k);
 int qgemm_sm90_ws_mode(int n, int k, bool tail);
 

@@ -57,8 +57,11 @@ struct GemmArgs {
 
 // acc = acc_raw - zw * rowsum in wrapping 32-bit arithmetic: the exact result fits int32 (ops.MAX_K),
 // an intermediate may not. zw is integer valued (SPEC 1.1), so the conversion is exact.
+QV_HD int32_t zero_corrected(int32_t acc_raw, int32_t zw, int32_t rowsum) {
+  return (int32_t)((uint32_t)acc_raw - (uint32_t)zw * (uint32_t)rowsum);
+}
 QV_HD int32_t zero_corrected(int32_t acc_raw, float zw, int32_t rowsum) {
-  return (int32_t)((uint32_t)acc_raw - (uint32_t)(int32_t)zw * (uint32_t)rowsum);
+  return zero_corrected(acc_raw, (int32_t)zw, rowsum);
 }
 
 // Separate IEEE multiply and add (never fused), as the reference computes them.

@@ -7,6 +7,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "qvdit_math.h"
 #include "ws_layout.h"
 #include "wgmma.cuh"  // (QV_SM90A)
@@ -25,28 +27,28 @@ __device__ __forceinline__ void sts32(uint32_t addr, uint32_t v) {
 __device__ __forceinline__ float ldsf(uint32_t addr) { return __uint_as_float(lds32(addr)); }
 
 // Epilogue operands of one tile, in two halves so that their global-load latency hides under the tile's
-// first MMAs: load_params (consumer thread tid: token tid's sx, rowsum, u and gate row if tid < 128,
-// weight row tid's sw, zw, bias, beta if tid < the tile's rows; indices past M or N clamped, those outputs
-// are never stored), then store_params into shared-memory buffer `pb` (WsPlan::param).
+// first MMAs: load_params (consumer thread tid: token tid's record {sx, rowsum, u, residual-gate row} if
+// tid < 128, weight row tid's sw, zw, bias, beta if tid < the tile's rows; indices past M or N clamped, those
+// outputs are never stored), then store_params into shared-memory buffer `pb` (WsPlan::tokens, row_array).
 struct Params {
-  float v[8];
+  uint32_t tok[4], row[4];
 };
 template <class Plan>
 __device__ __forceinline__ Params load_params(const Epi& e, int m0, int n0, int tid) {
   Params p = {};
   if (tid < kBM) {
     const int m = min(m0 + tid, e.m - 1);
-    p.v[0] = e.sx[m];
-    p.v[1] = __int_as_float(e.rowsum[m]);
-    p.v[2] = e.u ? e.u[m] : 0.f;
-    p.v[3] = __int_as_float(e.rgate ? m / e.gate_div : 0);  // its residual-gate row
+    p.tok[0] = __float_as_uint(e.sx[m]);
+    p.tok[1] = (uint32_t)e.rowsum[m];
+    p.tok[2] = __float_as_uint(e.u ? e.u[m] : 0.f);
+    p.tok[3] = (uint32_t)(e.rgate ? m / e.gate_div : 0);
   }
   if (tid < Plan::kRows) {
     const int n = min(n0 + tid, e.n - 1);
-    p.v[4] = e.sw[n];
-    p.v[5] = e.zw[n];
-    p.v[6] = e.bias ? e.bias[n] : 0.f;
-    p.v[7] = e.u ? e.beta[n] : 0.f;
+    p.row[0] = __float_as_uint(e.sw[n]);
+    p.row[1] = (uint32_t)(int32_t)e.zw[n];  // (integer valued, SPEC 1.1: exact)
+    p.row[2] = __float_as_uint(e.bias ? e.bias[n] : 0.f);
+    p.row[3] = __float_as_uint(e.u ? e.beta[n] : 0.f);
   }
   return p;
 }
@@ -62,12 +64,48 @@ __device__ __forceinline__ void prefetch_residual(const Epi& e, int m0, int n0, 
                                                        ((size_t)m * e.ld_res + n) * el));
   }
 }
+__device__ __forceinline__ void sts128(uint32_t addr, const uint32_t (&v)[4]) {
+  asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v[0]), "r"(v[1]), "r"(v[2]), "r"(v[3])
+               : "memory");
+}
 template <class Plan>
 __device__ __forceinline__ void store_params(const Params& p, uint32_t sbase, int pb, int tid) {
-  QV_UNROLL
-  for (int a = 0; a < 8; ++a)
-    if ((a < Plan::kTokenArrays && tid < kBM) || (a >= Plan::kTokenArrays && tid < Plan::kRows))
-      sts32(sbase + Plan::param(pb, a) + 4 * tid, __float_as_uint(p.v[a]));
+  if (tid < kBM) sts128(sbase + Plan::tokens(pb) + 16 * tid, p.tok);
+  if (tid < Plan::kRows)
+    QV_UNROLL
+    for (int a = 0; a < 4; ++a) sts32(sbase + Plan::row_array(pb, a) + 4 * tid, p.row[a]);
+}
+
+// The launch's epilogue values, read from the kernel parameters into registers once per tile. (Read through
+// `const Epi&` they were loaded again for every token: the shared-memory accessors' "memory" clobbers order
+// them; Nsight Compute counted 3 parameter loads and 2 null-pointer compares per 4 outputs, BENCHMARKS run ws10.)
+struct EpiRegs {
+  void* out;
+  const void* residual;
+  const float* rgate;
+  int64_t ld_res;
+  int m, n, activation;
+  bool bias, u;
+};
+__device__ __forceinline__ EpiRegs epi_regs(const Epi& e) {
+  return {e.out, e.residual, e.rgate, e.ld_res, e.m, e.n, e.activation, e.bias != nullptr, e.u != nullptr};
+}
+
+// The one instantiation of an epilogue for this launch's out dtype and tail choice: f(out kind, tail) with both
+// as compile-time constants (std::integral_constant).
+template <class Plan, class F>
+__device__ __forceinline__ void for_out_kind(int out_kind, bool tail, const F& f) {
+  using T = std::integral_constant<bool, Plan::kTail>;
+  using NoTail = std::false_type;
+  switch (out_kind + (tail ? 4 : 0)) {
+    case 0: f(std::integral_constant<int, 0>{}, NoTail{}); break;
+    case 1: f(std::integral_constant<int, 1>{}, NoTail{}); break;
+    case 2: f(std::integral_constant<int, 2>{}, NoTail{}); break;
+    case 3: f(std::integral_constant<int, 3>{}, NoTail{}); break;
+    case 4: f(std::integral_constant<int, 0>{}, T{}); break;
+    case 5: f(std::integral_constant<int, 1>{}, T{}); break;
+    default: f(std::integral_constant<int, 2>{}, T{}); break;
+  }
 }
 
 // y as the out dtype holds it (the block sees the linear's output rounded), back in float32.
@@ -81,10 +119,10 @@ __device__ __forceinline__ float round_to_out(float y) {
 // reference.epilogue_tail's activation on one output: y rounded to the out dtype, gelu_tanh in float32
 // (qvdit_math.h::tail_gelu), rounded again.
 template <int OUT, bool TAIL>
-__device__ __forceinline__ float tail_activation(const Epi& e, float y) {
+__device__ __forceinline__ float tail_activation(int activation, float y) {
   if (!TAIL) return y;
   y = round_to_out<OUT>(y);
-  if (e.activation == 1) y = round_to_out<OUT>(tail_gelu(y, OUT == 2));
+  if (activation == 1) y = round_to_out<OUT>(tail_gelu(y, OUT == 2));
   return y;
 }
 
@@ -196,20 +234,24 @@ __device__ __forceinline__ void st4(void* p, size_t i, bool vec, int valid, cons
 
 // A thread's 4 weight rows' epilogue operands (tile rows r .. r + 3, from buffer pb).
 struct RowOps {
-  float sw[4], zw[4], bias[4], beta[4];
+  float sw[4], bias[4], beta[4];
+  int32_t zw[4];
 };
 template <class Plan>
 __device__ __forceinline__ void load_row_ops(uint32_t sbase, int pb, int r, RowOps& o) {
-  lds128f(sbase + Plan::param(pb, 4) + 4 * r, o.sw);
-  lds128f(sbase + Plan::param(pb, 5) + 4 * r, o.zw);
-  lds128f(sbase + Plan::param(pb, 6) + 4 * r, o.bias);
-  lds128f(sbase + Plan::param(pb, 7) + 4 * r, o.beta);
+  uint32_t zw[4];
+  lds128f(sbase + Plan::row_array(pb, 0) + 4 * r, o.sw);
+  lds128(sbase + Plan::row_array(pb, 1) + 4 * r, zw);
+  lds128f(sbase + Plan::row_array(pb, 2) + 4 * r, o.bias);
+  lds128f(sbase + Plan::row_array(pb, 3) + 4 * r, o.beta);
+  QV_UNROLL
+  for (int a = 0; a < 4; ++a) o.zw[a] = (int32_t)zw[a];
 }
 
 // Whether a thread's 4 outputs from column n on (valid of them in range) take 8/16-byte accesses: whole 4-output
 // groups (n is a multiple of 4) in rows that start 4-element aligned.
 template <int OUT, bool TAIL>
-__device__ __forceinline__ bool epilogue_vec(const Epi& e, int valid) {
+__device__ __forceinline__ bool epilogue_vec(const EpiRegs& e, int valid) {
   constexpr int kEl = OUT >= 2 ? 4 : 2;  // bytes per output
   const auto al = [](const void* p, int64_t ld, int bytes) {
     return reinterpret_cast<uintptr_t>(p) % (4 * bytes) == 0 && (ld * bytes) % (4 * bytes) == 0;
@@ -220,12 +262,12 @@ __device__ __forceinline__ bool epilogue_vec(const Epi& e, int valid) {
 
 // (TAIL with a residual) the residual and gate values of token m's outputs n .. n + 3 (tt: the token in the tile).
 template <int OUT, bool TAIL, class Plan>
-__device__ __forceinline__ void tail_loads(const Epi& e, uint32_t sbase, int pb, int tt, int m, int n, bool vec,
+__device__ __forceinline__ void tail_loads(const EpiRegs& e, uint32_t sbase, int pb, int tt, int m, int n, bool vec,
                                            int valid, float (&res)[4], float (&gate)[4]) {
   if (!(TAIL && e.residual)) return;
   ld4<OUT>(e.residual, (size_t)m * e.ld_res + n, vec, valid, res);
   if (e.rgate) {
-    const int grow = (int)lds32(sbase + Plan::param(pb, 3) + 4 * tt);
+    const int grow = (int)lds32(sbase + Plan::tokens(pb) + 16 * tt + 12);  // (the record's gate row)
     ld4<2>(e.rgate, (size_t)grow * e.n + n, vec, valid, gate);
   }
 }
@@ -234,41 +276,35 @@ __device__ __forceinline__ void tail_loads(const Epi& e, uint32_t sbase, int pb,
 // col + 3 of the chunk (outputs n .. n + 3): the zero correction, epilogue_ops (the float ops of every kernel),
 // the optional tail (reference.epilogue_tail), one 8- or 16-byte store.
 template <int OUT, bool TAIL, class Plan>
-__device__ __forceinline__ void epilogue_token(const Epi& e, uint32_t sbase, uint32_t stage, int pb, const RowOps& r,
-                                               int tl, int tt, int m, int n, int col, bool vec, int valid,
-                                               const float (&res)[4], const float (&gate)[4]) {
-  uint32_t raw[4];
+__device__ __forceinline__ void epilogue_token(const EpiRegs& e, uint32_t sbase, uint32_t stage, int pb,
+                                               const RowOps& r, int tl, int tt, int m, int n, int col, bool vec,
+                                               int valid, const float (&res)[4], const float (&gate)[4]) {
+  uint32_t raw[4], tok[4];
   lds128(stage + 4 * ws_stage_word(tl, col), raw);
-  const float sx = ldsf(sbase + Plan::param(pb, 0) + 4 * tt);
-  const int32_t rs = (int32_t)lds32(sbase + Plan::param(pb, 1) + 4 * tt);
-  const float um = ldsf(sbase + Plan::param(pb, 2) + 4 * tt);
+  lds128(sbase + Plan::tokens(pb) + 16 * tt, tok);  // {sx, rowsum, u, gate row}
+  const float sx = __uint_as_float(tok[0]), um = __uint_as_float(tok[2]);
+  const int32_t rs = (int32_t)tok[1];
   float y[4];
   int32_t cv[4];
   QV_UNROLL
   for (int a = 0; a < 4; ++a) {
     cv[a] = zero_corrected((int32_t)raw[a], r.zw[a], rs);
-    float v = epilogue_ops(cv[a], sx, r.sw[a], e.bias != nullptr, r.bias[a], e.u != nullptr, um, r.beta[a]);
-    v = tail_activation<OUT, TAIL>(e, v);
+    float v = epilogue_ops(cv[a], sx, r.sw[a], e.bias, r.bias[a], e.u, um, r.beta[a]);
+    v = tail_activation<OUT, TAIL>(e.activation, v);
     if (TAIL && e.residual) v = tail_residual(res[a], v, e.rgate != nullptr, gate[a]);
     y[a] = v;
   }
   st4<OUT>(e.out, (size_t)m * e.n + n, vec, valid, y, cv);
 }
 
-// The staged chunk back along rows (see above): rb = the m-block's first row in the tile, t0 = the chunk's
-// first token in the tile, wtid = the thread's index in its warpgroup. LEAN (MB = 2: 128 accumulator
-// registers stay live through the loop over chunks, within the 168-register cap): the weight-row operands
-// are re-read per token and the tail's loads issued one token at a time; else they are read once and the
-// tail's residual and gate loads of all 4 tokens go out together (latency hidden once, not 4 times).
-template <int OUT, bool TAIL, bool LEAN, class Plan>
-__device__ __forceinline__ void epilogue_rows(const Epi& e, uint32_t sbase, uint32_t stage, int pb, int m0, int n0,
-                                              int rb, int t0, int wtid) {
+// The 4 tokens of this thread in a staged chunk (see epilogue_rows). FULL: every token in range and 4 whole
+// outputs each (vec, valid = 4), so no per-token checks (the tiles inside the output, all but the edges).
+template <int OUT, bool TAIL, bool LEAN, bool FULL, class Plan>
+__device__ __forceinline__ void epilogue_chunk(const EpiRegs& e, uint32_t sbase, uint32_t stage, int pb, int m0,
+                                               int n, int r0, int t0, int wtid, int col, bool vec, int valid,
+                                               RowOps& r) {
   constexpr int PF = LEAN ? 1 : 4;  // tokens whose tail loads go out together
-  const int col = ws_read_col(wtid), n = n0 + rb + col, valid = e.n - n;
-  if (valid <= 0) return;
-  RowOps r;
-  if (!LEAN) load_row_ops<Plan>(sbase, pb, rb + col, r);
-  const bool vec = epilogue_vec<OUT, TAIL>(e, valid);
+  if (FULL) vec = true, valid = 4;
   QV_UNROLL
   for (int p0 = 0; p0 < 4; p0 += PF) {
     // (TAIL) the residual and gate values of PF tokens first: out may alias residual, so a later token's
@@ -277,24 +313,47 @@ __device__ __forceinline__ void epilogue_rows(const Epi& e, uint32_t sbase, uint
     QV_UNROLL
     for (int p = 0; p < PF; ++p) {
       const int tt = t0 + ws_read_token(wtid, p0 + p);
-      if (m0 + tt < e.m) tail_loads<OUT, TAIL, Plan>(e, sbase, pb, tt, m0 + tt, n, vec, valid, res[p], gate[p]);
+      if (FULL || m0 + tt < e.m) tail_loads<OUT, TAIL, Plan>(e, sbase, pb, tt, m0 + tt, n, vec, valid, res[p], gate[p]);
     }
     QV_UNROLL
     for (int p = 0; p < PF; ++p) {
       const int tl = ws_read_token(wtid, p0 + p), m = m0 + t0 + tl;
-      if (m >= e.m) continue;
-      if (LEAN) load_row_ops<Plan>(sbase, pb, rb + col, r);
+      if (!FULL && m >= e.m) continue;
+      if (LEAN) load_row_ops<Plan>(sbase, pb, r0, r);
       epilogue_token<OUT, TAIL, Plan>(e, sbase, stage, pb, r, tl, t0 + tl, m, n, col, vec, valid, res[p], gate[p]);
     }
   }
+}
+
+// The staged chunk back along rows (see above): rb = the m-block's first row in the tile, t0 = the chunk's
+// first token in the tile, wtid = the thread's index in its warpgroup. LEAN (MB = 2: 128 accumulator
+// registers stay live through the loop over chunks, within the 168-register cap): the weight-row operands
+// are re-read per token and the tail's loads issued one token at a time; else they are read once and the
+// tail's residual and gate loads of all 4 tokens go out together (latency hidden once, not 4 times).
+template <int OUT, bool TAIL, bool LEAN, class Plan>
+__device__ __forceinline__ void epilogue_rows(const EpiRegs& e, uint32_t sbase, uint32_t stage, int pb, int m0,
+                                              int n0, int rb, int t0, int wtid) {
+  const int col = ws_read_col(wtid), n = n0 + rb + col, valid = e.n - n;
+  if (valid <= 0) return;
+  RowOps r;
+  if (!LEAN) load_row_ops<Plan>(sbase, pb, rb + col, r);
+  const bool vec = epilogue_vec<OUT, TAIL>(e, valid);
+  // (no FULL copy where registers are short: it schedules the 4 tokens' loads together, and the 256-row (LEAN)
+  // and ping-pong kernels then spill)
+  constexpr bool kFullCopy = !LEAN && !Plan::kPingPong;
+  if (kFullCopy && vec && m0 + t0 + kWsStageTokens <= e.m)
+    epilogue_chunk<OUT, TAIL, LEAN, true, Plan>(e, sbase, stage, pb, m0, n, rb + col, t0, wtid, col, vec, valid, r);
+  else
+    epilogue_chunk<OUT, TAIL, LEAN, false, Plan>(e, sbase, stage, pb, m0, n, rb + col, t0, wtid, col, vec, valid, r);
 }
 
 // kWsDefer128: passes q0 .. q1 - 1 (ws_layout.h, ws_defer_pass) of the tile at (m0, n0) that waits in warpgroup
 // wg's slabs, its operands in buffer pb. Called between the next tile's MMA groups: a rolled loop (its code runs
 // beside the mainloop's registers), the row operands read once per call.
 template <int OUT, bool TAIL, class Plan>
-__device__ __forceinline__ void epilogue_passes(const Epi& e, uint32_t sbase, int pb, int wg, int m0, int n0,
+__device__ __forceinline__ void epilogue_passes(const Epi& ep, uint32_t sbase, int pb, int wg, int m0, int n0,
                                                 int wtid, int q0, int q1) {
+  const EpiRegs e = epi_regs(ep);
   const int col = ws_read_col(wtid), n = n0 + Plan::wg_row0(wg) + col, valid = e.n - n;
   if (valid <= 0 || q0 >= q1) return;
   RowOps r;
@@ -315,15 +374,9 @@ __device__ __forceinline__ void epilogue_passes(const Epi& e, uint32_t sbase, in
 template <class Plan>
 __device__ __forceinline__ void epilogue_passes_for(const Epi& e, bool tail, uint32_t sbase, int pb, int wg, int m0,
                                                     int n0, int wtid, int q0, int q1) {
-  switch (e.out_kind + (tail ? 4 : 0)) {
-    case 0: epilogue_passes<0, false, Plan>(e, sbase, pb, wg, m0, n0, wtid, q0, q1); break;
-    case 1: epilogue_passes<1, false, Plan>(e, sbase, pb, wg, m0, n0, wtid, q0, q1); break;
-    case 2: epilogue_passes<2, false, Plan>(e, sbase, pb, wg, m0, n0, wtid, q0, q1); break;
-    case 3: epilogue_passes<3, false, Plan>(e, sbase, pb, wg, m0, n0, wtid, q0, q1); break;
-    case 4: epilogue_passes<0, Plan::kTail, Plan>(e, sbase, pb, wg, m0, n0, wtid, q0, q1); break;
-    case 5: epilogue_passes<1, Plan::kTail, Plan>(e, sbase, pb, wg, m0, n0, wtid, q0, q1); break;
-    default: epilogue_passes<2, Plan::kTail, Plan>(e, sbase, pb, wg, m0, n0, wtid, q0, q1); break;
-  }
+  for_out_kind<Plan>(e.out_kind, tail, [&](auto out, auto t) {
+    epilogue_passes<decltype(out)::value, decltype(t)::value, Plan>(e, sbase, pb, wg, m0, n0, wtid, q0, q1);
+  });
 }
 
 // kWsDefer128: this warpgroup's accumulators of the tile into its 4 slabs (no barrier between chunks: each has
@@ -338,7 +391,7 @@ __device__ __forceinline__ void stage_all(uint32_t sbase, int wg, int lr, int c,
 // the accumulators of a staged chunk are dead, so registers free up as it goes (a rolled loop would keep all
 // 64 MB live through it); only the instantiation for this call's out dtype runs.
 template <int OUT, bool TAIL, class Plan>
-__device__ __forceinline__ void epilogue_staged(const Epi& e, uint32_t sbase, int pb, int wg, int m0, int n0,
+__device__ __forceinline__ void epilogue_staged(const EpiRegs& e, uint32_t sbase, int pb, int wg, int m0, int n0,
                                                 int lr, int c, int wtid, const uint32_t (&acc)[Plan::MB][64]) {
   const uint32_t stage = sbase + Plan::stage(wg);
   QV_UNROLL

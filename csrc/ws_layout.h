@@ -84,10 +84,10 @@ struct WsPlan {
   static constexpr bool kPingPong = MODE == kWsPingPong;
   static constexpr bool kDeferred = MODE == kWsDefer128;
   static constexpr int kRows = MODE == kWsCoop256 ? 256 : 128;  // weight rows per tile
-  // Whether the kernel can fuse reference.epilogue_tail (GELU, gated residual add): the cooperative modes. The
-  // host takes the 128-row one for a tail unless QVDIT_WS_TAIL256=1 (qgemm_sm90_ws_mode): the 256-row tail
-  // compiles without spills but has not run on a GPU yet.
-  static constexpr bool kTail = MODE != kWsPingPong;
+  // Whether the kernel can fuse reference.epilogue_tail (GELU, gated residual add): the 128-row cooperative
+  // modes. (The 256-row tail ran 1.4-1.9x slower than the 128-row one, BENCHMARKS run ws7, and its registers
+  // are short: it was removed.)
+  static constexpr bool kTail = MODE == kWsCoop128 || MODE == kWsDefer128;
   static constexpr int kSlotConsumers = kPingPong ? 1 : 2;       // warpgroups that read (and release) a slot
   // (a 256-row slot is 56-64 KB; the deferred mode's slabs take the fourth 128-row slot's room)
   static constexpr int kStages = kRows == 256 || kDeferred ? 3 : kWsStages;
@@ -97,10 +97,10 @@ struct WsPlan {
   // full[s], empty[s], and (ping-pong) turn[2]: 8-byte mbarriers
   static constexpr int kBarBytes = 2 * kStages * 8 + 16;
   // The epilogue's operands of one tile, staged by its consumers while the tile's MMAs run (two buffers per
-  // tile owner, alternating per tile): per token sx, rowsum, u and its residual-gate row (m / gate_div: one
-  // division per token, not per output); per weight row sw, zw, bias, beta (4 bytes).
-  static constexpr int kTokenArrays = 4;
-  static constexpr int kParamBytes = kBM * 4 * kTokenArrays + kRows * 16;
+  // tile owner, alternating per tile): per token one 16-byte record {sx, rowsum, u, residual-gate row (m /
+  // gate_div: one division per token, not per output)}, so a token's operands are one shared load; per weight
+  // row sw, zw (as int32: converted once, not per output), bias, beta, four arrays of 4 bytes.
+  static constexpr int kParamBytes = kBM * 16 + kRows * 16;
   static constexpr int kParamBufs = kPingPong ? 4 : 2;
   // Each consumer warpgroup's epilogue staging buffer (ws_epilogue.cuh; index math: ws_stage_word below): one
   // chunk (slab) at a time, or (kDeferred) all 4 chunks of its tile, which wait there for the next mainloop.
@@ -117,13 +117,10 @@ struct WsPlan {
   // passed every wait of its tile before (else a slot's barrier can still be a phase behind, and a parity
   // wait for this warpgroup's fill would pass on the other's unfinished one).
   QV_HD static uint32_t turn(int wg) { return (uint32_t)(kStages * kSlotBytes + 8 * (2 * kStages + wg)); }
-  // operand arrays of buffer b: [kBM] sx, rowsum, u, gate row (arrays 0-3), then [kRows] sw, zw,
-  // bias, beta (arrays 4-7)
-  QV_HD static uint32_t param(int b, int array) {
-    const uint32_t base = (uint32_t)(kStages * kSlotBytes + kBarBytes + b * kParamBytes);
-    return array < kTokenArrays ? base + (uint32_t)(array * kBM * 4)
-                                : base + (uint32_t)(kTokenArrays * kBM * 4 + (array - kTokenArrays) * kRows * 4);
-  }
+  // operand buffer b: the token records [kBM][4 words], then the weight-row arrays [kRows] sw, zw, bias, beta
+  // (row_array 0-3)
+  QV_HD static uint32_t tokens(int b) { return (uint32_t)(kStages * kSlotBytes + kBarBytes + b * kParamBytes); }
+  QV_HD static uint32_t row_array(int b, int array) { return tokens(b) + (uint32_t)(kBM * 16 + array * kRows * 4); }
   // warpgroup wg's staging slab for chunk ch (the one buffer unless kDeferred)
   QV_HD static uint32_t stage(int wg, int ch = 0) {
     return (uint32_t)(kStages * kSlotBytes + kBarBytes + kParamBufs * kParamBytes +

@@ -83,18 +83,20 @@ def qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias=None, u=None, bet
                  residual, residual_gate)
 
 
-# Rows the in-place act-quant holds in registers (csrc/act_quant.cu, launch_regs: 8 warps x 32 lanes x 16 chunks of
-# 16 bytes), aligned as its 16-byte loads need.
+# Rows the in-place act-quant holds in registers (csrc/qvdit_kernels.h kActQuantInplaceMaxRowBytes: act_quant.cu's
+# launch_regs, 8 warps x 32 lanes x 16 chunks of 16 bytes; tests/test_cuda_build.py checks the two are equal),
+# aligned as its 16-byte loads need.
 INPLACE_MAX_ROW_BYTES = 8 * 32 * 16 * 16
 
 
 def inplace_ok(x2: torch.Tensor) -> bool:
-    """Whether cuda_act_quant_inplace can overwrite x2 [M, K] with its codes: unit column stride, 16-byte aligned
-    rows of whole 16-byte chunks, short enough to be held in registers. (While tracing there is no address to
-    check: the op itself refuses a misaligned base with an error that says why.)"""
+    """Whether cuda_act_quant_inplace can overwrite x2 [M, K] with its codes, and saves the code buffer by it: unit
+    column stride, 16-byte aligned rows of whole 16-byte chunks, short enough to be held in registers, and K a
+    multiple of 16 (else the GEMM copies the codes into rows padded to 16 anyway). (While tracing there is no
+    address to check: the op itself refuses a misaligned base with an error that says why.)"""
     el = x2.element_size()
     ok = (x2.dim() == 2 and x2.stride(1) == 1 and x2.stride(0) >= x2.shape[1] and (x2.stride(0) * el) % 16 == 0
-          and (x2.shape[1] * el) % 16 == 0 and x2.shape[1] * el <= INPLACE_MAX_ROW_BYTES)
+          and x2.shape[1] % 16 == 0 and x2.shape[1] * el <= INPLACE_MAX_ROW_BYTES)
     return ok and (torch.compiler.is_compiling() or x2.data_ptr() % 16 == 0)
 
 

@@ -92,6 +92,19 @@ def test_kernel_sources_have_no_torch_headers():
         assert "#include <torch" not in text and "#include <ATen" not in text and "#include <c10" not in text, src
 
 
+def test_inplace_row_limit_written_once_per_language():
+    """The in-place act-quant's longest row: qvdit_kernels.cuda.INPLACE_MAX_ROW_BYTES (which picks the in-place
+    path) equals the header's kActQuantInplaceMaxRowBytes (which the binding checks and act_quant.cu asserts).
+    Read from the sources: the Python module imports only where the extension is built."""
+    import re
+
+    header = re.search(r"kActQuantInplaceMaxRowBytes = ([0-9* ]+);", (CSRC / "qvdit_kernels.h").read_text())
+    py = re.search(r"^INPLACE_MAX_ROW_BYTES = ([0-9* ]+)$", (ROOT / "qvdit_kernels" / "cuda.py").read_text(), re.M)
+    assert header and py
+    value = lambda expr: eval(expr, {"__builtins__": {}})  # noqa: E731  (digits and '*' only, matched above)
+    assert value(header.group(1)) == value(py.group(1)) == 65536
+
+
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
     if CXX is None:

@@ -268,21 +268,21 @@ def test_cuda_graph_replay_equals_eager():
     assert torch.equal(out, f()) and not torch.equal(out, eager)
 
 
-@pytest.mark.parametrize("rows", ["128", "256"])
+@pytest.mark.parametrize("defer", ["0", "1"])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("tail", ["gelu", "residual", "gated", "gelu+per_token_gate"])
-def test_ws_epilogue_tail(monkeypatch, rows, out_dtype, tail):
+def test_ws_epilogue_tail(monkeypatch, defer, out_dtype, tail):
     """The warp-specialized kernel's fused tail (GELU, residual + gate * y) on the 8/16-byte stores (N a multiple
     of 4; test_gemm.py's shared tail test has N odd): equal to reference.epilogue_tail on the same kernel's plain
-    output within test_gemm's bound, a residual with a row stride != N; both tile heights (the 256-row tail is
-    opt-in: QVDIT_WS_TAIL256=1)."""
+    output within test_gemm's bound, a residual with a row stride != N; both tail modes (128-row cooperative, and
+    deferred: QVDIT_WS_DEFER=1). M = 300: the last tile's tokens past M take the checked path, the others the
+    unchecked one."""
     from qvdit_kernels import _C
 
     if not _C.sm90_available():
         pytest.skip("the warp-specialized kernel needs an sm_90 GPU and an sm_90a build")
     monkeypatch.setenv("QVDIT_CUDA_GEMM_PATH", "sm90ws")
-    monkeypatch.setenv("QVDIT_WS_ROWS", rows)
-    monkeypatch.setenv("QVDIT_WS_TAIL256", "1")  # (else a tail always takes the 128-row mode)
+    monkeypatch.setenv("QVDIT_WS_DEFER", defer)
     monkeypatch.setenv("QVDIT_CUDA_FUSED_TAIL", "1")  # opt-in (cuda.fused_tail_enabled)
     m, k, n = 300, 2304, 640
     a, _ = gpu_problem(m, k, n, 3, 6, seed=31)
@@ -404,6 +404,19 @@ def test_act_quant_inplace_refuses_rows_it_cannot_hold():
         assert torch.equal(x, y)
     with pytest.raises(RuntimeError, match="rows that do not overlap"):
         torch.ops.qvdit.cuda_act_quant_inplace(torch.randn(64, device=DEV).expand(4, 64), 6, None, None, None, 0)
+
+
+def test_inplace_ok_takes_only_rows_that_save_the_buffer():
+    """qlinear(overwrite_input=True) goes in place only where the op can hold the row and the GEMM reads the codes
+    where they are (K a multiple of 16: else the GEMM's padded copy would be made anyway)."""
+    from qvdit_kernels.cuda import inplace_ok
+
+    x = torch.empty(4, 4096, device=DEV, dtype=torch.bfloat16)
+    assert inplace_ok(x) and inplace_ok(x[:, :1024]) and inplace_ok(x.float()[:, :2048])
+    assert not inplace_ok(x[:, :24])  # K = 24: padded by the GEMM
+    assert not inplace_ok(x[:, 4:1028])  # a base 8 bytes into the row: not 16-byte aligned
+    assert not inplace_ok(torch.empty(4, 40000, device=DEV, dtype=torch.bfloat16))  # past the register kernel
+    assert not inplace_ok(torch.empty(1024, 4, device=DEV, dtype=torch.bfloat16).t())  # column stride != 1
 
 
 @pytest.mark.parametrize("w_bits", [3, 4])

@@ -147,6 +147,15 @@ def test_compiled_blocks_run_the_fused_forward(monkeypatch, triton_fused_eager):
     torch._dynamo.reset()
 
 
+def test_cuda_consumers_are_fed_by_the_triton_norm_kernel():
+    """The CUDA backend has no norm_quantize: its QLinears take Triton's (the same codes, scales, u and row sums),
+    where Triton runs; every other backend its own."""
+    cpu = torch.device("cpu")
+    assert fused.norm_backend("cuda", DEVICE) == ("triton" if "triton" in KERNEL_BACKENDS else None)
+    assert fused.norm_backend("torch", cpu) == "torch"
+    assert fused.norm_backend("triton", DEVICE) == ("triton" if "triton" in KERNEL_BACKENDS else None)
+
+
 def test_handoff_is_used_once_and_only_for_its_tensor():
     """QLinear takes a producer's codes for the tensor they were made for (here deliberately another input's
     codes, so using them shows), once; a handoff for another tensor is dropped and x is quantized itself."""

@@ -46,16 +46,27 @@ def ffn_inplace() -> bool:
     return os.environ.get("QVDIT_FFN_INPLACE", "0") == "1"
 
 
+def norm_backend(backend: str, device: torch.device) -> str | None:
+    """The backend whose norm_quantize feeds QLinears of `backend` on `device`: their own, or for "cuda" (which has
+    no norm kernel) Triton's, whose codes, scales, u and row sums the CUDA GEMM takes as they are; None: none."""
+    if backend == "torch":
+        return backend
+    for name in (backend, "triton") if backend == "cuda" else (backend,):
+        if backends.resolve("norm_quantize", name, device, fallback=False) is not None:
+            return name
+    return None
+
+
 def can_feed(norm: nn.Module, consumers: list, x: torch.Tensor) -> bool:
     """A LayerNorm whose output goes only to QLinears of one activation width, TQE setting and backend,
-    with a norm_quantize kernel for that backend on x's device (or the reference backend itself)."""
+    with a norm_quantize kernel for them on x's device (`norm_backend`)."""
     if not isinstance(norm, nn.LayerNorm) or not consumers or not all(isinstance(q, QLinear) for q in consumers):
         return False
     q0 = consumers[0]
     if any((q.a_bits, q.tqe, q.backend, q.in_features) != (q0.a_bits, q0.tqe, q0.backend, q0.in_features)
            for q in consumers) or norm.normalized_shape != (q0.in_features,):
         return False
-    return q0.backend == "torch" or backends.resolve("norm_quantize", q0.backend, x.device, fallback=False) is not None
+    return norm_backend(q0.backend, x.device) is not None
 
 
 def _plain(norm, x, scale, shift):
@@ -86,7 +97,8 @@ def feed(norm: nn.Module, x: torch.Tensor, consumers: list, scale=None, shift=No
         elif any(t[2] is not None for t in tqe):  # mixed gating: not what a norm's consumers look like
             return _plain(norm, x, scale, shift)
     y, xq, sx, u, rs = qk.norm_quantize(x2, consumers[0].a_bits, norm.eps, norm.weight, norm.bias, sc, sh, mod_rows,
-                                        alphas, gates, frame_id, backend=consumers[0].backend)
+                                        alphas, gates, frame_id,
+                                        backend=norm_backend(consumers[0].backend, x.device))
     y = y.view(b, s, c)
     for j, q in enumerate(consumers):
         q._prequant = (y, xq, sx, rs, None if u is None else u[j])
