@@ -191,7 +191,7 @@ def test_cuda_fc2_quantizes_over_fc1_output_eager_and_compiled(monkeypatch):
     model, kw = quantized("cuda", dev), inputs(dev)
     plain, _ = run(model, kw, False, monkeypatch)
     taken = []
-    monkeypatch.setenv("QVDIT_FFN_INPLACE", "1")  # (opt-in: qvdit/models/fused.py)
+    monkeypatch.setenv("QVDIT_FFN_INPLACE", "1")  # (the default; set in case the environment turns it off)
     real_ok = qcuda.inplace_ok
     monkeypatch.setattr(qcuda, "inplace_ok", lambda x2: taken.append(real_ok(x2)) or taken[-1])
     eager, n = run(model, kw, True, monkeypatch)

@@ -11,10 +11,11 @@
   GEMM would run it as a pass of its own over fc1's [tokens, 4C] output (`qvdit_kernels.ops.tail_as_own_pass`).
   The GELU costs an act-quant pass more than it costs a GEMM epilogue (it is bound by the special-function unit:
   on the H200 the act-quant of wan14b fc2's input ran 0.59x as fast with it on Triton and 0.61x on CUDA, BENCHMARKS
-  run 8), so it goes to fc2 only to save that pass. There fc1's output is dead once fc2 has quantized it, so with
-  `QVDIT_FFN_INPLACE=1` fc2 writes the codes over it (`qlinear(overwrite_input=True)`): the FFN's activations take
-  one [tokens, 4C] bf16 buffer, not that plus an int8 copy. Opt-in until it has run on a GPU (written in the sixth
-  session without device time left to test it; tests/test_cuda_kernels.py and test_fused_producers.py check it).
+  run 8), so it goes to fc2 only to save that pass. There fc1's output is dead once fc2 has quantized it, so fc2
+  writes the codes over it (`qlinear(overwrite_input=True)`; `QVDIT_FFN_INPLACE=0` turns it off): the FFN's
+  activations take one [tokens, 4C] bf16 buffer, not that plus an int8 copy. On the H200 this is what brings the
+  compiled Wan2.1-1.3B's peak down by its whole weight saving (BENCHMARKS e2e run 10); tests/test_cuda_kernels.py
+  and test_fused_producers.py check it.
 
 Eager and compiled: the kernels are custom ops, and the handoffs (`QLinear._prequant`, `QLinear._residual`) are
 set and consumed inside one block's forward, so `torch.compile(fullgraph=True)` traces them as plain side effects
@@ -41,9 +42,8 @@ def enabled() -> bool:
 
 
 def ffn_inplace() -> bool:
-    """QVDIT_FFN_INPLACE=1: fc2 writes its activation codes over fc1's output (module docstring; opt-in, not yet
-    run on a GPU)."""
-    return os.environ.get("QVDIT_FFN_INPLACE", "0") == "1"
+    """fc2 writes its activation codes over fc1's output (module docstring); QVDIT_FFN_INPLACE=0 turns it off."""
+    return os.environ.get("QVDIT_FFN_INPLACE", "1") != "0"
 
 
 def norm_backend(backend: str, device: torch.device) -> str | None:
