@@ -70,7 +70,8 @@ def test_bindings_parse_with_the_torch_headers(tmp_path):
     (tmp_path / "c10" / "cuda" / "impl").mkdir(parents=True)
     (tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").write_text("#pragma once\n")
     incs = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"], str(tmp_path), str(cuda_inc), str(CSRC)]
-    res = subprocess.run([CXX, "-std=c++17", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=_C",
+    # (C++20: torch's own standard, which the extension build takes: setup.py passes no -std for cxx)
+    res = subprocess.run([CXX, "-std=c++20", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=_C",
                           *[f"-I{i}" for i in incs], str(CSRC / "bindings.cpp")], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-4000:]
 
