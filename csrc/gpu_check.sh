@@ -52,6 +52,10 @@ if has test; then
   # (tests/test_cuda_build.py is CPU-only, the host emulator and nvcc/g++ checks: CI runs it; 2.5 min here)
   step test_backends python3 -m pytest -q -p no:cacheprovider tests/test_backends.py tests/test_auto.py \
     tests/test_norm_quant.py
+  # the fused Wan block on CUDA (fc2's codes over fc1's output) eager, compiled and CUDA-graph captured: these
+  # need diffusers (carry its wheel, see the e2e note above; without it they skip, and this says so)
+  python3 -c "import diffusers" 2>/dev/null || echo "=== test_models: diffusers missing, its tests will SKIP"
+  step test_models python3 -m pytest -q -p no:cacheprovider -rs tests/test_fused_producers.py tests/test_compile.py
   QVDIT_CUDA_GEMM_PATH=sm80 step test_shared_sm80 python3 -m pytest -q -p no:cacheprovider tests/test_gemm.py -k cuda
   QVDIT_CUDA_GEMM_PATH=sm90ws QVDIT_WS_ROWS=256 step test_shared_sm90ws_256 \
     python3 -m pytest -q -p no:cacheprovider tests/test_gemm.py -k cuda
@@ -101,7 +105,7 @@ if has ncu_src; then  # where the small-K ws tile waits (BENCHMARKS run ws9): st
   step ncu_src ncu --kernel-name regex:qgemm_sm90_ws -c 1 --set full -f -o "$rep" \
     python3 benchmarks/bench_cuda.py --profile wan1.3b_fc1 --variants W3A6
   step ncu_src_page bash -c "ncu -i '$rep.ncu-rep' --page source --csv --print-source sass > '$OUT/ws_small_k_sass.csv'"
-  step ncu_stalls python3 benchmarks/ncu_stalls.py "$OUT/ws_small_k_sass.csv" --top 60
+  step ncu_stalls python3 benchmarks/ncu_stalls.py "$OUT/ws_small_k_sass.csv" --top 60 --outputs 32760*8960
 fi
 echo "=== summary: stages ${stages[*]}; failed: ${fails[*]:-none}"
 [[ ${#fails[@]} -eq 0 ]]

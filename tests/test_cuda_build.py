@@ -226,3 +226,22 @@ def test_ncu_stalls_reads_the_source_page(tmp_path, capsys):
     page.write_text('"Address","Source"\n"0x0","NOP ;"\n')
     with pytest.raises(SystemExit, match="collect with --set full"):
         ncu_stalls.main([str(page)])
+
+
+def test_ncu_stalls_regions_per_output(tmp_path, capsys):
+    """--outputs: the executed code in stretches split by unexecuted gaps, named by what they run (IGMMA:
+    mainloop, STG: epilogue, UTMALDG: producer), with warp instructions x 32 / outputs per region."""
+    from benchmarks import ncu_stalls
+
+    head = '"Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed"\n'
+    hot = ['"IGMMA.64x128x32.S8.S8 R24, R128, gdesc[UR4], R24 ;","30","10"', '"LOP3.LUT R1, R2, 0x7, RZ ;","10","30"']
+    cold = ['"NOP ;","0","0"'] * 40  # (another instantiation: never ran)
+    epi = ['"FMUL R3, R4, R5 ;","20","40"', '"STG.E.64 [R6], R8 ;","40","20"']
+    lines = [f'"0x{i:x}",{r}' for i, r in enumerate(hot + cold + epi)]
+    (tmp_path / "s.csv").write_text(head + "\n".join(lines) + "\n")
+    assert ncu_stalls.main([str(tmp_path / "s.csv"), "--outputs", "8*40"]) == 0
+    out = capsys.readouterr().out.split("regions")[1]
+    assert "mainloop    4.00 per output,  40.0% of samples" in out  # (10 + 30) x 32 / 320
+    assert "epilogue    6.00 per output,  60.0% of samples" in out and "FMUL 4.00" in out
+    with pytest.raises(SystemExit):
+        ncu_stalls.main([str(tmp_path / "s.csv"), "--outputs", "0"])
