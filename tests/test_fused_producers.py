@@ -184,7 +184,12 @@ def test_per_token_modulation_fused_equals_unfused(monkeypatch):
 def test_cuda_fc2_quantizes_over_fc1_output_eager_and_compiled(monkeypatch):
     """On CUDA fc2 quantizes the GELU of fc1's output and writes the codes over it (`qlinear(overwrite_input=True)`,
     cuda_act_quant_inplace, once per block): the eager and the inductor-compiled fused forwards agree with the
-    unfused one (float rounding: inductor's own norms, u's summation order)."""
+    unfused one (float rounding: inductor's own norms, u's summation order), and inductor's code calls the op on
+    fc1's own buffer, never on a clone of it (which would bring back the [M, 4C] copy the op exists to avoid)."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
     from qvdit_kernels import cuda as qcuda
 
     dev = torch.device("cuda")
@@ -201,6 +206,12 @@ def test_cuda_fc2_quantizes_over_fc1_output_eager_and_compiled(monkeypatch):
     torch._dynamo.reset()
     model.compile_repeated_blocks(fullgraph=True)
     monkeypatch.setenv("QVDIT_FFN_INPLACE", "1")
-    compiled, _ = run(model, kw, True, monkeypatch)
+    (compiled, _), codes = run_and_get_code(run, model, kw, True, monkeypatch)
     assert rel_err(compiled) < 2e-3, rel_err(compiled)
+    calls = [(code, m.group(1)) for code in codes
+             for m in re.finditer(r"cuda_act_quant_inplace\.default\((\w+)", code)]
+    assert calls, "inductor's code has no cuda_act_quant_inplace call"
+    for code, buf in calls:  # (a clone shows as a copy/clone kernel or op writing or reading that buffer)
+        cloned = [ln for ln in code.splitlines() if re.search(r"clone|copy_", ln) and re.search(rf"\b{buf}\b", ln)]
+        assert not cloned, cloned
     torch._dynamo.reset()
