@@ -33,10 +33,9 @@ def _cuda_extensions():
         name="qvdit_kernels._C",
         sources=sources,
         include_dirs=[os.path.abspath("csrc")],
-        # cxx: no -std, so torch adds the standard its own headers were built with (C++20 since torch 2.10).
-        # bindings.cpp built as C++17 against them threw its errors (TORCH_CHECK) into a segfault on the H200
-        # (torch 2.11): every argument error of a direct op call crashed the process (BENCHMARKS run ws10).
-        # The kernels behind qvdit_kernels.h include no torch header and stay C++17 (as compile_check.sh builds).
+        # cxx: no -std, so torch adds the standard its headers need (C++17 up to 2.11, C++20 after, which refuses
+        # C++17). The kernels behind qvdit_kernels.h include no torch header and stay C++17 (as compile_check.sh
+        # builds them).
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-std=c++17", *arch.split()]},
     )
     return [ext], {"build_ext": BuildExtension}

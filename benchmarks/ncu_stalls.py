@@ -13,7 +13,8 @@ collects it:
 
 The CSV's column names vary between Nsight Compute versions: the instruction is the column named "Source", the
 samples the first column whose name starts with "Warp Stall Sampling (All"; other numeric columns whose names
-mention "stall" are summed per opcode too when present.
+mention "stall" are summed per opcode too when present. The regions (--outputs) need the "Instructions Executed"
+column (Nsight Compute 2025.3 names it so).
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ REGION_KINDS = (("mainloop", ("IGMMA", "HGMMA")), ("epilogue", ("STG",)), ("prod
 
 
 def regions(rows: list[dict], executed: str, gap: int = 30) -> list[tuple[int, int]]:
-    """Contiguous stretches of executed code: [first, last] row indices, split where more than `gap` rows in a row
+    """Contiguous stretches of executed code: [first, last] row indices, split where `gap` or more rows in a row
     never ran (the other instantiations and cold paths the compiler lays out between the hot ones)."""
     hot = [i for i, r in enumerate(rows) if number(r[executed]) > 0]
     out: list[tuple[int, int]] = []

@@ -64,7 +64,7 @@ void check_act_quant_args(const Tensor& x, int64_t bits, int64_t activation) {
 
 // The act-quant launch of both ops on x (unit column stride): codes into xq (row stride ldq bytes), the row scale,
 // TQE u (alpha given) and row sums (want_rowsum) into new tensors, returned. inplace: xq overlays x
-// (ActQuantArgs::inplace); the launch then fails with cudaErrorNotSupported where the row cannot be held.
+// (ActQuantArgs::inplace; the caller has checked that the register kernel can hold the row).
 std::tuple<Tensor, Tensor, Tensor> act_quant_launch(const Tensor& x, int64_t bits, const OptT& alpha,
                                                     const OptT& gate, const OptT& frame_id, bool want_rowsum,
                                                     int64_t activation, int8_t* xq, int64_t ldq, bool inplace) {

@@ -14,7 +14,7 @@
 // accumulators: it waits for every int8 wgmma), loads run ahead across tiles (persistent CTAs, one per
 // SM), and no CTA-wide barrier is in the mainloop. The epilogue computes the other kernels' values
 // (qvdit_math.h::epilogue_value) through a shared-memory staging buffer (epilogue_staged), plus
-// reference.epilogue_tail (GELU, gated residual add), which only this kernel fuses (cooperative modes).
+// reference.epilogue_tail (GELU, gated residual add), which only this kernel fuses (its 128-row cooperative modes).
 // W8 stays on gemm_sm90.cu.
 #include <cuda.h>  // CUtensorMap
 #include <cudaTypedefs.h>
@@ -188,7 +188,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) qgemm_sm90_ws_kernel(const __gr
   const int groups = w.steps * MB;
   uint32_t acc[MB][64], f0[8][4], f1[8][4];
   const Epi& e = g.epi;
-  // (only in the cooperative modes, which the host takes for a tail; never with int32 outputs, which the
+  // (only in the 128-row cooperative modes, which the host takes for a tail; never with int32 outputs, which the
   // bindings refuse with a tail: the exact accumulator is stored)
   const bool tail = Plan::kTail && e.out_kind != 3 && (e.activation || e.residual);
   const int lr = row0 - Plan::wg_row0(wg), wtid = tid % 128, c = 2 * q;  // (row, thread index) in the warpgroup

@@ -105,7 +105,7 @@ if has ncu_src; then  # where the small-K ws tile waits (BENCHMARKS run ws9): st
   step ncu_src ncu --kernel-name regex:qgemm_sm90_ws -c 1 --set full -f -o "$rep" \
     python3 benchmarks/bench_cuda.py --profile wan1.3b_fc1 --variants W3A6
   step ncu_src_page bash -c "ncu -i '$rep.ncu-rep' --page source --csv --print-source sass > '$OUT/ws_small_k_sass.csv'"
-  step ncu_stalls python3 benchmarks/ncu_stalls.py "$OUT/ws_small_k_sass.csv" --top 60 --outputs 32760*8960
+  step ncu_stalls python3 benchmarks/ncu_stalls.py "$OUT/ws_small_k_sass.csv" --top 60 --outputs "32760*8960"
 fi
 echo "=== summary: stages ${stages[*]}; failed: ${fails[*]:-none}"
 [[ ${#fails[@]} -eq 0 ]]

@@ -76,7 +76,8 @@ __device__ __forceinline__ void store_params(const Params& p, uint32_t sbase, in
     for (int a = 0; a < 4; ++a) sts32(sbase + Plan::row_array(pb, a) + 4 * tid, p.row[a]);
 }
 
-// The launch's epilogue values, read from the kernel parameters into registers once per tile. (Read through
+// The launch's epilogue values, read from the kernel parameters into registers once per tile (kWsDefer128: once
+// per call of epilogue_passes, a few per tile). (Read through
 // `const Epi&` they were loaded again for every token: the shared-memory accessors' "memory" clobbers order
 // them; Nsight Compute counted 3 parameter loads and 2 null-pointer compares per 4 outputs, BENCHMARKS run ws10.)
 struct EpiRegs {
@@ -327,12 +328,14 @@ __device__ __forceinline__ void epilogue_chunk(const EpiRegs& e, uint32_t sbase,
 
 // The staged chunk back along rows (see above): rb = the m-block's first row in the tile, t0 = the chunk's
 // first token in the tile, wtid = the thread's index in its warpgroup. LEAN (MB = 2: 128 accumulator
-// registers stay live through the loop over chunks, within the 168-register cap): the weight-row operands
-// are re-read per token and the tail's loads issued one token at a time; else they are read once and the
-// tail's residual and gate loads of all 4 tokens go out together (latency hidden once, not 4 times).
+// registers stay live through the loop over chunks, within the 168 registers ptxas compiles for: the launch
+// bounds' 384 threads; setmaxnreg raises the limit only at run time): the weight-row operands are re-read per
+// token; else they are read once, and (TAIL, 128-row modes only) the tail's residual and gate loads of all 4
+// tokens go out together (latency hidden once, not 4 times).
 template <int OUT, bool TAIL, bool LEAN, class Plan>
 __device__ __forceinline__ void epilogue_rows(const EpiRegs& e, uint32_t sbase, uint32_t stage, int pb, int m0,
                                               int n0, int rb, int t0, int wtid) {
+  static_assert(!(LEAN && TAIL), "the tail runs only in the 128-row modes (WsPlan::kTail)");
   const int col = ws_read_col(wtid), n = n0 + rb + col, valid = e.n - n;
   if (valid <= 0) return;
   RowOps r;
