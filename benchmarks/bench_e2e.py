@@ -246,9 +246,12 @@ def trace_peak(call) -> dict:
 def run_one(name, setting, mode, args, device, ref_out, log) -> tuple[dict, torch.Tensor | None]:
     dtype = torch.bfloat16
     row = {"model": name, "setting": setting, "mode": mode, "backend": args.backend if setting != "bf16" else "cuBLAS"}
-    if setting != "bf16":  # producer fusion (qvdit.models.fused) allowed: eager and not turned off; it runs where
-        # the backend has a norm_quantize kernel (Triton on a GPU; the reference backend named explicitly)
-        row["fuse_producers_enabled"] = mode == "eager" and os.environ.get("QVDIT_FUSE_PRODUCERS", "1") != "0"
+    if setting != "bf16":  # producer fusion (qvdit.models.fused) allowed, eager and compiled (the compiled blocks
+        # trace the fused forward), unless turned off; it runs where the backend has a norm_quantize kernel (Triton
+        # on a GPU, which also feeds CUDA-backend linears; the reference backend named explicitly). ffn_inplace: fc2
+        # writes its codes over fc1's output where fc1 runs on the CUDA kernel
+        row["fuse_producers_enabled"] = os.environ.get("QVDIT_FUSE_PRODUCERS", "1") != "0"
+        row["ffn_inplace"] = row["fuse_producers_enabled"] and os.environ.get("QVDIT_FFN_INPLACE", "1") != "0"
     model = build(name, device, dtype)
     kw, shape = make_inputs(name, model, device, dtype, args)
     row.update(shape)
