@@ -45,6 +45,9 @@ if has build; then
   step build python3 setup.py build_ext --inplace
   python3 -c "import qvdit_kernels._C as C; print('extension loaded; sm90 wgmma path available:', C.sm90_available())" \
     || fails+=(load)
+  # what the build used and links (BENCHMARKS run ws10: errors raised in the extension segfaulted; cause unknown)
+  echo "build standards: $(grep -oh -- '-std=[^ ]*' build/temp*/build.ninja 2>/dev/null | sort | uniq -c | tr '\n' ' ')"
+  ldd qvdit_kernels/_C*.so 2>/dev/null | grep -E "stdc\+\+|gcc_s" || true
 fi
 if has test; then
   step test_cuda_kernels python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_kernels.py
