@@ -64,7 +64,8 @@ void check_act_quant_args(const Tensor& x, int64_t bits, int64_t activation) {
 
 // The act-quant launch of both ops on x (unit column stride): codes into xq (row stride ldq bytes), the row scale,
 // TQE u (alpha given) and row sums (want_rowsum) into new tensors, returned. inplace: xq overlays x
-// (ActQuantArgs::inplace; the caller has checked that the register kernel can hold the row).
+// (ActQuantArgs::inplace); act_quant then refuses, writing nothing, a row its register kernel cannot hold, and
+// that refusal is the error below (one place decides: act_quant.cu's launch_typed).
 std::tuple<Tensor, Tensor, Tensor> act_quant_launch(const Tensor& x, int64_t bits, const OptT& alpha,
                                                     const OptT& gate, const OptT& frame_id, bool want_rowsum,
                                                     int64_t activation, int8_t* xq, int64_t ldq, bool inplace) {
@@ -110,7 +111,13 @@ std::tuple<Tensor, Tensor, Tensor> act_quant_launch(const Tensor& x, int64_t bit
   a.inplace = inplace;
   a.scale = scale.data_ptr<float>();
   a.rowsum = want_rowsum ? rowsum.data_ptr<int32_t>() : nullptr;
-  check_launch(qv::act_quant(a, c10::cuda::getCurrentCUDAStream()), "act_quant");
+  const cudaError_t err = qv::act_quant(a, c10::cuda::getCurrentCUDAStream());
+  const int64_t el = x.element_size();
+  TORCH_CHECK(!(inplace && err == cudaErrorNotSupported), "cuda_act_quant_inplace: x must have 16-byte aligned rows ",
+              "of at most ", qv::kActQuantInplaceMaxRowBytes / el, " elements, a multiple of ", 16 / el,
+              " (a row is held in registers before its codes overwrite it), got ", x.sizes(), " with row stride ",
+              x.stride(0));
+  check_launch(err, "act_quant");
   return {scale, u, rowsum};
 }
 
@@ -134,14 +141,6 @@ std::tuple<Tensor, Tensor, Tensor> act_quant_inplace_cuda(Tensor& x, int64_t bit
   check_act_quant_args(x, bits, activation);
   TORCH_CHECK(x.stride(1) == 1 && x.stride(0) >= x.size(1), "cuda_act_quant_inplace: x must have unit column stride "
               "and rows that do not overlap, got strides ", x.strides(), " for sizes ", x.sizes());
-  // (the register kernel's conditions, checked here so that nothing is launched or written when they fail)
-  const int64_t el = x.element_size(), row_bytes = x.size(1) * el;
-  TORCH_CHECK(row_bytes % 16 == 0 && row_bytes <= qv::kActQuantInplaceMaxRowBytes && (x.stride(0) * el) % 16 == 0 &&
-                  aligned16(x),
-              "cuda_act_quant_inplace: x must have 16-byte aligned rows of at most ",
-              qv::kActQuantInplaceMaxRowBytes / el, " elements, a multiple of ", 16 / el,
-              " (a row is held in registers before its codes overwrite it), got ", x.sizes(), " with row stride ",
-              x.stride(0));
   c10::cuda::CUDAGuard guard(x.device());
   return act_quant_launch(x, bits, alpha, gate, frame_id, true, activation, static_cast<int8_t*>(x.data_ptr()),
                           x.stride(0) * (int64_t)x.element_size(), true);

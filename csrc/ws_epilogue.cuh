@@ -24,7 +24,6 @@ __device__ __forceinline__ uint32_t lds32(uint32_t addr) {
 __device__ __forceinline__ void sts32(uint32_t addr, uint32_t v) {
   asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
 }
-__device__ __forceinline__ float ldsf(uint32_t addr) { return __uint_as_float(lds32(addr)); }
 
 // Epilogue operands of one tile, in two halves so that their global-load latency hides under the tile's
 // first MMAs: load_params (consumer thread tid: token tid's record {sx, rowsum, u, residual-gate row} if
