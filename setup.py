@@ -11,6 +11,46 @@ import sys
 from setuptools import setup
 
 
+def _static_cxx_runtime(linker: list[str]) -> bool:
+    """Whether `linker` (the command that links the extension) puts a static copy of libstdc++ into a shared
+    object. Some toolchains do (the H200 image's /opt/gcc: its extension had no libstdc++ dependency). That copy's
+    iostreams are never initialized beside the shared libstdc++ torch runs with, so the first error message the
+    extension formats (TORCH_CHECK -> std::ostringstream << long) crashed the process (BENCHMARKS run ws11)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        src, so = os.path.join(d, "probe.cpp"), os.path.join(d, "probe.so")
+        with open(src, "w") as fh:
+            fh.write("#include <sstream>\n#include <string>\n"
+                     "std::string probe(long v) { std::ostringstream s; s << v; return s.str(); }\n")
+        try:
+            res = subprocess.run([*linker, "-fPIC", src, "-o", so], capture_output=True, timeout=120)
+        except (OSError, subprocess.SubprocessError):
+            return False
+        if res.returncode != 0 or not os.path.exists(so):
+            return False
+        with open(so, "rb") as fh:
+            return b"libstdc++.so" not in fh.read()  # (the dynamic section names its shared libraries)
+
+
+def _build_ext_class(base):
+    class BuildWithSharedRuntime(base):
+        """torch's BuildExtension, linking the shared libstdc++ where the linker would copy in a static one."""
+
+        def build_extensions(self):
+            linker = list(getattr(self.compiler, "linker_so_cxx", None) or self.compiler.linker_so)
+            if _static_cxx_runtime(linker):
+                print(f"qvdit: {linker[0]} links libstdc++ statically into shared objects; linking the shared "
+                      "libstdc++.so.6 instead (the one torch uses)", file=sys.stderr)
+                for ext in self.extensions:
+                    ext.extra_link_args = [*ext.extra_link_args, "-Wl,--push-state,--no-as-needed",
+                                           "-l:libstdc++.so.6", "-Wl,--pop-state"]
+            super().build_extensions()
+
+    return BuildWithSharedRuntime
+
+
 def _cuda_extensions():
     if os.environ.get("QVDIT_BUILD_EXT", "1") == "0":
         print("qvdit: QVDIT_BUILD_EXT=0, skipping the CUDA extension", file=sys.stderr)
@@ -38,7 +78,7 @@ def _cuda_extensions():
         # builds them).
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-std=c++17", *arch.split()]},
     )
-    return [ext], {"build_ext": BuildExtension}
+    return [ext], {"build_ext": _build_ext_class(BuildExtension)}
 
 
 ext_modules, cmdclass = _cuda_extensions()

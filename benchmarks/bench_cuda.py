@@ -2,7 +2,8 @@
 kernels) beside backend
 "triton" and cuBLAS bf16 `F.linear`, side by side in one process, on the M >= 8192 shapes of
 bench_shapes.json. For each weight/activation variant: the GEMM alone (pre-quantized input, TQE on) and
-the full linear (bf16 in -> bf16 out, act-quant and TQE included), plus the act-quant pass alone.
+the full linear (bf16 in -> bf16 out, act-quant and TQE included), plus the act-quant pass alone and the
+norm + modulation + act-quant producer (norm_quant rows).
 Every kernel is validated before it is timed (int32 accumulator bit-exact and epilogue within SPEC 1.4
 on sampled rows); a failing one is recorded, not timed. Also writes the per-shape table of the faster
 backend ("auto_table") that backend="auto" is to read.
@@ -123,12 +124,32 @@ def run_variant(p, wb, ab, shape, t_bf16, rows, do_aq, kernels, tails=False):
                                                                     **aq_kw)) if g_ok else None
                 record(rows, p, shape, f"{label} act_quant+gelu A{ab} +TQE", "act_quant+gelu", ms, None,
                        variant=f"A{ab}", kernel=label, gbs=nbytes / ms / 1e6 if ms else None, ok=g_ok)
+                norm_quant_row(p, ab, shape, label, backend, rows)
         except Exception:
             traceback.print_exc(limit=4)
             rows.append(dict(shape=shape, M=p.m, K=p.k, N=p.n, method=f"{label} {name} +TQE", mode="-", ms=None,
                              kernel=label, variant=name, error=traceback.format_exc(limit=4)))
         finally:
             set_path(None)
+
+
+def norm_quant_row(p, ab, shape, label, backend, rows):
+    """The norm + adaLN modulation + act-quant producer (ops.norm_quantize) on x: per-batch modulation, TQE for
+    three consumers on a shape named *qkv* (q, k, v), else one (fc1, cross-q). Validated (codes, scales and row sums
+    those of quantize_activation of its own y on sampled rows) before it is timed."""
+    j = 3 if "qkv" in shape else 1
+    g = torch.Generator(device=p.x.device).manual_seed(2)
+    kw = dict(scale=torch.randn(1, p.k, device=p.x.device, generator=g) * 0.1,
+              shift=torch.randn(1, p.k, device=p.x.device, generator=g) * 0.1, mod_rows=p.m,
+              alphas=p.alpha.expand(j, -1).contiguous(), gates=p.gate.expand(j, -1).contiguous(), frame_id=p.fid)
+    y, xq, sx, _, rs = qk.norm_quantize(p.x, ab, 1e-6, backend=backend, **kw)
+    q2, s2, _, r2 = ref.quantize_activation(y[p.rows], ab, want_rowsum=True)
+    ok = bool(torch.equal(xq[p.rows], q2) and torch.equal(sx[p.rows], s2) and torch.equal(rs[p.rows], r2))
+    del y, xq
+    ms = bench_ms(lambda: qk.norm_quantize(p.x, ab, 1e-6, backend=backend, **kw)) if ok else None
+    nbytes = p.m * p.k * (2 * p.x.element_size() + 1) + p.m * (8 + 4 * j)  # x in, y and codes out, per-row values
+    record(rows, p, shape, f"{label} norm_quant A{ab} x{j}", "norm_quant", ms, None, variant=f"A{ab}", kernel=label,
+           gbs=nbytes / ms / 1e6 if ms else None, ok=ok)
 
 
 def summarize(rows):
@@ -140,7 +161,7 @@ def summarize(rows):
         out["ratio_bf16"][f"{key[0]} | {key[1]}"] = dict(median=statistics.median(rs), min=min(rs), n=len(rs))
     for label in CUDA_LABELS:
         for v in sorted({r["variant"] for r in big if r.get("kernel") == label}):
-            for mode in ("gemm", "full", "act_quant", "act_quant+gelu", "gemm+gelu", "gemm+res"):
+            for mode in ("gemm", "full", "act_quant", "act_quant+gelu", "norm_quant", "gemm+gelu", "gemm+res"):
                 tri = {r["shape"]: r["ms"] for r in big if r.get("kernel") == "triton" and r["variant"] == v
                        and r["mode"] == mode}
                 cu = {r["shape"]: r["ms"] for r in big if r.get("kernel") == label and r["variant"] == v

@@ -18,8 +18,8 @@
 
 #include <type_traits>
 
-#include "qvdit_kernels.cuh"
 #include "qvdit_kernels.h"
+#include "row_quant.cuh"
 
 namespace qv {
 namespace {
@@ -42,27 +42,6 @@ __device__ __forceinline__ void load_vec(const T* p, float (&v)[VEC], bool gelu)
     for (int i = 0; i < VEC; ++i) v[i] = gelu_rounded<T>(v[i]);
   }
 }
-
-// A warp's reduction (butterfly: every lane ends with the same value, in the same order).
-template <typename V, class Op>
-__device__ __forceinline__ V warp_reduce(V v, Op op) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-struct MaxOp {
-  __device__ float operator()(float p, float q) const { return fmaxf(p, q); }
-};
-struct MinOp {
-  __device__ float operator()(float p, float q) const { return fminf(p, q); }
-};
-struct OrOp {
-  __device__ int operator()(int p, int q) const { return p | q; }
-};
-struct AddOp {
-  template <typename V>
-  __device__ V operator()(V p, V q) const { return p + q; }
-};
 
 template <typename V, class Op>
 __device__ __forceinline__ V block_reduce(V v, Op op, V* sh) {
@@ -150,18 +129,6 @@ __global__ void __launch_bounds__(kAqThreads) act_quant_kernel(const ActQuantArg
 }
 
 // ---------------------------------------------------------------- rows held in registers (fast path)
-// Two floats rounded to a 16-bit T (nearest even) as one 32-bit word, low half first: one paired conversion.
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  if constexpr (std::is_same<T, __half>::value) {
-    const __half2 p = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&p);
-  } else {
-    const __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&p);
-  }
-}
-
 // gelu_rounded of the elements of a 16-byte chunk, as a new chunk built from 32-bit words (a chunk written element
 // by element through a T pointer goes to local memory). Each value is rounded to T once, two per conversion: the
 // pass is bound by the special-function unit (exp, reciprocal) and the conversions share its rate.
@@ -188,9 +155,8 @@ static_assert(kActQuantInplaceMaxRowBytes == kRegsMaxWarps * 32 * 16 * 16, "laun
 template <typename T, int W, int NC, bool GELU>
 __global__ void __launch_bounds__(kAqThreads) act_quant_regs_kernel(const ActQuantArgs a) {
   constexpr int VEC = 16 / sizeof(T), G = 32 * W, kRows = kAqThreads / G;
-  __shared__ float sh_hi[kAqThreads / 32], sh_lo[kAqThreads / 32], sh_dot[kAqThreads / 32];
-  __shared__ int sh_rs[kAqThreads / 32];
-  const int group = threadIdx.x / G, t = threadIdx.x % G, warp = threadIdx.x / 32;
+  __shared__ float sh[kAqThreads / 32][4];
+  const int group = threadIdx.x / G, t = threadIdx.x % G;
   const int m = blockIdx.x * kRows + group;
   const bool live = m < a.m;  // no early return: rows of W > 1 warps meet at __syncthreads
   const int chunks = live ? a.k / VEC : 0;
@@ -207,115 +173,45 @@ __global__ void __launch_bounds__(kAqThreads) act_quant_regs_kernel(const ActQua
     for (int i = 0; i < NC; ++i)
       if (t + i * G < chunks) raw[i] = gelu_chunk<T>(raw[i]);
   }
-  // statistics: max(row, 0) and min(row, 0) (8 bits: max |row|); fma(v, 0, nan) turns any inf/NaN into NaN
-  float hi = 0.0f, lo = 0.0f, nan = 0.0f;
-#pragma unroll
-  for (int i = 0; i < NC; ++i) {
-    const T* e = reinterpret_cast<const T*>(&raw[i]);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const float v = to_float(e[j]);
-      nan = __fmaf_rn(v, 0.0f, nan);
-      if (a.bits == 8) {
-        hi = fmaxf(hi, fabsf(v));
-      } else {
-        hi = fmaxf(hi, v);
-        lo = fminf(lo, v);
-      }
-    }
-  }
-  hi = warp_reduce(hi, MaxOp());
-  lo = warp_reduce(lo, MinOp());
-  bool bad = warp_reduce(isnan(nan) ? 1.0f : 0.0f, MaxOp()) != 0.0f;
-  if (W > 1) {
-    if (threadIdx.x % 32 == 0) {
-      sh_hi[warp] = hi;
-      sh_lo[warp] = bad ? 1.0f : lo;  // lo <= 0: a positive value flags a bad warp
-    }
-    __syncthreads();
-    hi = sh_hi[group * W];
-    lo = sh_lo[group * W];
-    bad = lo > 0.0f;
-#pragma unroll
-    for (int w = 1; w < W; ++w) {
-      hi = fmaxf(hi, sh_hi[group * W + w]);
-      const float l = sh_lo[group * W + w];
-      bad |= l > 0.0f;
-      lo = fminf(lo, l);
-    }
-    if (bad) lo = 0.0f;
-  }
+  float hi, lo;
+  const bool bad_here = chunk_stats<T, NC>(raw, a.bits == 8, hi, lo);
+  float st[3] = {hi, -lo, bad_here ? 1.0f : 0.0f};  // all three by max
+  group_reduce<W>(st, MaxOp(), sh);
+  const bool bad = st[2] != 0.0f;
+  hi = st[0];
+  lo = bad ? 0.0f : -st[1];
   const RowQ q = a.bits == 8 ? row_qparams(8, 0.0f, 0.0f, hi) : row_qparams(a.bits, hi, lo, 0.0f);
   const RowQMagic qm = row_qmagic(q);
-  const int magic_bits = __float_as_int(kActMagic);
 
   int8_t* xq = a.xq + (int64_t)(live ? m : 0) * a.ldq;
   if (W == 1) __syncwarp();  // (in place: every lane has read its part of the row before any lane writes codes)
   int rowsum = 0;
-  float dot = 0.0f;
+  float dot[1] = {0.0f};
+  const float* const alpha[1] = {a.alpha};
 #pragma unroll
   for (int i = 0; i < NC; ++i) {
     const int c = t + i * G;
-    if (c < chunks) {
-      const T* e = reinterpret_cast<const T*>(&raw[i]);
-      float al[VEC];
-      if (a.alpha) {
-#pragma unroll
-        for (int j = 0; j < VEC; j += 4) {
-          const float4 f = *reinterpret_cast<const float4*>(a.alpha + c * VEC + j);
-          al[j] = f.x; al[j + 1] = f.y; al[j + 2] = f.z; al[j + 3] = f.w;
-        }
-      }
-      uint32_t codes[VEC];
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        const float y = bad ? kActMagic : act_code_magic(to_float(e[j]), qm);
-        const int code = __float_as_int(y) - magic_bits;
-        rowsum += code;
-        if (a.alpha) dot = __fmaf_rn(__fsub_rn(y, kActMagic), al[j], dot);  // y - magic: the code, exact
-        codes[j] = (uint32_t)code;
-      }
-      uint32_t packed[VEC / 4];
-#pragma unroll
-      for (int j = 0; j < VEC / 4; ++j)  // low bytes of four codes
-        packed[j] = __byte_perm(__byte_perm(codes[4 * j], codes[4 * j + 1], 0x0040),
-                                __byte_perm(codes[4 * j + 2], codes[4 * j + 3], 0x0040), 0x5410);
-      if (VEC == 8) *reinterpret_cast<uint2*>(xq + c * VEC) = make_uint2(packed[0], packed[VEC / 4 - 1]);
-      else *reinterpret_cast<uint32_t*>(xq + c * VEC) = packed[0];
-    }
+    if (c < chunks) chunk_codes<T, 1>(raw[i], qm, bad, a.alpha ? 1 : 0, alpha, c * VEC, xq + c * VEC, rowsum, dot);
   }
-  rowsum = warp_reduce(rowsum, AddOp());
-  dot = warp_reduce(dot, AddOp());
-  if (W > 1) {
-    if (threadIdx.x % 32 == 0) {
-      sh_rs[warp] = rowsum;
-      sh_dot[warp] = dot;
-    }
-    __syncthreads();
-    rowsum = sh_rs[group * W];
-    dot = sh_dot[group * W];
-#pragma unroll
-    for (int w = 1; w < W; ++w) {
-      rowsum += sh_rs[group * W + w];
-      dot = __fadd_rn(dot, sh_dot[group * W + w]);
-    }
-  }
-  if (live && t == 0) write_row(a, m, bad, q.scale, rowsum, dot);
+  float sums[2] = {(float)rowsum, dot[0]};  // (|rowsum| <= 127 K < 2^24: every partial sum exact in float)
+  group_reduce<W>(sums, AddOp(), sh);
+  if (live && t == 0) write_row(a, m, bad, q.scale, (int)sums[0], sums[1]);
 }
 
-// The fast path's launch: one warp per row for rows of up to 32 x 16 chunks (8 chunks per thread when they
-// suffice), else the fewest warps (2, 4, 8) that hold the row in 16 chunks per thread; false: too long.
+// The fast path's launch: the fewest warps per row (1, 2, 4, 8) that hold the row in 8 chunks per thread, else 8
+// warps of 16 chunks; false: too long. (8 chunks keep a thread near 60 registers, 4 CTAs per SM: the 16-chunk
+// shapes at 104 registers left 2 CTAs, and wan's 8960-wide GELU rows used 9 of a thread's 16 chunks.)
 template <typename T, bool GELU>
 bool launch_regs(const ActQuantArgs& a, int chunks, cudaStream_t stream) {
   const auto grid = [&](int w) { return (a.m + kAqThreads / (32 * w) - 1) / (kAqThreads / (32 * w)); };
   if (chunks <= 32 * 8)
     act_quant_regs_kernel<T, 1, 8, GELU><<<grid(1), kAqThreads, 0, stream>>>(a);
-  else if (chunks <= 32 * 16)
-    act_quant_regs_kernel<T, 1, 16, GELU><<<grid(1), kAqThreads, 0, stream>>>(a);
-  else if (chunks <= 64 * 16)
-    act_quant_regs_kernel<T, 2, 16, GELU><<<grid(2), kAqThreads, 0, stream>>>(a);
-  else if (chunks <= 128 * 16)
-    act_quant_regs_kernel<T, 4, 16, GELU><<<grid(4), kAqThreads, 0, stream>>>(a);
+  else if (chunks <= 64 * 8)
+    act_quant_regs_kernel<T, 2, 8, GELU><<<grid(2), kAqThreads, 0, stream>>>(a);
+  else if (chunks <= 128 * 8)
+    act_quant_regs_kernel<T, 4, 8, GELU><<<grid(4), kAqThreads, 0, stream>>>(a);
+  else if (chunks <= 256 * 8)
+    act_quant_regs_kernel<T, 8, 8, GELU><<<grid(8), kAqThreads, 0, stream>>>(a);
   else if (chunks <= 32 * kRegsMaxWarps * 16)
     act_quant_regs_kernel<T, kRegsMaxWarps, 16, GELU><<<grid(kRegsMaxWarps), kAqThreads, 0, stream>>>(a);
   else

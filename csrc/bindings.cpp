@@ -7,6 +7,9 @@
 //       u is [M] when alpha is given, else [0]; rowsum is [M] when want_rowsum, else [0].
 //   torch.ops.qvdit.cuda_act_quant_inplace(x!, bits, alpha, gate, frame_id, activation=0) -> (scale, u, rowsum)
 //       the same with the codes written over x's own rows (x.view(int8)[:, :K] afterwards): no code buffer.
+//   torch.ops.qvdit.cuda_norm_quant(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id)
+//     -> (y, xq, scale, u [J, M] ([0, M] without alphas), rowsum): reference.norm_quantize for rows norm_quant.cu
+//       holds (16-byte aligned, K a multiple of 16 / element size, at most kNormQuantMaxRowBytes; else an error).
 //   torch.ops.qvdit.cuda_qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum,
 //                              out_dtype, path, activation, residual, residual_gate) -> [M, N]
 //       activation 0 none / 1 gelu_tanh, residual [M, N] (out dtype), residual_gate f32 [G, N]: the epilogue
@@ -144,6 +147,80 @@ std::tuple<Tensor, Tensor, Tensor> act_quant_inplace_cuda(Tensor& x, int64_t bit
   c10::cuda::CUDAGuard guard(x.device());
   return act_quant_launch(x, bits, alpha, gate, frame_id, true, activation, static_cast<int8_t*>(x.data_ptr()),
                           x.stride(0) * (int64_t)x.element_size(), true);
+}
+
+// A float array as contiguous float32 with a 16-byte aligned base (the kernels' 16-byte loads).
+Tensor f32_aligned(const Tensor& t) {
+  Tensor r = f32(t);
+  return aligned16(r) ? r : r.clone();
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> norm_quant_cuda(
+    const Tensor& x_in, int64_t bits, double eps, const OptT& weight, const OptT& bias, const OptT& scale,
+    const OptT& shift, int64_t mod_rows, const OptT& alphas, const OptT& gates, const OptT& frame_id) {
+  check_act_quant_args(x_in, bits, 0);
+  TORCH_CHECK(weight.has_value() == bias.has_value(), "weight and bias must be given together");
+  TORCH_CHECK(scale.has_value() == shift.has_value(), "scale and shift must be given together");
+  TORCH_CHECK(mod_rows >= 1, "mod_rows must be positive, got ", mod_rows);
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
+  const int64_t m = x.size(0), k = x.size(1);
+  qv::NormQuantArgs a{};
+  Tensor w32, b32, sc32, sh32, al32, g32, fid;
+  if (weight) {
+    check_vec(*weight, "weight", k, x);
+    check_vec(*bias, "bias", k, x);
+    w32 = f32_aligned(*weight), b32 = f32_aligned(*bias);
+    a.weight = w32.data_ptr<float>(), a.bias = b32.data_ptr<float>();
+  }
+  if (scale) {
+    check_cuda(*scale, "scale", x);
+    check_cuda(*shift, "shift", x);
+    TORCH_CHECK(scale->dim() == 2 && scale->size(1) == k && shift->sizes() == scale->sizes() &&
+                    scale->size(0) * mod_rows >= m,
+                "scale and shift must have shape [R, ", k, "] with R * mod_rows >= ", m, ", got ", scale->sizes(),
+                " and ", shift->sizes());
+    sc32 = f32_aligned(*scale), sh32 = f32_aligned(*shift);
+    a.mod_scale = sc32.data_ptr<float>(), a.mod_shift = sh32.data_ptr<float>();
+  }
+  a.mod_rows = (int)mod_rows;
+  const int64_t nj = alphas ? alphas->size(0) : 0;
+  if (alphas) {
+    check_cuda(*alphas, "alphas", x);
+    TORCH_CHECK(alphas->dim() == 2 && alphas->size(1) == k && nj <= qv::kNormQuantMaxConsumers,
+                "alphas must have shape [J <= ", qv::kNormQuantMaxConsumers, ", ", k, "], got ", alphas->sizes());
+    al32 = f32_aligned(*alphas);
+    a.alpha = al32.data_ptr<float>();
+    if (gates) {
+      check_cuda(*gates, "gates", x);
+      TORCH_CHECK(gates->dim() == 2 && gates->size(0) == nj && gates->size(1) > 0, "gates must have shape [", nj,
+                  ", G], got ", gates->sizes());
+      g32 = f32(*gates);
+      a.gate = g32.data_ptr<float>(), a.num_gates = (int)g32.size(1);
+    }
+    if (frame_id) {
+      check_vec(*frame_id, "frame_id", m, x);
+      fid = frame_id->to(at::kInt).contiguous();
+      a.frame_id = fid.data_ptr<int32_t>();
+    }
+  }
+  auto opts = x.options();
+  Tensor y = at::empty({m, k}, opts), xq = at::empty({m, k}, opts.dtype(at::kChar));
+  Tensor sx = at::empty({m}, opts.dtype(at::kFloat)), u = at::empty({nj, m}, opts.dtype(at::kFloat));
+  Tensor rowsum = at::empty({m}, opts.dtype(at::kInt));
+  const auto st = x.scalar_type();
+  a.x = x.data_ptr();
+  a.x_kind = st == at::kFloat ? 0 : (st == at::kBFloat16 ? 1 : 2);
+  a.ldx = x.stride(0);
+  a.m = (int)m, a.k = (int)k, a.bits = (int)bits, a.eps = (float)eps, a.nj = (int)nj;
+  a.y = y.data_ptr(), a.xq = xq.data_ptr<int8_t>(), a.scale = sx.data_ptr<float>(), a.u = u.data_ptr<float>();
+  a.rowsum = rowsum.data_ptr<int32_t>();
+  const int64_t el = x.element_size();
+  TORCH_CHECK(qv::norm_quant_supported(a), "cuda_norm_quant: x must have 16-byte aligned rows of at most ",
+              qv::kNormQuantMaxRowBytes / el, " elements, a multiple of ", 16 / el, " (a row is held in registers), got ",
+              x.sizes(), " with row stride ", x.stride(0), " (qvdit_kernels.cuda.norm_quant_ok says which rows it takes)");
+  check_launch(qv::norm_quant(a, c10::cuda::getCurrentCUDAStream()), "norm_quant");
+  return {y, xq, sx, u, rowsum};
 }
 
 // Activation (or W8 weight) codes with a row length that is a multiple of 16 and a 16-byte aligned base and
@@ -337,6 +414,17 @@ std::tuple<Tensor, Tensor, Tensor> act_quant_inplace_meta(Tensor& x, int64_t, co
           at::empty_symint({alpha ? m : c10::SymInt(0)}, opts.dtype(at::kFloat)), at::empty_symint({m}, opts.dtype(at::kInt))};
 }
 
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> norm_quant_meta(const Tensor& x, int64_t, double, const OptT&,
+                                                                   const OptT&, const OptT&, const OptT&, int64_t,
+                                                                   const OptT& alphas, const OptT&, const OptT&) {
+  const auto m = x.sym_size(0), k = x.sym_size(1);
+  auto opts = x.options();
+  return {at::empty_symint({m, k}, opts), at::empty_symint({m, k}, opts.dtype(at::kChar)),
+          at::empty_symint({m}, opts.dtype(at::kFloat)),
+          at::empty_symint({alphas ? alphas->sym_size(0) : c10::SymInt(0), m}, opts.dtype(at::kFloat)),
+          at::empty_symint({m}, opts.dtype(at::kInt))};
+}
+
 Tensor qgemm_meta(const Tensor& xq, const Tensor&, const Tensor& w, int64_t, const Tensor&, const Tensor&, const OptT&,
                   const OptT&, const OptT&, const OptT&, at::ScalarType out_dtype, int64_t, int64_t, const OptT&,
                   const OptT&, bool) {
@@ -354,6 +442,8 @@ TORCH_LIBRARY_FRAGMENT(qvdit, m) {  // a fragment: the Triton ops (triton/librar
         " int activation=0) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("cuda_act_quant_inplace(Tensor(a!) x, int bits, Tensor? alpha, Tensor? gate, Tensor? frame_id,"
         " int activation=0) -> (Tensor, Tensor, Tensor)");
+  m.def("cuda_norm_quant(Tensor x, int bits, float eps, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift,"
+        " int mod_rows, Tensor? alphas, Tensor? gates, Tensor? frame_id) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("cuda_qgemm(Tensor xq, Tensor x_scale, Tensor w_packed, int w_bits, Tensor w_scale, Tensor w_zero,"
         " Tensor? bias, Tensor? u, Tensor? beta, Tensor? x_rowsum, ScalarType out_dtype, int path,"
         " int activation=0, Tensor? residual=None, Tensor? residual_gate=None, bool fuse_tail=False) -> Tensor");
@@ -363,6 +453,7 @@ TORCH_LIBRARY_FRAGMENT(qvdit, m) {  // a fragment: the Triton ops (triton/librar
 TORCH_LIBRARY_IMPL(qvdit, CUDA, m) {
   m.impl("cuda_act_quant", &act_quant_cuda);
   m.impl("cuda_act_quant_inplace", &act_quant_inplace_cuda);
+  m.impl("cuda_norm_quant", &norm_quant_cuda);
   m.impl("cuda_qgemm", &qgemm_cuda);
   m.impl("cuda_epilogue_tail", &epilogue_tail_cuda);
 }
@@ -370,6 +461,7 @@ TORCH_LIBRARY_IMPL(qvdit, CUDA, m) {
 TORCH_LIBRARY_IMPL(qvdit, Meta, m) {
   m.impl("cuda_act_quant", &act_quant_meta);
   m.impl("cuda_act_quant_inplace", &act_quant_inplace_meta);
+  m.impl("cuda_norm_quant", &norm_quant_meta);
   m.impl("cuda_qgemm", &qgemm_meta);
   m.impl("cuda_epilogue_tail", &epilogue_tail_meta);
 }

@@ -45,7 +45,8 @@ if has build; then
   step build python3 setup.py build_ext --inplace
   python3 -c "import qvdit_kernels._C as C; print('extension loaded; sm90 wgmma path available:', C.sm90_available())" \
     || fails+=(load)
-  # what the build used and links (BENCHMARKS run ws10: errors raised in the extension segfaulted; cause unknown)
+  # what the build used and links: the extension must need the shared libstdc++ (BENCHMARKS run ws11: a static copy
+  # inside it crashed on the first error message; setup.py links the shared one where the linker would not)
   echo "build standards: $(grep -oh -- '-std=[^ ]*' build/temp*/build.ninja 2>/dev/null | sort | uniq -c | tr '\n' ' ')"
   ldd qvdit_kernels/_C*.so 2>/dev/null | grep -E "stdc\+\+|gcc_s" || true
 fi
@@ -79,6 +80,8 @@ if has sanitize; then
     step "sanitize_$tool" compute-sanitizer --tool "$tool" --error-exitcode 1 \
       python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py -k sanitizer_smoke
   done
+  step sanitize_norm_quant compute-sanitizer --tool memcheck --error-exitcode 1 \
+    python3 -m pytest -q -p no:cacheprovider tests/test_norm_quant.py -k "cuda_norm_quant_real_widths and (1536 or 20480)"
 fi
 if has bench; then
   # the tail rows (--tails): Triton fuses the tail; CUDA here runs it after the kernel (the default), and in

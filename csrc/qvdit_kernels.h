@@ -1,4 +1,4 @@
-// Host API of the CUDA kernels (launchers in act_quant.cu, epilogue_tail.cu, gemm_sm80.cu, gemm_sm90.cu,
+// Host API of the CUDA kernels (launchers in act_quant.cu, norm_quant.cu, epilogue_tail.cu, gemm_sm80.cu, gemm_sm90.cu,
 // gemm_sm90_ws.cu). Raw device pointers and a stream only: bindings.cpp (the one file with torch headers)
 // validates and allocates.
 #pragma once
@@ -39,6 +39,41 @@ struct ActQuantArgs {
 // INPLACE_MAX_ROW_BYTES, checked equal by tests/test_cuda_build.py).
 constexpr int kActQuantInplaceMaxRowBytes = 8 * 32 * 16 * 16;
 cudaError_t act_quant(const ActQuantArgs& a, cudaStream_t stream);
+
+// LayerNorm [+ affine] [+ adaLN modulation] of x [m, k] fused with the per-token quantization of its output for nj
+// consumers (reference.norm_quantize): y [m, k] (x's dtype, contiguous) = (LN(x) [* weight + bias]) [* (1 +
+// mod_scale[m / mod_rows]) + mod_shift[m / mod_rows]] rounded, the codes xq [m, k] (contiguous), scale [m] and
+// rowsum [m] of that y, and u [nj, m] = dot(codes, alpha[j]) * scale [* gate[j, frame_id[m]]]. Every float array
+// is fp32 and contiguous (weight/bias [k], mod_* [R, k], alpha [nj, k], gate [nj, num_gates]); frame_id int32.
+// Rows with a non-finite value get scale NaN and zero codes. Only rows norm_quant_supported takes: unit column
+// stride, 16-byte aligned rows and fp32 arrays, k a multiple of 16 / sizeof(element), at most
+// kNormQuantMaxRowBytes; else norm_quant returns cudaErrorNotSupported and writes nothing.
+struct NormQuantArgs {
+  const void* x;
+  int x_kind;  // 0 fp32, 1 bf16, 2 fp16
+  int64_t ldx;
+  int m, k, bits;
+  float eps;
+  const float* weight;  // [k] or null (with bias)
+  const float* bias;
+  const float* mod_scale;  // [R, k] or null (with mod_shift)
+  const float* mod_shift;
+  int mod_rows;
+  int nj;               // TQE consumers, 0..3
+  const float* alpha;   // [nj, k]
+  const float* gate;    // [nj, num_gates] or null (ones)
+  int num_gates;
+  const int32_t* frame_id;  // [m] or null (frame 0)
+  void* y;
+  int8_t* xq;
+  float* scale;
+  float* u;  // [nj, m]
+  int32_t* rowsum;
+};
+constexpr int kNormQuantMaxRowBytes = 8 * 32 * 16 * 16;
+constexpr int kNormQuantMaxConsumers = 3;
+bool norm_quant_supported(const NormQuantArgs& a);
+cudaError_t norm_quant(const NormQuantArgs& a, cudaStream_t stream);
 
 // rowsum[m] = sum_k xq[m, k] (int32), for a qgemm called without x_rowsum.
 cudaError_t rowsum_s8(const int8_t* xq, int64_t ldq, int m, int k, int32_t* rowsum, cudaStream_t stream);

@@ -82,12 +82,16 @@ def availability(backend: str, device: torch.device) -> tuple[bool, str]:
     return True, ""
 
 
+AUTO_ORDER = {"norm_quantize": ("cuda", "triton")}  # ops whose kernels "auto" tries in another order
+
+
 def auto_name(op: str, device: torch.device) -> str:
     """The backend "auto" runs `op` with on `device` (before auto.py's per-shape GEMM table, which ops.py applies)."""
     if device.type == "cuda":
         # Triton first: its act-quant and its GEMM at small K measured faster; the GEMM shapes where the
-        # CUDA kernel wins are routed by ops.py from auto.py's table before they get here.
-        for name in ("triton", "cuda"):
+        # CUDA kernel wins are routed by ops.py from auto.py's table before they get here. The norm + act-quant
+        # producer: CUDA first (csrc/norm_quant.cu; BENCHMARKS "norm-quant" has the two side by side).
+        for name in AUTO_ORDER.get(op, ("triton", "cuda")):
             if availability(name, device)[0] and (op, name) in _IMPLS:
                 return name
     return "torch"

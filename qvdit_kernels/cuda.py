@@ -6,6 +6,7 @@ into "backend='cuda' is not available: ..." only when someone asks for the CUDA 
 
 Ops (schemas in csrc/bindings.cpp, with Meta kernels so they trace under torch.compile):
 `torch.ops.qvdit.cuda_act_quant` (and `cuda_act_quant_inplace`, its codes over its input),
+`torch.ops.qvdit.cuda_norm_quant` (LayerNorm + modulation + act-quant for up to three consumers),
 `torch.ops.qvdit.cuda_qgemm` (with a DiT block's GELU/residual tail, fused in the kernel or one pass after it) and
 `torch.ops.qvdit.cuda_epilogue_tail` (that pass alone, for tests). The GEMM has three kernels: the warp-specialized
 wgmma kernel for W3/W4 (sm_90a, csrc/gemm_sm90_ws.cu: TMA producer warp, weights unpacked into wgmma's register
@@ -119,3 +120,37 @@ def qlinear(x2, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, ga
         u = None
     return _gemm(xq, sx, w_packed, w_bits, w_scale, w_zero, bias, u, beta, rowsum, out_dtype, activation, residual,
                  residual_gate)
+
+
+# Rows the norm-quant kernel holds in registers (csrc/qvdit_kernels.h kNormQuantMaxRowBytes, checked equal by
+# tests/test_cuda_build.py), with the alignment its 16-byte loads need.
+NORM_QUANT_MAX_ROW_BYTES = 8 * 32 * 16 * 16
+NORM_QUANT_MAX_CONSUMERS = 3
+
+
+def norm_quant_ok(x2: torch.Tensor, consumers: int = 0) -> bool:
+    """Whether cuda_norm_quant takes x2 [M, K]: unit column stride, 16-byte aligned rows of whole 16-byte chunks,
+    at most NORM_QUANT_MAX_ROW_BYTES, and at most three TQE consumers. (While tracing there is no address to check:
+    the op itself refuses a misaligned base with an error that says why.)"""
+    el = x2.element_size()
+    ok = (x2.dim() == 2 and x2.stride(1) == 1 and (x2.stride(0) * el) % 16 == 0 and (x2.shape[1] * el) % 16 == 0
+          and 0 < x2.shape[1] * el <= NORM_QUANT_MAX_ROW_BYTES and consumers <= NORM_QUANT_MAX_CONSUMERS)
+    return ok and (torch.compiler.is_compiling() or x2.data_ptr() % 16 == 0)
+
+
+@register("norm_quantize", "cuda")
+def norm_quantize(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id):
+    """One pass of csrc/norm_quant.cu; rows it cannot hold (norm_quant_ok) go to Triton's kernel, which computes the
+    same contract (reference.norm_quantize)."""
+    if not norm_quant_ok(x, 0 if alphas is None else alphas.shape[0]):
+        from .backends import BackendUnavailableError, resolve
+
+        fn = resolve("norm_quantize", "triton", x.device, fallback=False)
+        if fn is None:
+            raise BackendUnavailableError(
+                f"norm_quantize on CUDA: rows of {x.shape[1]} {x.dtype} elements (row stride {x.stride(0)}) need "
+                "Triton's kernel, which is not available")
+        return fn(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id)
+    y, xq, sx, u, rs = torch.ops.qvdit.cuda_norm_quant(x, bits, float(eps), weight, bias, scale, shift, mod_rows,
+                                                      alphas, gates, frame_id)
+    return y, xq, sx, u if alphas is not None else None, rs

@@ -28,7 +28,7 @@ requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a
 
 
 def backends_for(op: str) -> list[str]:
-    """KERNEL_BACKENDS that implement `op` (the CUDA backend has no norm_quantize kernel)."""
+    """KERNEL_BACKENDS that implement `op`."""
     return [b for b in KERNEL_BACKENDS if b in backends.implemented(op)]
 
 

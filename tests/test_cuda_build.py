@@ -95,15 +95,19 @@ def test_kernel_sources_have_no_torch_headers():
 
 def test_inplace_row_limit_written_once_per_language():
     """The in-place act-quant's longest row: qvdit_kernels.cuda.INPLACE_MAX_ROW_BYTES (which picks the in-place
-    path) equals the header's kActQuantInplaceMaxRowBytes (which the binding checks and act_quant.cu asserts).
+    path) equals the header's kActQuantInplaceMaxRowBytes (which the binding checks and act_quant.cu asserts); the
+    same for the norm-quant kernel's row and consumer limits (norm_quant_ok; norm_quant.cu).
     Read from the sources: the Python module imports only where the extension is built."""
     import re
 
-    header = re.search(r"kActQuantInplaceMaxRowBytes = ([0-9* ]+);", (CSRC / "qvdit_kernels.h").read_text())
-    py = re.search(r"^INPLACE_MAX_ROW_BYTES = ([0-9* ]+)$", (ROOT / "qvdit_kernels" / "cuda.py").read_text(), re.M)
-    assert header and py
-    value = lambda expr: eval(expr, {"__builtins__": {}})  # noqa: E731  (digits and '*' only, matched above)
-    assert value(header.group(1)) == value(py.group(1)) == 65536
+    value = lambda expr: eval(expr, {"__builtins__": {}})  # noqa: E731  (digits and '*' only, matched below)
+    for cname, pyname in (("kActQuantInplaceMaxRowBytes", "INPLACE_MAX_ROW_BYTES"),
+                          ("kNormQuantMaxRowBytes", "NORM_QUANT_MAX_ROW_BYTES"),
+                          ("kNormQuantMaxConsumers", "NORM_QUANT_MAX_CONSUMERS")):
+        header = re.search(cname + r" = ([0-9* ]+);", (CSRC / "qvdit_kernels.h").read_text())
+        py = re.search("^" + pyname + r" = ([0-9* ]+)$", (ROOT / "qvdit_kernels" / "cuda.py").read_text(), re.M)
+        assert header and py, cname
+        assert value(header.group(1)) == value(py.group(1)) == (3 if "Consumers" in cname else 65536), cname
 
 
 @pytest.fixture(scope="module")
@@ -245,3 +249,19 @@ def test_ncu_stalls_regions_per_output(tmp_path, capsys):
     assert "epilogue    6.00 per output,  60.0% of samples" in out and "FMUL 4.00" in out
     with pytest.raises(SystemExit):
         ncu_stalls.main([str(tmp_path / "s.csv"), "--outputs", "0"])
+
+
+@pytest.mark.skipif(CXX is None, reason="no host C++ compiler")
+def test_setup_detects_a_statically_linked_cxx_runtime(monkeypatch):
+    """setup.py's probe: a linker that copies libstdc++ into shared objects (the H200 image's; its extension crashed on
+    the first error message it formatted) is found, so the build links the shared libstdc++ instead; a normal one is
+    left alone. The probe runs the compiler for real."""
+    import runpy
+
+    import setuptools
+
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: None)
+    monkeypatch.setenv("QVDIT_BUILD_EXT", "0")
+    ns = runpy.run_path(str(ROOT / "setup.py"))
+    assert ns["_static_cxx_runtime"]([CXX, "-shared"]) is False
+    assert ns["_static_cxx_runtime"]([CXX, "-shared", "-static-libstdc++"]) is True

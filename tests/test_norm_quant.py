@@ -3,11 +3,16 @@ item 5). Kernel: qvdit_kernels/triton/norm_quant.py; reference: reference.norm_q
 quantize_activation). The kernel's y may differ from torch's LayerNorm by float rounding, so: y within one
 ulp of the output dtype, and the codes, scales and row sums bit-exact against quantize_activation of the
 kernel's own y; u within reference.tqe_u_bound per consumer."""
+import pathlib
+
 import pytest
 import torch
 
 import qvdit_kernels as qk
 from qvdit_kernels import reference as ref
+
+import subprocess
+import sys
 
 from conftest import DEVICE, KERNEL_BACKENDS, backends_for, device_for, gen, ulp
 
@@ -67,9 +72,6 @@ def test_norm_quantize_plain_and_nonfinite(backend):
 
 def test_norm_quantize_errors():
     x = torch.randn(4, 8)
-    if "cuda" in KERNEL_BACKENDS:  # a backend without the kernel says so (the fused model path never asks it)
-        with pytest.raises(qk.BackendUnavailableError, match="no kernel for norm_quantize"):
-            qk.norm_quantize(x.to(DEVICE), 8, 1e-6, backend="cuda")
     with pytest.raises(ValueError, match="bits must be one of"):
         qk.norm_quantize(x, 4, 1e-6)
     with pytest.raises(ValueError, match="weight and bias"):
@@ -125,6 +127,108 @@ def test_opcheck_norm_quant_op():
     x, kw, alphas, gates, fid = _problem(9, 96, 2, True, True, seed=3)
     t = lambda v: None if v is None else v.to(DEVICE)  # noqa: E731
     op = torch.ops.qvdit.triton_norm_quant.default
+    torch.library.opcheck(op, (t(x), 6, 1e-6, t(kw["weight"]), t(kw["bias"]), t(kw["scale"]), t(kw["shift"]),
+                               kw["mod_rows"], t(alphas), t(gates), t(fid)))
+    torch.library.opcheck(op, (t(x), 8, 1e-5, None, None, None, None, 1, None, None, None))
+
+
+# ----------------------------------------------------------------------------- the CUDA kernel (csrc/norm_quant.cu)
+needs_cuda_ext = pytest.mark.skipif("cuda" not in KERNEL_BACKENDS, reason="needs a GPU and the built CUDA extension")
+
+
+def _check_against_reference(x, bits, kw, alphas, gates, fid, got):
+    """got = norm_quantize's five outputs: y within one ulp of the reference, codes / scales / row sums those of
+    quantize_activation(y) bit for bit (NaN scales where the row is not finite), every u within its bound."""
+    y, xq, sx, u, rs = got
+    y_ref = ref.layer_norm_modulate(x, **kw)
+    finite = torch.isfinite(x.float()).all(dim=1)
+    assert y.dtype == x.dtype
+    assert ((y.float() - y_ref.float()).abs() <= ulp(y_ref))[finite].all(), "y"
+    q2, s2, _, r2 = ref.quantize_activation(y, bits, want_rowsum=True)
+    assert torch.equal(xq, q2) and torch.equal(rs, r2), "codes / row sums"
+    assert torch.equal(sx.isnan(), s2.isnan()) and torch.equal(sx.nan_to_num(), s2.nan_to_num()), "scales"
+    assert torch.equal(sx.isnan(), ~finite)
+    for j in range(0 if alphas is None else alphas.shape[0]):
+        g = None if gates is None else gates[j]
+        assert ref.u_within_bound(u[j][finite], xq[finite], sx[finite], alphas[j], None if g is None else g,
+                                  fid[finite]), j
+
+
+@needs_cuda_ext
+@pytest.mark.parametrize("k", [8, 1152, 1536, 3072, 5120, 13824, 20480])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cuda_norm_quant_real_widths(k, dtype):
+    """csrc/norm_quant.cu (through backend="cuda") on every launch shape (bf16: 1, 2, 4 or 8 warps of 8 chunks per
+    row at K = 1536, 3072, 5120, 13824; 8 warps of 16 at K = 20480), with a partial last CTA, an outlier, a row of zeros and non-finite
+    rows (scale NaN, zero codes); bits 6 and 8, with and without affine, per-batch and per-token modulation, 0-3
+    TQE consumers."""
+    from qvdit_kernels.cuda import norm_quant_ok
+
+    m, batch = 37, 2
+    cases = [(6, True, False, 3), (8, False, True, 1), (6, False, False, 0), (8, True, True, 2)]
+    for n, (bits, affine, per_token, j) in enumerate(cases):
+        x, kw, alphas, gates, fid = _problem(m, k, batch, per_token, affine, seed=k + n, dtype=dtype)
+        x[4] = 0
+        if n == 0 and k > 8:
+            x[7, k // 2] = float("inf")
+            x[9, k - 1] = float("nan")
+        alphas, gates = (alphas[:j], gates[:j]) if j else (None, None)
+        t = lambda v: v.to(DEVICE) if isinstance(v, torch.Tensor) else v  # noqa: E731
+        assert norm_quant_ok(t(x), j) == (k * x.element_size() <= 65536)  # (fp32 K = 20480: Triton's kernel)
+        got = [None if v is None else v.cpu() for v in qk.norm_quantize(
+            t(x), bits, **{n: t(v) for n, v in kw.items()}, alphas=t(alphas), gates=t(gates), frame_id=t(fid),
+            backend="cuda")]
+        assert (got[3] is None) if j == 0 else got[3].shape == (j, m * batch)
+        _check_against_reference(x, bits, kw, alphas, gates, fid, got)
+
+
+@needs_cuda_ext
+def test_cuda_norm_quant_takes_rows_it_can_hold_and_routes_the_rest():
+    """norm_quant_ok: aligned rows of whole 16-byte chunks up to 64 KB and <= 3 consumers; backend="cuda" hands any
+    other row to Triton's kernel, with the same contract (K = 333, a misaligned view, 4 consumers)."""
+    from qvdit_kernels.cuda import norm_quant_ok
+
+    x = torch.randn(8, 1536, device=DEVICE, dtype=torch.bfloat16)
+    assert norm_quant_ok(x) and norm_quant_ok(x, 3) and not norm_quant_ok(x, 4)
+    assert not norm_quant_ok(x[:, :333]) and not norm_quant_ok(x[:, 4:1028])
+    assert not norm_quant_ok(torch.empty(2, 40000, device=DEVICE, dtype=torch.bfloat16))
+    for k, sl in ((333, slice(0, 333)), (1024, slice(4, 1028))):
+        xin, kw, alphas, gates, fid = _problem(9, 1536, 1, False, False, seed=k)
+        xin = xin[:, sl]
+        kw = dict(eps=kw["eps"], scale=kw["scale"][:, sl].contiguous(), shift=kw["shift"][:, sl].contiguous(),
+                  mod_rows=kw["mod_rows"])
+        t = lambda v: v.to(DEVICE) if isinstance(v, torch.Tensor) else v  # noqa: E731
+        al = alphas[:, sl].contiguous()
+        got = [None if v is None else v.cpu() for v in qk.norm_quantize(
+            t(xin), 6, **{n: t(v) for n, v in kw.items()}, alphas=t(al), gates=t(gates), frame_id=t(fid),
+            backend="cuda")]
+        _check_against_reference(xin, 6, kw, al, gates, fid, got)
+
+
+@needs_cuda_ext
+def test_cuda_norm_quant_refuses_a_row_it_cannot_hold():
+    """A direct op call with a misaligned row: an error that says what the kernel takes (in a child process: on the
+    H200 errors raised in the extension have crashed the process, BENCHMARKS run ws10)."""
+    code = """
+import torch
+import qvdit_kernels.cuda
+x = torch.randn(4, 1544, device='cuda').bfloat16()[:, 8:]
+try:
+    torch.ops.qvdit.cuda_norm_quant(x, 6, 1e-6, None, None, None, None, 1, None, None, None)
+except RuntimeError as e:
+    print('refused' if 'cuda_norm_quant: x must have 16-byte aligned rows' in str(e) else e)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=pathlib.Path(__file__).parent.parent)
+    assert res.returncode == 0 and res.stdout.split() == ["refused"], (res.returncode, res.stdout, res.stderr[-3000:])
+
+
+@needs_cuda_ext
+def test_opcheck_cuda_norm_quant_op():
+    """The op's schema and Meta kernel agree with the CUDA kernel (what torch.compile traces)."""
+    x, kw, alphas, gates, fid = _problem(9, 96, 2, True, True, seed=3)
+    t = lambda v: None if v is None else v.to(DEVICE)  # noqa: E731
+    op = torch.ops.qvdit.cuda_norm_quant.default
     torch.library.opcheck(op, (t(x), 6, 1e-6, t(kw["weight"]), t(kw["bias"]), t(kw["scale"]), t(kw["shift"]),
                                kw["mod_rows"], t(alphas), t(gates), t(fid)))
     torch.library.opcheck(op, (t(x), 8, 1e-5, None, None, None, None, 1, None, None, None))

@@ -47,11 +47,16 @@ def ffn_inplace() -> bool:
 
 
 def norm_backend(backend: str, device: torch.device) -> str | None:
-    """The backend whose norm_quantize feeds QLinears of `backend` on `device`: their own, or for "cuda" (which has
-    no norm kernel) Triton's, whose codes, scales, u and row sums the CUDA GEMM takes as they are; None: none."""
+    """The backend whose norm_quantize feeds QLinears of `backend` on `device`: their own (for "auto", CUDA's
+    kernel before Triton's), or Triton's where theirs is missing (a CUDA build without csrc/norm_quant.cu); the
+    GEMMs of either backend take the codes, scales, u and row sums as they are. None: none.
+    QVDIT_NORM_BACKEND=triton|cuda picks that kernel for every fused norm (benchmarks compare the two in a model)."""
     if backend == "torch":
         return backend
-    for name in (backend, "triton") if backend == "cuda" else (backend,):
+    forced = os.environ.get("QVDIT_NORM_BACKEND")
+    if forced is not None and forced not in ("triton", "cuda"):
+        raise ValueError(f"QVDIT_NORM_BACKEND must be 'triton' or 'cuda', got {forced!r}")
+    for name in (forced,) if forced else ((backend, "triton") if backend == "cuda" else (backend,)):
         if backends.resolve("norm_quantize", name, device, fallback=False) is not None:
             return name
     return None

@@ -1,0 +1,166 @@
+// Per-row helpers of the kernels that quantize activation rows held in registers (act_quant.cu's register kernel,
+// norm_quant.cu): warp and row-group reductions, the statistics of a row's 16-byte chunks, and one chunk's codes,
+// row sum and TQE dots. A thread holds chunks of VEC = 16 / sizeof(T) elements as raw 16-byte words; the math per
+// element is qvdit_math.h's (act_code_magic: the codes of the Triton kernels and the host emulator).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <type_traits>
+
+#include "qvdit_kernels.cuh"
+
+namespace qv {
+
+// A warp's reduction (butterfly: every lane ends with the same value, in the same order).
+template <typename V, class Op>
+__device__ __forceinline__ V warp_reduce(V v, Op op) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+struct MaxOp {
+  __device__ float operator()(float p, float q) const { return fmaxf(p, q); }
+};
+struct MinOp {
+  __device__ float operator()(float p, float q) const { return fminf(p, q); }
+};
+struct OrOp {
+  __device__ int operator()(int p, int q) const { return p | q; }
+};
+struct AddOp {
+  template <typename V>
+  __device__ V operator()(V p, V q) const { return p + q; }
+};
+
+// N values reduced over the W warps of a row group (the group of warp w: warps W (w / W) ..; every thread of the
+// group gets the results, combined in the same order everywhere). sh: [warps per CTA][4] floats; W > 1 waits at
+// two __syncthreads, so every thread of the CTA must call it.
+template <int W, int N, class Op>
+__device__ __forceinline__ void group_reduce(float (&v)[N], Op op, float (*sh)[4]) {
+  static_assert(N <= 4, "group_reduce: at most 4 values");
+#pragma unroll
+  for (int i = 0; i < N; ++i) v[i] = warp_reduce(v[i], op);
+  if (W == 1) return;
+  const int warp = threadIdx.x / 32, w0 = warp / W * W;
+  if (threadIdx.x % 32 == 0)
+#pragma unroll
+    for (int i = 0; i < N; ++i) sh[warp][i] = v[i];
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    v[i] = sh[w0][i];
+#pragma unroll
+    for (int w = 1; w < W; ++w) v[i] = op(v[i], sh[w0 + w][i]);
+  }
+  __syncthreads();  // (sh is reused by the next reduction)
+}
+
+// Two floats rounded to a 16-bit T (nearest even) as one 32-bit word, low half first: one paired conversion.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same<T, __half>::value) {
+    const __half2 p = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&p);
+  } else {
+    const __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&p);
+  }
+}
+
+// VEC floats rounded to T, as one 16-byte chunk.
+template <typename T>
+__device__ __forceinline__ uint4 pack_chunk(const float (&f)[16 / sizeof(T)]) {
+  if constexpr (sizeof(T) == 4)
+    return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3]));
+  else
+    return make_uint4(pack2<T>(f[0], f[1]), pack2<T>(f[2], f[3]), pack2<T>(f[4], f[5]), pack2<T>(f[6], f[7]));
+}
+
+// One thread's part of a row's statistics: max(row, 0) and min(row, 0) (8 bits: max |row| in hi, lo 0) of its NC
+// chunks (padding chunks are zero), and whether one of its values is inf or NaN (the return value).
+template <typename T, int NC>
+__device__ __forceinline__ bool chunk_stats(const uint4 (&raw)[NC], bool sym8, float& hi, float& lo) {
+  if constexpr (sizeof(T) == 2) {  // two elements per max/min, on the raw words (exact; NaN propagates)
+    using T2 = typename std::conditional<std::is_same<T, __half>::value, __half2, __nv_bfloat162>::type;
+    T2 h2, l2;
+    *reinterpret_cast<uint32_t*>(&h2) = 0u;
+    *reinterpret_cast<uint32_t*>(&l2) = 0u;
+#pragma unroll
+    for (int i = 0; i < NC; ++i) {
+      const T2* e2 = reinterpret_cast<const T2*>(&raw[i]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (sym8) {
+          h2 = __hmax2_nan(h2, __habs2(e2[j]));
+        } else {
+          h2 = __hmax2_nan(h2, e2[j]);
+          l2 = __hmin2_nan(l2, e2[j]);
+        }
+      }
+    }
+    const float h0 = __low2float(h2), h1 = __high2float(h2), l0 = __low2float(l2), l1 = __high2float(l2);
+    hi = fmaxf(h0, h1);
+    lo = fminf(l0, l1);
+    return !isfinite(h0) || !isfinite(h1) || !isfinite(l0) || !isfinite(l1);  // +-inf and NaN reach hi or lo
+  } else {  // float32: fma(v, 0, nan) turns any inf/NaN into NaN
+    float nan = 0.0f;
+    hi = lo = 0.0f;
+#pragma unroll
+    for (int i = 0; i < NC; ++i) {
+      const float* e = reinterpret_cast<const float*>(&raw[i]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        nan = __fmaf_rn(e[j], 0.0f, nan);
+        if (sym8) {
+          hi = fmaxf(hi, fabsf(e[j]));
+        } else {
+          hi = fmaxf(hi, e[j]);
+          lo = fminf(lo, e[j]);
+        }
+      }
+    }
+    return isnan(nan);
+  }
+}
+
+// The codes of chunk `raw` (VEC elements at row columns col0..) stored at dst (VEC bytes), their sum added to
+// rowsum, and for each of the nj <= J TQE consumers dot[j] += code * alpha[j][col] (alpha[j]: that consumer's
+// [K] row, 16-byte aligned). bad: the row holds inf/NaN, every code is 0.
+template <typename T, int J>
+__device__ __forceinline__ void chunk_codes(const uint4& raw, const RowQMagic& qm, bool bad, int nj,
+                                            const float* const (&alpha)[J], int col0, int8_t* dst, int& rowsum,
+                                            float (&dot)[J]) {
+  constexpr int VEC = 16 / sizeof(T);
+  const T* e = reinterpret_cast<const T*>(&raw);
+  float y[VEC];
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) y[i] = bad ? kActMagic : act_code_magic(to_float(e[i]), qm);
+#pragma unroll
+  for (int j = 0; j < J; ++j) {
+    if (j < nj) {
+#pragma unroll
+      for (int i = 0; i < VEC; i += 4) {
+        const float4 f = *reinterpret_cast<const float4*>(alpha[j] + col0 + i);
+        const float al[4] = {f.x, f.y, f.z, f.w};
+#pragma unroll
+        for (int l = 0; l < 4; ++l)  // y - magic: the code, exact
+          dot[j] = __fmaf_rn(__fsub_rn(y[i + l], kActMagic), al[l], dot[j]);
+      }
+    }
+  }
+  // bits(y): its low byte is the int8 code (y = magic + code, magic's low byte zero); four per word, summed by dp4a
+  uint32_t packed[VEC / 4];
+#pragma unroll
+  for (int w = 0; w < VEC / 4; ++w) {
+    packed[w] = __byte_perm(__byte_perm(__float_as_uint(y[4 * w]), __float_as_uint(y[4 * w + 1]), 0x0040),
+                            __byte_perm(__float_as_uint(y[4 * w + 2]), __float_as_uint(y[4 * w + 3]), 0x0040), 0x5410);
+    rowsum = __dp4a((int)packed[w], 0x01010101, rowsum);
+  }
+  if constexpr (VEC == 8)
+    *reinterpret_cast<uint2*>(dst) = make_uint2(packed[0], packed[VEC / 4 - 1]);
+  else
+    *reinterpret_cast<uint32_t*>(dst) = packed[0];
+}
+
+}  // namespace qv
