@@ -11,11 +11,13 @@ import sys
 from setuptools import setup
 
 
-def _static_cxx_runtime(linker: list[str]) -> bool:
-    """Whether `linker` (the command that links the extension) puts a static copy of libstdc++ into a shared
-    object. Some toolchains do (the H200 image's /opt/gcc: its extension had no libstdc++ dependency). That copy's
-    iostreams are never initialized beside the shared libstdc++ torch runs with, so the first error message the
-    extension formats (TORCH_CHECK -> std::ostringstream << long) crashed the process (BENCHMARKS run ws11)."""
+# Link flags that make a shared object depend on the shared C++ runtime (the one torch runs with).
+SHARED_CXX_RUNTIME = ["-Wl,--push-state,--no-as-needed", "-l:libstdc++.so.6", "-Wl,--pop-state"]
+
+
+def _probe_link(cmd: list[str]) -> bytes | None:
+    """A small C++ shared object (it formats a long, as every TORCH_CHECK message does) linked by `cmd`: its
+    bytes, or None when the link fails."""
     import subprocess
     import tempfile
 
@@ -25,27 +27,42 @@ def _static_cxx_runtime(linker: list[str]) -> bool:
             fh.write("#include <sstream>\n#include <string>\n"
                      "std::string probe(long v) { std::ostringstream s; s << v; return s.str(); }\n")
         try:
-            res = subprocess.run([*linker, "-fPIC", src, "-o", so], capture_output=True, timeout=120)
+            res = subprocess.run([cmd[0], "-fPIC", src, *cmd[1:], "-o", so], capture_output=True, timeout=120)
         except (OSError, subprocess.SubprocessError):
-            return False
+            return None
         if res.returncode != 0 or not os.path.exists(so):
-            return False
+            return None
         with open(so, "rb") as fh:
-            return b"libstdc++.so" not in fh.read()  # (the dynamic section names its shared libraries)
+            return fh.read()
+
+
+def _static_cxx_runtime(cmd: list[str]) -> bool:
+    """Whether `cmd` (a C++ driver with -shared and the extension's library dirs) copies libstdc++ into a shared
+    object. The H200 image's toolchain (/opt/gcc) did: its extension named no libstdc++, and that copy's iostreams,
+    never initialized beside the shared libstdc++ torch runs with, crashed the process on the first error message
+    the extension formatted (TORCH_CHECK -> std::ostringstream << long; BENCHMARKS run ws11)."""
+    data = _probe_link(cmd)
+    return data is not None and b"libstdc++.so" not in data  # (the dynamic section names its shared libraries)
 
 
 def _build_ext_class(base):
     class BuildWithSharedRuntime(base):
-        """torch's BuildExtension, linking the shared libstdc++ where the linker would copy in a static one."""
+        """torch's BuildExtension, linking the shared libstdc++ explicitly wherever the toolchain finds it, so no
+        build depends on what the linker would pick on its own (a static copy, on some toolchains)."""
 
         def build_extensions(self):
-            linker = list(getattr(self.compiler, "linker_so_cxx", None) or self.compiler.linker_so)
-            if _static_cxx_runtime(linker):
-                print(f"qvdit: {linker[0]} links libstdc++ statically into shared objects; linking the shared "
-                      "libstdc++.so.6 instead (the one torch uses)", file=sys.stderr)
+            cxx = (getattr(self.compiler, "compiler_cxx", None) or [os.environ.get("CXX", "c++")])[0]
+            libdirs = [*(d for ext in self.extensions for d in ext.library_dirs), *(self.compiler.library_dirs or [])]
+            cmd = [cxx, "-shared", *(f"-L{d}" for d in dict.fromkeys(libdirs))]
+            if _probe_link([*cmd, *SHARED_CXX_RUNTIME]) is not None:
+                if _static_cxx_runtime(cmd):
+                    print(f"qvdit: {cxx} links libstdc++ statically into shared objects; linking the shared "
+                          "libstdc++.so.6 instead (the one torch uses)", file=sys.stderr)
                 for ext in self.extensions:
-                    ext.extra_link_args = [*ext.extra_link_args, "-Wl,--push-state,--no-as-needed",
-                                           "-l:libstdc++.so.6", "-Wl,--pop-state"]
+                    ext.extra_link_args = [*ext.extra_link_args, *SHARED_CXX_RUNTIME]
+            else:
+                print(f"qvdit: {cxx} cannot link libstdc++.so.6 by name; the extension takes the C++ runtime the "
+                      "linker picks", file=sys.stderr)
             super().build_extensions()
 
     return BuildWithSharedRuntime

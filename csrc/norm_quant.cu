@@ -47,6 +47,13 @@ __device__ __forceinline__ uint4 norm_chunk(const uint4& raw, float mean, float 
   return pack_chunk<T>(f);
 }
 
+// The compiler must assume r changed here, so it does not keep values derived from it across this point.
+template <int NC>
+__device__ __forceinline__ void opaque(uint4 (&r)[NC]) {
+#pragma unroll
+  for (int i = 0; i < NC; ++i) asm volatile("" : "+r"(r[i].x), "+r"(r[i].y), "+r"(r[i].z), "+r"(r[i].w));
+}
+
 template <typename T, int W, int NC>
 __global__ void __launch_bounds__(kNqThreads) norm_quant_kernel(const NormQuantArgs a) {
   constexpr int VEC = 16 / sizeof(T), G = 32 * W, kRows = kNqThreads / G, J = kNormQuantMaxConsumers;
@@ -74,6 +81,7 @@ __global__ void __launch_bounds__(kNqThreads) norm_quant_kernel(const NormQuantA
   }
   group_reduce<W>(acc, AddOp(), sh);
   const float mean = __fdiv_rn(acc[0], (float)a.k);
+  opaque(raw);  // (each pass converts the held row again: kept as floats, bf16 rows took ~100 registers)
   acc[0] = 0.0f;
 #pragma unroll
   for (int i = 0; i < NC; ++i) {
@@ -87,6 +95,7 @@ __global__ void __launch_bounds__(kNqThreads) norm_quant_kernel(const NormQuantA
     }
   }
   group_reduce<W>(acc, AddOp(), sh);
+  opaque(raw);
   const float rstd = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(acc[0], (float)a.k), a.eps)));
 
   // y, rounded to T: stored, and kept in place of x for its codes

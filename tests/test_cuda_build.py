@@ -265,3 +265,5 @@ def test_setup_detects_a_statically_linked_cxx_runtime(monkeypatch):
     ns = runpy.run_path(str(ROOT / "setup.py"))
     assert ns["_static_cxx_runtime"]([CXX, "-shared"]) is False
     assert ns["_static_cxx_runtime"]([CXX, "-shared", "-static-libstdc++"]) is True
+    # the flags the build adds put the shared runtime back even where the driver would copy the static one in
+    assert ns["_static_cxx_runtime"]([CXX, "-shared", "-static-libstdc++", *ns["SHARED_CXX_RUNTIME"]]) is False

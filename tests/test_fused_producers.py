@@ -147,13 +147,20 @@ def test_compiled_blocks_run_the_fused_forward(monkeypatch, triton_fused_eager):
     torch._dynamo.reset()
 
 
-def test_cuda_consumers_are_fed_by_the_triton_norm_kernel():
-    """The CUDA backend has no norm_quantize: its QLinears take Triton's (the same codes, scales, u and row sums),
-    where Triton runs; every other backend its own."""
+def test_norm_backend_per_consumer_backend(monkeypatch):
+    """CUDA QLinears are fed by CUDA's norm_quantize (csrc/norm_quant.cu) where the extension is built, else by
+    Triton's (the same codes, scales, u and row sums); every other backend by its own; QVDIT_NORM_BACKEND forces
+    one kernel and rejects anything but triton or cuda."""
     cpu = torch.device("cpu")
-    assert fused.norm_backend("cuda", DEVICE) == ("triton" if "triton" in KERNEL_BACKENDS else None)
+    triton = "triton" if "triton" in KERNEL_BACKENDS else None
+    assert fused.norm_backend("cuda", DEVICE) == ("cuda" if "cuda" in KERNEL_BACKENDS else triton)
     assert fused.norm_backend("torch", cpu) == "torch"
-    assert fused.norm_backend("triton", DEVICE) == ("triton" if "triton" in KERNEL_BACKENDS else None)
+    assert fused.norm_backend("triton", DEVICE) == triton
+    monkeypatch.setenv("QVDIT_NORM_BACKEND", "triton")
+    assert fused.norm_backend("cuda", DEVICE) == triton and fused.norm_backend("auto", DEVICE) == triton
+    monkeypatch.setenv("QVDIT_NORM_BACKEND", "cuBLAS")
+    with pytest.raises(ValueError, match="QVDIT_NORM_BACKEND must be"):
+        fused.norm_backend("auto", DEVICE)
 
 
 def test_handoff_is_used_once_and_only_for_its_tensor():

@@ -137,13 +137,17 @@ needs_cuda_ext = pytest.mark.skipif("cuda" not in KERNEL_BACKENDS, reason="needs
 
 
 def _check_against_reference(x, bits, kw, alphas, gates, fid, got):
-    """got = norm_quantize's five outputs: y within one ulp of the reference, codes / scales / row sums those of
-    quantize_activation(y) bit for bit (NaN scales where the row is not finite), every u within its bound."""
+    """got = norm_quantize's five outputs: y within one ulp of the reference for 16-bit x (float32: within 1e-5
+    relative + 1e-5, as test_norm_quantize_plain_and_nonfinite: the mean and variance are summed in another order
+    than torch's), codes / scales / row sums those of quantize_activation(y) bit for bit (NaN scales where the row
+    is not finite), every u within its bound."""
     y, xq, sx, u, rs = got
     y_ref = ref.layer_norm_modulate(x, **kw)
     finite = torch.isfinite(x.float()).all(dim=1)
     assert y.dtype == x.dtype
-    assert ((y.float() - y_ref.float()).abs() <= ulp(y_ref))[finite].all(), "y"
+    err = (y.float() - y_ref.float()).abs()
+    tol = 1e-5 * (1 + y_ref.float().abs()) if x.dtype == torch.float32 else ulp(y_ref)
+    assert (err <= tol)[finite].all(), ("y", (err - tol)[finite].max())
     q2, s2, _, r2 = ref.quantize_activation(y, bits, want_rowsum=True)
     assert torch.equal(xq, q2) and torch.equal(rs, r2), "codes / row sums"
     assert torch.equal(sx.isnan(), s2.isnan()) and torch.equal(sx.nan_to_num(), s2.nan_to_num()), "scales"
@@ -212,9 +216,10 @@ def test_cuda_norm_quant_refuses_a_row_it_cannot_hold():
     code = """
 import torch
 import qvdit_kernels.cuda
-x = torch.randn(4, 1544, device='cuda').bfloat16()[:, 8:]
+x = torch.randn(4, 1544, device='cuda').bfloat16()[:, 4:1540]  # (a base 8 bytes into the row)
 try:
     torch.ops.qvdit.cuda_norm_quant(x, 6, 1e-6, None, None, None, None, 1, None, None, None)
+    print('no error')
 except RuntimeError as e:
     print('refused' if 'cuda_norm_quant: x must have 16-byte aligned rows' in str(e) else e)
 """
