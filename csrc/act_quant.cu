@@ -155,7 +155,7 @@ static_assert(kActQuantInplaceMaxRowBytes == kRegsMaxWarps * 32 * 16 * 16, "laun
 template <typename T, int W, int NC, bool GELU>
 __global__ void __launch_bounds__(kAqThreads) act_quant_regs_kernel(const ActQuantArgs a) {
   constexpr int VEC = 16 / sizeof(T), G = 32 * W, kRows = kAqThreads / G;
-  __shared__ float sh[kAqThreads / 32][4];
+  __shared__ float sh[2][kAqThreads / 32][4];  // (one buffer per group_reduce)
   const int group = threadIdx.x / G, t = threadIdx.x % G;
   const int m = blockIdx.x * kRows + group;
   const bool live = m < a.m;  // no early return: rows of W > 1 warps meet at __syncthreads
@@ -176,7 +176,7 @@ __global__ void __launch_bounds__(kAqThreads) act_quant_regs_kernel(const ActQua
   float hi, lo;
   const bool bad_here = chunk_stats<T, NC>(raw, a.bits == 8, hi, lo);
   float st[3] = {hi, -lo, bad_here ? 1.0f : 0.0f};  // all three by max
-  group_reduce<W>(st, MaxOp(), sh);
+  group_reduce<W>(st, MaxOp(), sh[0]);
   const bool bad = st[2] != 0.0f;
   hi = st[0];
   lo = bad ? 0.0f : -st[1];
@@ -194,7 +194,7 @@ __global__ void __launch_bounds__(kAqThreads) act_quant_regs_kernel(const ActQua
     if (c < chunks) chunk_codes<T, 1>(raw[i], qm, bad, a.alpha ? 1 : 0, alpha, c * VEC, xq + c * VEC, rowsum, dot);
   }
   float sums[2] = {(float)rowsum, dot[0]};  // (|rowsum| <= 127 K < 2^24: every partial sum exact in float)
-  group_reduce<W>(sums, AddOp(), sh);
+  group_reduce<W>(sums, AddOp(), sh[1]);
   if (live && t == 0) write_row(a, m, bad, q.scale, (int)sums[0], sums[1]);
 }
 

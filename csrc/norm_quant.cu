@@ -57,7 +57,7 @@ __device__ __forceinline__ void opaque(uint4 (&r)[NC]) {
 template <typename T, int W, int NC>
 __global__ void __launch_bounds__(kNqThreads) norm_quant_kernel(const NormQuantArgs a) {
   constexpr int VEC = 16 / sizeof(T), G = 32 * W, kRows = kNqThreads / G, J = kNormQuantMaxConsumers;
-  __shared__ float sh[kNqThreads / 32][4];
+  __shared__ float sh[4][kNqThreads / 32][4];  // (one buffer per group_reduce)
   const int group = threadIdx.x / G, t = threadIdx.x % G;
   const int m = blockIdx.x * kRows + group;
   const bool live = m < a.m;  // no early return: rows of W > 1 warps meet at __syncthreads
@@ -79,7 +79,7 @@ __global__ void __launch_bounds__(kNqThreads) norm_quant_kernel(const NormQuantA
 #pragma unroll
     for (int j = 0; j < VEC; ++j) acc[0] = __fadd_rn(acc[0], to_float(e[j]));
   }
-  group_reduce<W>(acc, AddOp(), sh);
+  group_reduce<W>(acc, AddOp(), sh[0]);
   const float mean = __fdiv_rn(acc[0], (float)a.k);
   opaque(raw);  // (each pass converts the held row again: kept as floats, bf16 rows took ~100 registers)
   acc[0] = 0.0f;
@@ -94,7 +94,7 @@ __global__ void __launch_bounds__(kNqThreads) norm_quant_kernel(const NormQuantA
       }
     }
   }
-  group_reduce<W>(acc, AddOp(), sh);
+  group_reduce<W>(acc, AddOp(), sh[1]);
   opaque(raw);
   const float rstd = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(acc[0], (float)a.k), a.eps)));
 
@@ -115,7 +115,7 @@ __global__ void __launch_bounds__(kNqThreads) norm_quant_kernel(const NormQuantA
   float hi, lo;
   const bool bad_here = chunk_stats<T, NC>(raw, a.bits == 8, hi, lo);
   float st[3] = {hi, -lo, bad_here ? 1.0f : 0.0f};  // all three by max
-  group_reduce<W>(st, MaxOp(), sh);
+  group_reduce<W>(st, MaxOp(), sh[2]);
   const bool bad = st[2] != 0.0f;
   const RowQ q = a.bits == 8 ? row_qparams(8, 0.0f, 0.0f, st[0]) : row_qparams(a.bits, st[0], -st[1], 0.0f);
   const RowQMagic qm = row_qmagic(q);
@@ -130,7 +130,7 @@ __global__ void __launch_bounds__(kNqThreads) norm_quant_kernel(const NormQuantA
     if (c < chunks) chunk_codes<T, J>(raw[i], qm, bad, a.nj, alpha, c * VEC, xq + c * VEC, rowsum, dot);
   }
   float sums[4] = {(float)rowsum, dot[0], dot[1], dot[2]};  // (|rowsum| <= 127 K < 2^24: exact in float)
-  group_reduce<W>(sums, AddOp(), sh);
+  group_reduce<W>(sums, AddOp(), sh[3]);
   if (live && t == 0) {
     const float scale = bad ? __int_as_float(0x7fc00000) : q.scale;
     a.scale[m] = scale;

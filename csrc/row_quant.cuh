@@ -34,8 +34,10 @@ struct AddOp {
 };
 
 // N values reduced over the W warps of a row group (the group of warp w: warps W (w / W) ..; every thread of the
-// group gets the results, combined in the same order everywhere). sh: [warps per CTA][4] floats; W > 1 waits at
-// two __syncthreads, so every thread of the CTA must call it.
+// group gets the results, combined in the same order everywhere). sh: [warps per CTA][4] floats of this call's own:
+// W > 1 waits at one __syncthreads (every thread of the CTA must call it), and with no second barrier after the
+// reads, a later reduction must not write the same buffer (a kernel takes one per reduction; each CTA reduces its
+// rows once).
 template <int W, int N, class Op>
 __device__ __forceinline__ void group_reduce(float (&v)[N], Op op, float (*sh)[4]) {
   static_assert(N <= 4, "group_reduce: at most 4 values");
@@ -53,7 +55,6 @@ __device__ __forceinline__ void group_reduce(float (&v)[N], Op op, float (*sh)[4
 #pragma unroll
     for (int w = 1; w < W; ++w) v[i] = op(v[i], sh[w0 + w][i]);
   }
-  __syncthreads();  // (sh is reused by the next reduction)
 }
 
 // Two floats rounded to a 16-bit T (nearest even) as one 32-bit word, low half first: one paired conversion.
