@@ -15,9 +15,10 @@ from setuptools import setup
 SHARED_CXX_RUNTIME = ["-Wl,--push-state,--no-as-needed", "-l:libstdc++.so.6", "-Wl,--pop-state"]
 
 
-def _probe_link(cmd: list[str]) -> bytes | None:
-    """A small C++ shared object (it formats a long, as every TORCH_CHECK message does) linked by `cmd`: its
-    bytes, or None when the link fails."""
+def _probe_link(driver: list[str], flags: list[str]) -> bytes | None:
+    """A small C++ shared object (it formats a long, as every TORCH_CHECK message does) built by the C++ driver
+    (e.g. ["ccache", "g++"]) with `flags` after the source, as a link line has them: its bytes, or None when the
+    link fails."""
     import subprocess
     import tempfile
 
@@ -27,7 +28,7 @@ def _probe_link(cmd: list[str]) -> bytes | None:
             fh.write("#include <sstream>\n#include <string>\n"
                      "std::string probe(long v) { std::ostringstream s; s << v; return s.str(); }\n")
         try:
-            res = subprocess.run([cmd[0], "-fPIC", src, *cmd[1:], "-o", so], capture_output=True, timeout=120)
+            res = subprocess.run([*driver, "-fPIC", src, *flags, "-o", so], capture_output=True, timeout=120)
         except (OSError, subprocess.SubprocessError):
             return None
         if res.returncode != 0 or not os.path.exists(so):
@@ -36,12 +37,12 @@ def _probe_link(cmd: list[str]) -> bytes | None:
             return fh.read()
 
 
-def _static_cxx_runtime(cmd: list[str]) -> bool:
-    """Whether `cmd` (a C++ driver with -shared and the extension's library dirs) copies libstdc++ into a shared
-    object. The H200 image's toolchain (/opt/gcc) did: its extension named no libstdc++, and that copy's iostreams,
+def _static_cxx_runtime(driver: list[str], flags: list[str]) -> bool:
+    """Whether the C++ driver, with `flags` (-shared and the extension's library dirs), copies libstdc++ into a
+    shared object. The H200 image's toolchain (/opt/gcc) did: its extension named no libstdc++, and that copy's iostreams,
     never initialized beside the shared libstdc++ torch runs with, crashed the process on the first error message
     the extension formatted (TORCH_CHECK -> std::ostringstream << long; BENCHMARKS run ws11)."""
-    data = _probe_link(cmd)
+    data = _probe_link(driver, flags)
     return data is not None and b"libstdc++.so" not in data  # (the dynamic section names its shared libraries)
 
 
@@ -51,11 +52,16 @@ def _build_ext_class(base):
         build depends on what the linker would pick on its own (a static copy, on some toolchains)."""
 
         def build_extensions(self):
-            cxx = (getattr(self.compiler, "compiler_cxx", None) or [os.environ.get("CXX", "c++")])[0]
+            # (the program distutils links C++ with: compiler_cxx, e.g. "ccache g++", less an `env VAR=..` prefix)
+            driver = list(getattr(self.compiler, "compiler_cxx", None) or [os.environ.get("CXX", "c++")])
+            while driver and (os.path.basename(driver[0]) == "env" or "=" in driver[0]):
+                driver = driver[1:]
+            driver = driver or ["c++"]
+            cxx = " ".join(driver)
             libdirs = [*(d for ext in self.extensions for d in ext.library_dirs), *(self.compiler.library_dirs or [])]
-            cmd = [cxx, "-shared", *(f"-L{d}" for d in dict.fromkeys(libdirs))]
-            if _probe_link([*cmd, *SHARED_CXX_RUNTIME]) is not None:
-                if _static_cxx_runtime(cmd):
+            flags = ["-shared", *(f"-L{d}" for d in dict.fromkeys(libdirs))]
+            if _probe_link(driver, [*flags, *SHARED_CXX_RUNTIME]) is not None:
+                if _static_cxx_runtime(driver, flags):
                     print(f"qvdit: {cxx} links libstdc++ statically into shared objects; linking the shared "
                           "libstdc++.so.6 instead (the one torch uses)", file=sys.stderr)
                 for ext in self.extensions:

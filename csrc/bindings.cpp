@@ -200,6 +200,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> norm_quant_cuda(
     }
     if (frame_id) {
       check_vec(*frame_id, "frame_id", m, x);
+      TORCH_CHECK(frame_id->scalar_type() == at::kInt || frame_id->scalar_type() == at::kLong,
+                  "frame_id must be int32 or int64");
       fid = frame_id->to(at::kInt).contiguous();
       a.frame_id = fid.data_ptr<int32_t>();
     }
@@ -208,6 +210,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> norm_quant_cuda(
   Tensor y = at::empty({m, k}, opts), xq = at::empty({m, k}, opts.dtype(at::kChar));
   Tensor sx = at::empty({m}, opts.dtype(at::kFloat)), u = at::empty({nj, m}, opts.dtype(at::kFloat));
   Tensor rowsum = at::empty({m}, opts.dtype(at::kInt));
+  if (m == 0) return {y, xq, sx, u, rowsum};  // (no rows: nothing to launch, and u has no storage to check)
   const auto st = x.scalar_type();
   a.x = x.data_ptr();
   a.x_kind = st == at::kFloat ? 0 : (st == at::kBFloat16 ? 1 : 2);

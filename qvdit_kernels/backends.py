@@ -85,6 +85,12 @@ def availability(backend: str, device: torch.device) -> tuple[bool, str]:
 AUTO_ORDER = {"norm_quantize": ("cuda", "triton")}  # ops whose kernels "auto" tries in another order
 
 
+def _cuda_arch_built(device: torch.device) -> bool:
+    """Whether the extension's default build has machine code for this GPU: sm_80 (which also runs on 8.x) and
+    sm_90a (setup.py's targets; no PTX). Elsewhere "auto" keeps Triton first, as it would fail with no kernel image."""
+    return torch.cuda.get_device_capability(device)[0] in (8, 9)
+
+
 def auto_name(op: str, device: torch.device) -> str:
     """The backend "auto" runs `op` with on `device` (before auto.py's per-shape GEMM table, which ops.py applies)."""
     if device.type == "cuda":
@@ -92,6 +98,8 @@ def auto_name(op: str, device: torch.device) -> str:
         # CUDA kernel wins are routed by ops.py from auto.py's table before they get here. The norm + act-quant
         # producer: CUDA first (csrc/norm_quant.cu; BENCHMARKS "norm-quant" has the two side by side).
         for name in AUTO_ORDER.get(op, ("triton", "cuda")):
+            if name == "cuda" and op in AUTO_ORDER and not _cuda_arch_built(device):
+                continue
             if availability(name, device)[0] and (op, name) in _IMPLS:
                 return name
     return "torch"

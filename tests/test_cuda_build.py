@@ -263,7 +263,9 @@ def test_setup_detects_a_statically_linked_cxx_runtime(monkeypatch):
     monkeypatch.setattr(setuptools, "setup", lambda **kw: None)
     monkeypatch.setenv("QVDIT_BUILD_EXT", "0")
     ns = runpy.run_path(str(ROOT / "setup.py"))
-    assert ns["_static_cxx_runtime"]([CXX, "-shared"]) is False
-    assert ns["_static_cxx_runtime"]([CXX, "-shared", "-static-libstdc++"]) is True
+    assert ns["_static_cxx_runtime"]([CXX], ["-shared"]) is False
+    if ns["_probe_link"]([CXX], ["-shared", "-static-libstdc++"]) is None:
+        pytest.skip("this toolchain has no PIC static libstdc++ to copy in (the case the probe exists for)")
+    assert ns["_static_cxx_runtime"]([CXX], ["-shared", "-static-libstdc++"]) is True
     # the flags the build adds put the shared runtime back even where the driver would copy the static one in
-    assert ns["_static_cxx_runtime"]([CXX, "-shared", "-static-libstdc++", *ns["SHARED_CXX_RUNTIME"]]) is False
+    assert ns["_static_cxx_runtime"]([CXX], ["-shared", "-static-libstdc++", *ns["SHARED_CXX_RUNTIME"]]) is False

@@ -152,10 +152,8 @@ def _check_against_reference(x, bits, kw, alphas, gates, fid, got):
     assert torch.equal(xq, q2) and torch.equal(rs, r2), "codes / row sums"
     assert torch.equal(sx.isnan(), s2.isnan()) and torch.equal(sx.nan_to_num(), s2.nan_to_num()), "scales"
     assert torch.equal(sx.isnan(), ~finite)
-    for j in range(0 if alphas is None else alphas.shape[0]):
-        g = None if gates is None else gates[j]
-        assert ref.u_within_bound(u[j][finite], xq[finite], sx[finite], alphas[j], None if g is None else g,
-                                  fid[finite]), j
+    for j in range(0 if alphas is None else alphas.shape[0]):  # (NaN u on the non-finite rows, as the bound wants)
+        assert ref.u_within_bound(u[j], xq, sx, alphas[j], None if gates is None else gates[j], fid), j
 
 
 @needs_cuda_ext
@@ -168,12 +166,12 @@ def test_cuda_norm_quant_real_widths(k, dtype):
     TQE consumers."""
     from qvdit_kernels.cuda import norm_quant_ok
 
-    m, batch = 37, 2
+    m, batch = 37, 3  # (111 rows: a partial last CTA for 1, 2 and 4 warps per row)
     cases = [(6, True, False, 3), (8, False, True, 1), (6, False, False, 0), (8, True, True, 2)]
     for n, (bits, affine, per_token, j) in enumerate(cases):
         x, kw, alphas, gates, fid = _problem(m, k, batch, per_token, affine, seed=k + n, dtype=dtype)
         x[4] = 0
-        if n == 0 and k > 8:
+        if n < 2 and k > 8:  # (both widths of the non-finite path)
             x[7, k // 2] = float("inf")
             x[9, k - 1] = float("nan")
         alphas, gates = (alphas[:j], gates[:j]) if j else (None, None)
@@ -189,24 +187,29 @@ def test_cuda_norm_quant_real_widths(k, dtype):
 @needs_cuda_ext
 def test_cuda_norm_quant_takes_rows_it_can_hold_and_routes_the_rest():
     """norm_quant_ok: aligned rows of whole 16-byte chunks up to 64 KB and <= 3 consumers; backend="cuda" hands any
-    other row to Triton's kernel, with the same contract (K = 333, a misaligned view, 4 consumers)."""
+    other row to Triton's kernel, with the same contract (K = 333, a view 8 bytes into its rows, 4 consumers)."""
     from qvdit_kernels.cuda import norm_quant_ok
 
     x = torch.randn(8, 1536, device=DEVICE, dtype=torch.bfloat16)
     assert norm_quant_ok(x) and norm_quant_ok(x, 3) and not norm_quant_ok(x, 4)
     assert not norm_quant_ok(x[:, :333]) and not norm_quant_ok(x[:, 4:1028])
     assert not norm_quant_ok(torch.empty(2, 40000, device=DEVICE, dtype=torch.bfloat16))
-    for k, sl in ((333, slice(0, 333)), (1024, slice(4, 1028))):
-        xin, kw, alphas, gates, fid = _problem(9, 1536, 1, False, False, seed=k)
-        xin = xin[:, sl]
+    assert norm_quant_ok(torch.empty(0, 1536, device=DEVICE, dtype=torch.bfloat16), 3)
+    t = lambda v: v.to(DEVICE) if isinstance(v, torch.Tensor) else v  # noqa: E731
+    for sl, j in ((slice(0, 333), 3), (slice(4, 1028), 3), (slice(0, 1536), 4)):
+        xin, kw, alphas, gates, fid = _problem(9, 1536, 1, False, False, seed=sl.start + j)
+        alphas, gates = torch.cat([alphas, alphas[:1]])[:j], torch.cat([gates, gates[:1]])[:j]
+        xd = t(xin)[:, sl]  # (sliced on the device: a view into the rows, not an aligned copy)
+        assert not norm_quant_ok(xd, j)
         kw = dict(eps=kw["eps"], scale=kw["scale"][:, sl].contiguous(), shift=kw["shift"][:, sl].contiguous(),
                   mod_rows=kw["mod_rows"])
-        t = lambda v: v.to(DEVICE) if isinstance(v, torch.Tensor) else v  # noqa: E731
         al = alphas[:, sl].contiguous()
         got = [None if v is None else v.cpu() for v in qk.norm_quantize(
-            t(xin), 6, **{n: t(v) for n, v in kw.items()}, alphas=t(al), gates=t(gates), frame_id=t(fid),
+            xd, 6, **{n: t(v) for n, v in kw.items()}, alphas=t(al), gates=t(gates), frame_id=t(fid),
             backend="cuda")]
-        _check_against_reference(xin, 6, kw, al, gates, fid, got)
+        _check_against_reference(xin[:, sl], 6, kw, al, gates, fid, got)
+    y, xq, sx, u, rs = qk.norm_quantize(x[:0], 6, 1e-6, alphas=t(alphas[:3, :1536]), backend="cuda")  # no rows
+    assert y.shape == (0, 1536) and u.shape == (3, 0) and rs.shape == (0,)
 
 
 @needs_cuda_ext

@@ -71,7 +71,12 @@ def can_feed(norm: nn.Module, consumers: list, x: torch.Tensor) -> bool:
     if any((q.a_bits, q.tqe, q.backend, q.in_features) != (q0.a_bits, q0.tqe, q0.backend, q0.in_features)
            for q in consumers) or norm.normalized_shape != (q0.in_features,):
         return False
-    return norm_backend(q0.backend, x.device) is not None
+    nb = norm_backend(q0.backend, x.device)
+    if nb == "cuda" and backends.resolve("norm_quantize", "triton", x.device, fallback=False) is None:
+        from qvdit_kernels.cuda import norm_quant_ok  # (rows the CUDA kernel refuses need Triton's: none here)
+
+        return norm_quant_ok(x.reshape(-1, x.shape[-1]), len(consumers) if q0.tqe else 0)
+    return nb is not None
 
 
 def _plain(norm, x, scale, shift):
