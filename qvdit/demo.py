@@ -38,6 +38,7 @@ def _metrics(q: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 def run_demo(steps: int | None = None, seed: int = 0, out: str | None = "qvdit_demo.gif", backend: str = "torch",
              calibration: str | None = None, rtn: bool = True) -> list[dict]:
     """Returns one row per model (and prints the table)."""
+    check_out(out)
     from diffusers.utils import logging as dlogging
 
     from . import QuantConfig, load_quantized, quantize_, weight_bytes
@@ -128,7 +129,24 @@ def run_random_demo(settings=((8, 8), (4, 8), (3, 6)), frames: int = 5, size: in
     return rows
 
 
+def check_out(out: str | None) -> None:
+    """The GIF path, checked before the minutes of sampling: a .gif file in an existing folder ('' / None: none)."""
+    if not out:
+        return
+    path = Path(out)
+    if path.suffix.lower() != ".gif":
+        raise ValueError(f"out must be a .gif path ('' to skip the GIF), got {out!r}")
+    if not path.parent.is_dir():
+        raise ValueError(f"out: the folder {str(path.parent)!r} does not exist")
+
+
 def _main(a) -> int:
+    from .cli import CLIError
+
+    try:
+        check_out(a.out)
+    except ValueError as exc:
+        raise CLIError(f"--{exc}") from None
     if a.random:
         run_random_demo(seed=a.seed, backend=a.backend)
     else:

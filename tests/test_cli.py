@@ -46,3 +46,14 @@ def test_cli_entry_points(tmp_path):
     assert "W3A6 Q-VDiT" in res.stdout and (tmp_path / "d.gif").is_file()
     res = subprocess.run([sys.executable, "-m", "qvdit", "nonsense"], capture_output=True, text=True)
     assert res.returncode != 0 and "invalid choice" in res.stderr
+
+
+@pytest.mark.parametrize("out,match", [("demo_out", "must be a .gif path"), ("no/such/folder/d.gif", "does not exist")])
+def test_demo_out_checked_before_sampling(tmp_path, out, match):
+    """A wrong --out is one line naming the argument, at once (it used to fail in imageio after the sampling)."""
+    res = subprocess.run([sys.executable, "-m", "qvdit", "demo", "--out", str(tmp_path / out)], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2 and "qvdit demo: error: --out" in res.stderr and match in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    with pytest.raises(ValueError, match=match):
+        run_demo(out=str(tmp_path / out))
