@@ -147,15 +147,14 @@ __device__ __forceinline__ uint4 gelu_chunk(const uint4& in) {
   return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-constexpr int kRegsMaxWarps = 8;        // warps per row (the CTA's 256 threads)
-static_assert(kActQuantInplaceMaxRowBytes == kRegsMaxWarps * 32 * 16 * 16, "launch_regs' longest row");
+static_assert(kActQuantInplaceMaxRowBytes == kRowMaxBytes, "the register kernel's longest row");
 
 // W warps per row, each thread holding up to NC 16-byte chunks of VEC elements (chunk c = t + i * 32W); GELU:
 // the held row goes through gelu_rounded once all its loads are issued.
 template <typename T, int W, int NC, bool GELU>
-__global__ void __launch_bounds__(kAqThreads) act_quant_regs_kernel(const ActQuantArgs a) {
-  constexpr int VEC = 16 / sizeof(T), G = 32 * W, kRows = kAqThreads / G;
-  __shared__ float sh[2][kAqThreads / 32][4];  // (one buffer per group_reduce)
+__global__ void __launch_bounds__(kRowThreads) act_quant_regs_kernel(const ActQuantArgs a) {
+  constexpr int VEC = 16 / sizeof(T), G = 32 * W, kRows = kRowThreads / G;
+  __shared__ float sh[2][kRowThreads / 32][4];  // (one buffer per group_reduce)
   const int group = threadIdx.x / G, t = threadIdx.x % G;
   const int m = blockIdx.x * kRows + group;
   const bool live = m < a.m;  // no early return: rows of W > 1 warps meet at __syncthreads
@@ -198,25 +197,12 @@ __global__ void __launch_bounds__(kAqThreads) act_quant_regs_kernel(const ActQua
   if (live && t == 0) write_row(a, m, bad, q.scale, (int)sums[0], sums[1]);
 }
 
-// The fast path's launch: the fewest warps per row (1, 2, 4, 8) that hold the row in 8 chunks per thread, else 8
-// warps of 16 chunks; false: too long. (8 chunks keep a thread near 60 registers, 4 CTAs per SM: the 16-chunk
-// shapes at 104 registers left 2 CTAs, and wan's 8960-wide GELU rows used 9 of a thread's 16 chunks.)
+// The fast path's launch (row_quant.cuh, launch_row_shape); false: the row is too long for it.
 template <typename T, bool GELU>
 bool launch_regs(const ActQuantArgs& a, int chunks, cudaStream_t stream) {
-  const auto grid = [&](int w) { return (a.m + kAqThreads / (32 * w) - 1) / (kAqThreads / (32 * w)); };
-  if (chunks <= 32 * 8)
-    act_quant_regs_kernel<T, 1, 8, GELU><<<grid(1), kAqThreads, 0, stream>>>(a);
-  else if (chunks <= 64 * 8)
-    act_quant_regs_kernel<T, 2, 8, GELU><<<grid(2), kAqThreads, 0, stream>>>(a);
-  else if (chunks <= 128 * 8)
-    act_quant_regs_kernel<T, 4, 8, GELU><<<grid(4), kAqThreads, 0, stream>>>(a);
-  else if (chunks <= 256 * 8)
-    act_quant_regs_kernel<T, 8, 8, GELU><<<grid(8), kAqThreads, 0, stream>>>(a);
-  else if (chunks <= 32 * kRegsMaxWarps * 16)
-    act_quant_regs_kernel<T, kRegsMaxWarps, 16, GELU><<<grid(kRegsMaxWarps), kAqThreads, 0, stream>>>(a);
-  else
-    return false;
-  return true;
+  return launch_row_shape(a.m, chunks, [&](auto w, auto nc, int grid) {
+    act_quant_regs_kernel<T, decltype(w)::value, decltype(nc)::value, GELU><<<grid, kRowThreads, 0, stream>>>(a);
+  });
 }
 
 template <typename T>

@@ -17,8 +17,7 @@
 namespace qv {
 namespace {
 
-constexpr int kNqThreads = 256, kNqMaxWarps = 8;
-static_assert(kNormQuantMaxRowBytes == kNqMaxWarps * 32 * 16 * 16, "launch_typed's longest row");
+static_assert(kNormQuantMaxRowBytes == kRowMaxBytes, "the kernel's longest row");
 
 __device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 
@@ -55,9 +54,9 @@ __device__ __forceinline__ void opaque(uint4 (&r)[NC]) {
 }
 
 template <typename T, int W, int NC>
-__global__ void __launch_bounds__(kNqThreads) norm_quant_kernel(const NormQuantArgs a) {
-  constexpr int VEC = 16 / sizeof(T), G = 32 * W, kRows = kNqThreads / G, J = kNormQuantMaxConsumers;
-  __shared__ float sh[4][kNqThreads / 32][4];  // (one buffer per group_reduce)
+__global__ void __launch_bounds__(kRowThreads) norm_quant_kernel(const NormQuantArgs a) {
+  constexpr int VEC = 16 / sizeof(T), G = 32 * W, kRows = kRowThreads / G, J = kNormQuantMaxConsumers;
+  __shared__ float sh[4][kRowThreads / 32][4];  // (one buffer per group_reduce)
   const int group = threadIdx.x / G, t = threadIdx.x % G;
   const int m = blockIdx.x * kRows + group;
   const bool live = m < a.m;  // no early return: rows of W > 1 warps meet at __syncthreads
@@ -148,21 +147,12 @@ __global__ void __launch_bounds__(kNqThreads) norm_quant_kernel(const NormQuantA
   }
 }
 
-// The fewest warps per row (1, 2, 4, 8) that hold it in 8 chunks per thread, else 8 warps of 16 chunks.
+// (norm_quant_supported has taken only rows launch_row_shape holds)
 template <typename T>
 cudaError_t launch_typed(const NormQuantArgs& a, cudaStream_t stream) {
-  const int chunks = a.k / (16 / (int)sizeof(T));
-  const auto grid = [&](int w) { return (a.m + kNqThreads / (32 * w) - 1) / (kNqThreads / (32 * w)); };
-  if (chunks <= 32 * 8)
-    norm_quant_kernel<T, 1, 8><<<grid(1), kNqThreads, 0, stream>>>(a);
-  else if (chunks <= 64 * 8)
-    norm_quant_kernel<T, 2, 8><<<grid(2), kNqThreads, 0, stream>>>(a);
-  else if (chunks <= 128 * 8)
-    norm_quant_kernel<T, 4, 8><<<grid(4), kNqThreads, 0, stream>>>(a);
-  else if (chunks <= 256 * 8)
-    norm_quant_kernel<T, 8, 8><<<grid(8), kNqThreads, 0, stream>>>(a);
-  else
-    norm_quant_kernel<T, kNqMaxWarps, 16><<<grid(kNqMaxWarps), kNqThreads, 0, stream>>>(a);
+  launch_row_shape(a.m, a.k / (16 / (int)sizeof(T)), [&](auto w, auto nc, int grid) {
+    norm_quant_kernel<T, decltype(w)::value, decltype(nc)::value><<<grid, kRowThreads, 0, stream>>>(a);
+  });
   return cudaGetLastError();
 }
 

@@ -35,7 +35,7 @@ struct ActQuantArgs {
   bool inplace;
 };
 // The longest row (bytes, in whole 16-byte chunks, 16-byte aligned) the register kernel holds, so the longest
-// an in-place act-quant takes (act_quant.cu, launch_regs: 8 warps x 32 lanes x 16 chunks; qvdit_kernels/cuda.py
+// an in-place act-quant takes (row_quant.cuh kRowMaxBytes: 8 warps x 32 lanes x 16 chunks; qvdit_kernels/cuda.py
 // INPLACE_MAX_ROW_BYTES, checked equal by tests/test_cuda_build.py).
 constexpr int kActQuantInplaceMaxRowBytes = 8 * 32 * 16 * 16;
 cudaError_t act_quant(const ActQuantArgs& a, cudaStream_t stream);
@@ -70,7 +70,7 @@ struct NormQuantArgs {
   float* u;  // [nj, m]
   int32_t* rowsum;
 };
-constexpr int kNormQuantMaxRowBytes = 8 * 32 * 16 * 16;
+constexpr int kNormQuantMaxRowBytes = 8 * 32 * 16 * 16;  // (the same register kernels' row: kRowMaxBytes)
 constexpr int kNormQuantMaxConsumers = 3;
 bool norm_quant_supported(const NormQuantArgs& a);
 cudaError_t norm_quant(const NormQuantArgs& a, cudaStream_t stream);

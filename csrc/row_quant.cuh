@@ -12,6 +12,32 @@
 
 namespace qv {
 
+// Launch shapes of the register kernels (act_quant.cu's act_quant_regs_kernel, norm_quant.cu): a CTA of kRowThreads
+// threads holds kRowThreads / (32 W) rows of W warps, each thread at most NC 16-byte chunks of its row.
+constexpr int kRowThreads = 256, kRowMaxWarps = 8;
+constexpr int kRowMaxBytes = kRowMaxWarps * 32 * 16 * 16;  // the longest row: 8 warps x 32 lanes x 16 chunks
+
+// The shape for m rows of `chunks` 16-byte chunks: the fewest warps per row (1, 2, 4, 8) that hold it in 8 chunks per
+// thread, else 8 warps of 16. (8 chunks keep a thread near 60 registers, 4 CTAs per SM: the 16-chunk shapes at 104
+// registers left 2 CTAs, and wan's 8960-wide GELU rows used 9 of a thread's 16 chunks.) launch(W, NC, grid), W and
+// NC as std::integral_constant; false (nothing launched): a row longer than kRowMaxBytes.
+template <class Launch>
+bool launch_row_shape(int m, int chunks, const Launch& launch) {
+  const auto go = [&](auto w, auto nc) {
+    constexpr int rows = kRowThreads / (32 * decltype(w)::value);  // rows per CTA
+    launch(w, nc, (m + rows - 1) / rows);
+    return true;
+  };
+  using Eight = std::integral_constant<int, 8>;
+  if (chunks <= 32 * 8) return go(std::integral_constant<int, 1>{}, Eight{});
+  if (chunks <= 64 * 8) return go(std::integral_constant<int, 2>{}, Eight{});
+  if (chunks <= 128 * 8) return go(std::integral_constant<int, 4>{}, Eight{});
+  if (chunks <= 256 * 8) return go(Eight{}, Eight{});
+  if (chunks <= 32 * kRowMaxWarps * 16)
+    return go(std::integral_constant<int, kRowMaxWarps>{}, std::integral_constant<int, 16>{});
+  return false;
+}
+
 // A warp's reduction (butterfly: every lane ends with the same value, in the same order).
 template <typename V, class Op>
 __device__ __forceinline__ V warp_reduce(V v, Op op) {

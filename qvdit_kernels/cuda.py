@@ -84,21 +84,28 @@ def qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias=None, u=None, bet
                  residual, residual_gate)
 
 
-# Rows the in-place act-quant holds in registers (csrc/qvdit_kernels.h kActQuantInplaceMaxRowBytes: act_quant.cu's
-# launch_regs, 8 warps x 32 lanes x 16 chunks of 16 bytes; tests/test_cuda_build.py checks the two are equal),
+# Rows the in-place act-quant holds in registers (csrc/qvdit_kernels.h kActQuantInplaceMaxRowBytes: row_quant.cuh's
+# register kernels, 8 warps x 32 lanes x 16 chunks of 16 bytes; tests/test_cuda_build.py checks the two are equal),
 # aligned as its 16-byte loads need.
 INPLACE_MAX_ROW_BYTES = 8 * 32 * 16 * 16
 
 
-def inplace_ok(x2: torch.Tensor) -> bool:
-    """Whether cuda_act_quant_inplace can overwrite x2 [M, K] with its codes, and saves the code buffer by it: unit
-    column stride, 16-byte aligned rows of whole 16-byte chunks, short enough to be held in registers, and K a
-    multiple of 16 (else the GEMM copies the codes into rows padded to 16 anyway). (While tracing there is no
-    address to check: the op itself refuses a misaligned base with an error that says why.)"""
+def _rows_in_registers(x2: torch.Tensor, max_row_bytes: int) -> bool:
+    """Whether a register kernel (csrc/row_quant.cuh) can hold x2 [M, K]'s rows: unit column stride, 16-byte aligned
+    rows of whole 16-byte chunks, at most max_row_bytes. (While tracing there is no address to check: the ops
+    themselves refuse a misaligned base with an error that says why.)"""
     el = x2.element_size()
-    ok = (x2.dim() == 2 and x2.stride(1) == 1 and x2.stride(0) >= x2.shape[1] and (x2.stride(0) * el) % 16 == 0
-          and x2.shape[1] % 16 == 0 and x2.shape[1] * el <= INPLACE_MAX_ROW_BYTES)
+    ok = (x2.dim() == 2 and x2.stride(1) == 1 and (x2.stride(0) * el) % 16 == 0 and (x2.shape[1] * el) % 16 == 0
+          and x2.shape[1] * el <= max_row_bytes)
     return ok and (torch.compiler.is_compiling() or x2.data_ptr() % 16 == 0)
+
+
+def inplace_ok(x2: torch.Tensor) -> bool:
+    """Whether cuda_act_quant_inplace can overwrite x2 [M, K] with its codes, and saves the code buffer by it: rows
+    the register kernel holds (`_rows_in_registers`) that do not overlap, and K a multiple of 16 (else the GEMM
+    copies the codes into rows padded to 16 anyway)."""
+    return (x2.dim() == 2 and x2.stride(0) >= x2.shape[1] and x2.shape[1] % 16 == 0
+            and _rows_in_registers(x2, INPLACE_MAX_ROW_BYTES))
 
 
 @register("qlinear", "cuda")
@@ -129,13 +136,10 @@ NORM_QUANT_MAX_CONSUMERS = 3
 
 
 def norm_quant_ok(x2: torch.Tensor, consumers: int = 0) -> bool:
-    """Whether cuda_norm_quant takes x2 [M, K]: unit column stride, 16-byte aligned rows of whole 16-byte chunks,
-    at most NORM_QUANT_MAX_ROW_BYTES, and at most three TQE consumers. (While tracing there is no address to check:
-    the op itself refuses a misaligned base with an error that says why.)"""
-    el = x2.element_size()
-    ok = (x2.dim() == 2 and x2.stride(1) == 1 and (x2.stride(0) * el) % 16 == 0 and (x2.shape[1] * el) % 16 == 0
-          and 0 < x2.shape[1] * el <= NORM_QUANT_MAX_ROW_BYTES and consumers <= NORM_QUANT_MAX_CONSUMERS)
-    return ok and (torch.compiler.is_compiling() or x2.data_ptr() % 16 == 0)
+    """Whether cuda_norm_quant takes x2 [M, K]: rows the register kernel holds (`_rows_in_registers`), K > 0, and at
+    most three TQE consumers."""
+    return (consumers <= NORM_QUANT_MAX_CONSUMERS and x2.dim() == 2 and x2.shape[1] > 0
+            and _rows_in_registers(x2, NORM_QUANT_MAX_ROW_BYTES))
 
 
 @register("norm_quantize", "cuda")

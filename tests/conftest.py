@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -110,3 +113,18 @@ def capture_cuda_graph(fn):
     with torch.cuda.graph(graph):
         out = fn()
     return graph, out
+
+
+# The C++ runtime libraries the child has loaded, printed to stderr first. (BENCHMARKS run ws11: a libstdc++ copied
+# statically into the extension crashed on the first error message it formatted; setup.py now links the shared one.)
+_LOADED_RUNTIMES = """
+import sys
+libs = sorted({ln.split()[-1] for ln in open('/proc/self/maps') if 'libstdc++' in ln or 'libgcc_s' in ln})
+print('loaded:', *libs, file=sys.stderr)
+"""
+
+
+def run_isolated(code: str) -> subprocess.CompletedProcess:
+    """`code` in a fresh Python with the extension loaded: a crash fails the calling test, not the whole run."""
+    return subprocess.run([sys.executable, "-c", "import torch\nimport qvdit_kernels.cuda\n" + _LOADED_RUNTIMES + code],
+                          capture_output=True, text=True, timeout=300, cwd=pathlib.Path(__file__).parent.parent)

@@ -6,17 +6,13 @@ for compute-sanitizer (see docs/DEVELOPING.md "CUDA backend").
 Skipped where the extension is not built or there is no GPU (CI: tests/test_cuda_build.py covers the
 sources there). The shared assertions for every backend live in test_gemm.py and test_act_quant.py.
 """
-import pathlib
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import qvdit_kernels as qk
 from qvdit_kernels import reference as ref
 
-from conftest import KERNEL_BACKENDS, assert_tail_within, assert_within_spec, capture_cuda_graph, gen
+from conftest import KERNEL_BACKENDS, assert_tail_within, assert_within_spec, capture_cuda_graph, gen, run_isolated
 from test_gemm import make_problem
 
 pytestmark = pytest.mark.skipif("cuda" not in KERNEL_BACKENDS, reason="needs a GPU and the built CUDA extension")
@@ -396,21 +392,6 @@ def test_act_quant_inplace_equals_the_copy(dt, k, act):
         assert torch.equal(y.view(torch.int8)[:, :k], want[0])
         for g, w in zip(got, want[1:]):
             assert torch.equal(g, w)
-
-
-# The C++ runtime libraries the child has loaded, printed to stderr first. (BENCHMARKS run ws11: a libstdc++ copied
-# statically into the extension crashed on the first error message it formatted; setup.py now links the shared one.)
-_LOADED_RUNTIMES = """
-import sys
-libs = sorted({ln.split()[-1] for ln in open('/proc/self/maps') if 'libstdc++' in ln or 'libgcc_s' in ln})
-print('loaded:', *libs, file=sys.stderr)
-"""
-
-
-def run_isolated(code: str) -> subprocess.CompletedProcess:
-    """`code` in a fresh Python with the extension loaded: a crash fails the calling test, not the whole run."""
-    return subprocess.run([sys.executable, "-c", "import torch\nimport qvdit_kernels.cuda\n" + _LOADED_RUNTIMES + code],
-                          capture_output=True, text=True, timeout=300, cwd=pathlib.Path(__file__).parent.parent)
 
 
 @pytest.mark.parametrize("call,match", [

@@ -3,18 +3,13 @@ item 5). Kernel: qvdit_kernels/triton/norm_quant.py; reference: reference.norm_q
 quantize_activation). The kernel's y may differ from torch's LayerNorm by float rounding, so: y within one
 ulp of the output dtype, and the codes, scales and row sums bit-exact against quantize_activation of the
 kernel's own y; u within reference.tqe_u_bound per consumer."""
-import pathlib
-
 import pytest
 import torch
 
 import qvdit_kernels as qk
 from qvdit_kernels import reference as ref
 
-import subprocess
-import sys
-
-from conftest import DEVICE, KERNEL_BACKENDS, backends_for, device_for, gen, ulp
+from conftest import DEVICE, KERNEL_BACKENDS, backends_for, device_for, gen, run_isolated, ulp
 
 
 def _problem(m, k, batch, per_token, affine, seed, dtype=torch.bfloat16):
@@ -118,15 +113,18 @@ def test_every_norm_quant_candidate(k, j):
             assert ref.u_within_bound(u[jj], xq, sx, alphas[jj], gates[jj], fid), (prm, jj)
 
 
-@pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="Triton runs on a GPU or under TRITON_INTERPRET=1")
-def test_opcheck_norm_quant_op():
-    """The custom op's schema and fake impl agree with the kernel (what torch.compile traces), with and without
-    modulation and TQE terms."""
-    import qvdit_kernels.triton.library  # noqa: F401  (registers torch.ops.qvdit.triton_norm_quant)
-
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_opcheck_norm_quant_op(backend):
+    """Each kernel's custom op (triton_norm_quant, cuda_norm_quant): schema and fake / Meta impl agree with the
+    kernel (what torch.compile traces), with and without modulation and TQE terms."""
+    if backend not in KERNEL_BACKENDS:
+        pytest.skip("Triton runs on a GPU or under TRITON_INTERPRET=1" if backend == "triton"
+                    else "needs a GPU and the built CUDA extension")
+    if backend == "triton":
+        import qvdit_kernels.triton.library  # noqa: F401  (registers torch.ops.qvdit.triton_norm_quant)
     x, kw, alphas, gates, fid = _problem(9, 96, 2, True, True, seed=3)
     t = lambda v: None if v is None else v.to(DEVICE)  # noqa: E731
-    op = torch.ops.qvdit.triton_norm_quant.default
+    op = getattr(torch.ops.qvdit, f"{backend}_norm_quant").default
     torch.library.opcheck(op, (t(x), 6, 1e-6, t(kw["weight"]), t(kw["bias"]), t(kw["scale"]), t(kw["shift"]),
                                kw["mod_rows"], t(alphas), t(gates), t(fid)))
     torch.library.opcheck(op, (t(x), 8, 1e-5, None, None, None, None, 1, None, None, None))
@@ -216,27 +214,12 @@ def test_cuda_norm_quant_takes_rows_it_can_hold_and_routes_the_rest():
 def test_cuda_norm_quant_refuses_a_row_it_cannot_hold():
     """A direct op call with a misaligned row: an error that says what the kernel takes (in a child process: on the
     H200 errors raised in the extension have crashed the process, BENCHMARKS run ws10)."""
-    code = """
-import torch
-import qvdit_kernels.cuda
+    res = run_isolated("""
 x = torch.randn(4, 1544, device='cuda').bfloat16()[:, 4:1540]  # (a base 8 bytes into the row)
 try:
     torch.ops.qvdit.cuda_norm_quant(x, 6, 1e-6, None, None, None, None, 1, None, None, None)
     print('no error')
 except RuntimeError as e:
     print('refused' if 'cuda_norm_quant: x must have 16-byte aligned rows' in str(e) else e)
-"""
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         cwd=pathlib.Path(__file__).parent.parent)
+""")
     assert res.returncode == 0 and res.stdout.split() == ["refused"], (res.returncode, res.stdout, res.stderr[-3000:])
-
-
-@needs_cuda_ext
-def test_opcheck_cuda_norm_quant_op():
-    """The op's schema and Meta kernel agree with the CUDA kernel (what torch.compile traces)."""
-    x, kw, alphas, gates, fid = _problem(9, 96, 2, True, True, seed=3)
-    t = lambda v: None if v is None else v.to(DEVICE)  # noqa: E731
-    op = torch.ops.qvdit.cuda_norm_quant.default
-    torch.library.opcheck(op, (t(x), 6, 1e-6, t(kw["weight"]), t(kw["bias"]), t(kw["scale"]), t(kw["shift"]),
-                               kw["mod_rows"], t(alphas), t(gates), t(fid)))
-    torch.library.opcheck(op, (t(x), 8, 1e-5, None, None, None, None, 1, None, None, None))
