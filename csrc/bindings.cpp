@@ -7,9 +7,11 @@
 //       u is [M] when alpha is given, else [0]; rowsum is [M] when want_rowsum, else [0].
 //   torch.ops.qvdit.cuda_act_quant_inplace(x!, bits, alpha, gate, frame_id, activation=0) -> (scale, u, rowsum)
 //       the same with the codes written over x's own rows (x.view(int8)[:, :K] afterwards): no code buffer.
-//   torch.ops.qvdit.cuda_norm_quant(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id)
-//     -> (y, xq, scale, u [J, M] ([0, M] without alphas), rowsum): reference.norm_quantize for rows norm_quant.cu
-//       holds (16-byte aligned, K a multiple of 16 / element size, at most kNormQuantMaxRowBytes; else an error).
+//   torch.ops.qvdit.cuda_norm_quant(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id,
+//                                   residual, residual_gate, write_y)
+//     -> (y ([0, K] unless write_y), xq, scale, u [J, M] ([0, M] without alphas), rowsum, h ([0, K] without a
+//       residual)): reference.norm_quantize_backend for rows norm_quant.cu holds (16-byte aligned, K a multiple of
+//       16 / element size, at most kNormQuantMaxRowBytes; else an error).
 //   torch.ops.qvdit.cuda_qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum,
 //                              out_dtype, path, activation, residual, residual_gate) -> [M, N]
 //       activation 0 none / 1 gelu_tanh, residual [M, N] (out dtype), residual_gate f32 [G, N]: the epilogue
@@ -155,9 +157,10 @@ Tensor f32_aligned(const Tensor& t) {
   return aligned16(r) ? r : r.clone();
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> norm_quant_cuda(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> norm_quant_cuda(
     const Tensor& x_in, int64_t bits, double eps, const OptT& weight, const OptT& bias, const OptT& scale,
-    const OptT& shift, int64_t mod_rows, const OptT& alphas, const OptT& gates, const OptT& frame_id) {
+    const OptT& shift, int64_t mod_rows, const OptT& alphas, const OptT& gates, const OptT& frame_id,
+    const OptT& residual_in, const OptT& residual_gate, bool write_y) {
   check_act_quant_args(x_in, bits, 0);
   TORCH_CHECK(weight.has_value() == bias.has_value(), "weight and bias must be given together");
   TORCH_CHECK(scale.has_value() == shift.has_value(), "scale and shift must be given together");
@@ -206,24 +209,44 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> norm_quant_cuda(
       a.frame_id = fid.data_ptr<int32_t>();
     }
   }
+  Tensor res, rg32;
+  if (residual_in) {
+    check_cuda(*residual_in, "residual", x);
+    TORCH_CHECK(residual_in->sizes() == x.sizes() && residual_in->scalar_type() == x.scalar_type(),
+                "residual must have x's shape and dtype ", x.sizes(), ", got ", residual_in->sizes(), " ",
+                residual_in->scalar_type());
+    res = residual_in->stride(1) == 1 ? *residual_in : residual_in->contiguous();
+    a.residual = res.data_ptr(), a.ld_res = res.stride(0);
+    if (residual_gate) {
+      check_cuda(*residual_gate, "residual_gate", x);
+      TORCH_CHECK(residual_gate->dim() == 2 && residual_gate->size(1) == k && residual_gate->size(0) >= 1 &&
+                      m % residual_gate->size(0) == 0,
+                  "residual_gate must have shape [G, ", k, "] with G dividing ", m, ", got ", residual_gate->sizes());
+      rg32 = f32_aligned(*residual_gate);
+      a.rgate = rg32.data_ptr<float>(), a.rg_div = (int)(m / residual_gate->size(0));
+    }
+  } else {
+    TORCH_CHECK(!residual_gate, "residual_gate given without residual");
+  }
   auto opts = x.options();
-  Tensor y = at::empty({m, k}, opts), xq = at::empty({m, k}, opts.dtype(at::kChar));
+  Tensor y = at::empty({write_y ? m : 0, k}, opts), xq = at::empty({m, k}, opts.dtype(at::kChar));
   Tensor sx = at::empty({m}, opts.dtype(at::kFloat)), u = at::empty({nj, m}, opts.dtype(at::kFloat));
-  Tensor rowsum = at::empty({m}, opts.dtype(at::kInt));
-  if (m == 0) return {y, xq, sx, u, rowsum};  // (no rows: nothing to launch, and u has no storage to check)
+  Tensor rowsum = at::empty({m}, opts.dtype(at::kInt)), h = at::empty({residual_in ? m : 0, k}, opts);
+  if (m == 0) return {y, xq, sx, u, rowsum, h};  // (no rows: nothing to launch, and u has no storage to check)
   const auto st = x.scalar_type();
   a.x = x.data_ptr();
   a.x_kind = st == at::kFloat ? 0 : (st == at::kBFloat16 ? 1 : 2);
   a.ldx = x.stride(0);
   a.m = (int)m, a.k = (int)k, a.bits = (int)bits, a.eps = (float)eps, a.nj = (int)nj;
-  a.y = y.data_ptr(), a.xq = xq.data_ptr<int8_t>(), a.scale = sx.data_ptr<float>(), a.u = u.data_ptr<float>();
+  a.y = write_y ? y.data_ptr() : nullptr, a.h = residual_in ? h.data_ptr() : nullptr;
+  a.xq = xq.data_ptr<int8_t>(), a.scale = sx.data_ptr<float>(), a.u = u.data_ptr<float>();
   a.rowsum = rowsum.data_ptr<int32_t>();
   const int64_t el = x.element_size();
   TORCH_CHECK(qv::norm_quant_supported(a), "cuda_norm_quant: x must have 16-byte aligned rows of at most ",
               qv::kNormQuantMaxRowBytes / el, " elements, a multiple of ", 16 / el, " (a row is held in registers), got ",
               x.sizes(), " with row stride ", x.stride(0), " (qvdit_kernels.cuda.norm_quant_ok says which rows it takes)");
   check_launch(qv::norm_quant(a, c10::cuda::getCurrentCUDAStream()), "norm_quant");
-  return {y, xq, sx, u, rowsum};
+  return {y, xq, sx, u, rowsum, h};
 }
 
 // Activation (or W8 weight) codes with a row length that is a multiple of 16 and a 16-byte aligned base and
@@ -417,15 +440,16 @@ std::tuple<Tensor, Tensor, Tensor> act_quant_inplace_meta(Tensor& x, int64_t, co
           at::empty_symint({alpha ? m : c10::SymInt(0)}, opts.dtype(at::kFloat)), at::empty_symint({m}, opts.dtype(at::kInt))};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> norm_quant_meta(const Tensor& x, int64_t, double, const OptT&,
-                                                                   const OptT&, const OptT&, const OptT&, int64_t,
-                                                                   const OptT& alphas, const OptT&, const OptT&) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> norm_quant_meta(
+    const Tensor& x, int64_t, double, const OptT&, const OptT&, const OptT&, const OptT&, int64_t, const OptT& alphas,
+    const OptT&, const OptT&, const OptT& residual, const OptT&, bool write_y) {
   const auto m = x.sym_size(0), k = x.sym_size(1);
+  const c10::SymInt none(0);
   auto opts = x.options();
-  return {at::empty_symint({m, k}, opts), at::empty_symint({m, k}, opts.dtype(at::kChar)),
+  return {at::empty_symint({write_y ? m : none, k}, opts), at::empty_symint({m, k}, opts.dtype(at::kChar)),
           at::empty_symint({m}, opts.dtype(at::kFloat)),
-          at::empty_symint({alphas ? alphas->sym_size(0) : c10::SymInt(0), m}, opts.dtype(at::kFloat)),
-          at::empty_symint({m}, opts.dtype(at::kInt))};
+          at::empty_symint({alphas ? alphas->sym_size(0) : none, m}, opts.dtype(at::kFloat)),
+          at::empty_symint({m}, opts.dtype(at::kInt)), at::empty_symint({residual ? m : none, k}, opts)};
 }
 
 Tensor qgemm_meta(const Tensor& xq, const Tensor&, const Tensor& w, int64_t, const Tensor&, const Tensor&, const OptT&,
@@ -446,7 +470,8 @@ TORCH_LIBRARY_FRAGMENT(qvdit, m) {  // a fragment: the Triton ops (triton/librar
   m.def("cuda_act_quant_inplace(Tensor(a!) x, int bits, Tensor? alpha, Tensor? gate, Tensor? frame_id,"
         " int activation=0) -> (Tensor, Tensor, Tensor)");
   m.def("cuda_norm_quant(Tensor x, int bits, float eps, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift,"
-        " int mod_rows, Tensor? alphas, Tensor? gates, Tensor? frame_id) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        " int mod_rows, Tensor? alphas, Tensor? gates, Tensor? frame_id, Tensor? residual=None,"
+        " Tensor? residual_gate=None, bool write_y=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("cuda_qgemm(Tensor xq, Tensor x_scale, Tensor w_packed, int w_bits, Tensor w_scale, Tensor w_zero,"
         " Tensor? bias, Tensor? u, Tensor? beta, Tensor? x_rowsum, ScalarType out_dtype, int path,"
         " int activation=0, Tensor? residual=None, Tensor? residual_gate=None, bool fuse_tail=False) -> Tensor");

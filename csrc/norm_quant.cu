@@ -5,9 +5,11 @@
 // A group of W warps holds the row in registers as 16-byte chunks (the layout of act_quant.cu's register kernel,
 // chunk c = t + i * 32W): its sum gives the mean, the squares around the mean the variance (two reductions over
 // the held row, no second read), then y = (x - mean) * rstd [* w + b] [* (1 + scale) + shift] rounded to x's dtype
-// replaces x in the registers and is stored. The codes, row sum and TQE dots are those of that rounded y, with the
+// replaces x in the registers and is stored (unless y is null). The codes, row sum and TQE dots are those of that rounded y, with the
 // act-quant's own per-element math (row_quant.cuh), so they are quantize_activation(y)'s bit for bit. One read of
-// x from HBM, one write of y and one of the codes.
+// x from HBM, one write of y and one of the codes. With a residual (ops.add_norm_quantize) the held row is
+// h = residual + gate * x, stored as the block's new residual stream: the add after an attention output
+// projection and the norm after it in one pass.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -46,6 +48,30 @@ __device__ __forceinline__ uint4 norm_chunk(const uint4& raw, float mean, float 
   return pack_chunk<T>(f);
 }
 
+// The norm's input chunk with a residual: h = residual + gate * x per element in float32 (no FMA: torch's
+// product, then its sum), rounded to T (reference.epilogue_tail's add).
+template <typename T>
+__device__ __forceinline__ uint4 residual_chunk(const uint4& xr, const uint4& rr, const float* g) {
+  constexpr int VEC = 16 / sizeof(T);
+  const T* xe = reinterpret_cast<const T*>(&xr);
+  const T* re = reinterpret_cast<const T*>(&rr);
+  float f[VEC];
+#pragma unroll
+  for (int i = 0; i < VEC; i += 4) {
+    float gv[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+    if (g) {
+      const float4 q = ld4(g + i);
+      gv[0] = q.x, gv[1] = q.y, gv[2] = q.z, gv[3] = q.w;
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float v = g ? __fmul_rn(to_float(xe[i + j]), gv[j]) : to_float(xe[i + j]);
+      f[i + j] = __fadd_rn(to_float(re[i + j]), v);
+    }
+  }
+  return pack_chunk<T>(f);
+}
+
 // The compiler must assume r changed here, so it does not keep values derived from it across this point.
 template <int NC>
 __device__ __forceinline__ void opaque(uint4 (&r)[NC]) {
@@ -69,6 +95,19 @@ __global__ void __launch_bounds__(kRowThreads) norm_quant_kernel(const NormQuant
   for (int i = 0; i < NC; ++i) {
     const int c = t + i * G;
     raw[i] = c < chunks ? *reinterpret_cast<const uint4*>(x + c * VEC) : make_uint4(0, 0, 0, 0);
+  }
+  if (a.residual) {  // the norm's input is h = residual + gate * x: computed, stored, and held in place of x
+    const T* r = static_cast<const T*>(a.residual) + row * a.ld_res;
+    const float* g = a.rgate ? a.rgate + (int64_t)(row / a.rg_div) * a.k : nullptr;
+    T* h = static_cast<T*>(a.h) + row * a.k;
+#pragma unroll
+    for (int i = 0; i < NC; ++i) {
+      const int c = t + i * G;
+      if (c < chunks) {
+        raw[i] = residual_chunk<T>(raw[i], *reinterpret_cast<const uint4*>(r + c * VEC), g ? g + c * VEC : nullptr);
+        *reinterpret_cast<uint4*>(h + c * VEC) = raw[i];
+      }
+    }
   }
   // mean (the zero padding adds nothing), then the variance around it (padding excluded)
   float acc[1] = {0.0f};
@@ -101,13 +140,13 @@ __global__ void __launch_bounds__(kRowThreads) norm_quant_kernel(const NormQuant
   const int64_t mrow = a.mod_scale ? (int64_t)(row / a.mod_rows) * a.k : 0;
   const float* msc = a.mod_scale ? a.mod_scale + mrow : nullptr;
   const float* msh = a.mod_scale ? a.mod_shift + mrow : nullptr;
-  T* y = static_cast<T*>(a.y) + row * a.k;
+  T* y = a.y ? static_cast<T*>(a.y) + row * a.k : nullptr;
 #pragma unroll
   for (int i = 0; i < NC; ++i) {
     const int c = t + i * G;
     if (c < chunks) {
       raw[i] = norm_chunk<T>(raw[i], mean, rstd, a, msc, msh, c * VEC);
-      *reinterpret_cast<uint4*>(y + c * VEC) = raw[i];
+      if (y) *reinterpret_cast<uint4*>(y + c * VEC) = raw[i];
     }
   }
 
@@ -166,8 +205,12 @@ bool norm_quant_supported(const NormQuantArgs& a) {
   const int el = a.x_kind == 0 ? 4 : 2;
   const bool arrays = aligned16(a.weight) && aligned16(a.bias) && aligned16(a.mod_scale) && aligned16(a.mod_shift) &&
                       aligned16(a.alpha);  // (null is aligned)
+  const bool residual = a.residual == nullptr
+                            ? a.rgate == nullptr
+                            : aligned16(a.residual) && (a.ld_res * el) % 16 == 0 && a.h != nullptr && aligned16(a.h) &&
+                                  aligned16(a.rgate) && (a.rgate == nullptr || a.rg_div >= 1);
   return a.k % (16 / el) == 0 && (int64_t)a.k * el <= kNormQuantMaxRowBytes && aligned16(a.x) &&
-         (a.ldx * el) % 16 == 0 && aligned16(a.y) && reinterpret_cast<uintptr_t>(a.xq) % 8 == 0 && arrays &&
+         (a.ldx * el) % 16 == 0 && aligned16(a.y) && reinterpret_cast<uintptr_t>(a.xq) % 8 == 0 && arrays && residual &&
          (a.weight == nullptr) == (a.bias == nullptr) && (a.mod_scale == nullptr) == (a.mod_shift == nullptr) &&
          (a.nj == 0 || (a.alpha != nullptr && a.u != nullptr));
 }

@@ -45,9 +45,12 @@ cudaError_t act_quant(const ActQuantArgs& a, cudaStream_t stream);
 // mod_scale[m / mod_rows]) + mod_shift[m / mod_rows]] rounded, the codes xq [m, k] (contiguous), scale [m] and
 // rowsum [m] of that y, and u [nj, m] = dot(codes, alpha[j]) * scale [* gate[j, frame_id[m]]]. Every float array
 // is fp32 and contiguous (weight/bias [k], mod_* [R, k], alpha [nj, k], gate [nj, num_gates]); frame_id int32.
-// Rows with a non-finite value get scale NaN and zero codes. Only rows norm_quant_supported takes: unit column
-// stride, 16-byte aligned rows and fp32 arrays, k a multiple of 16 / sizeof(element), at most
-// kNormQuantMaxRowBytes; else norm_quant returns cudaErrorNotSupported and writes nothing.
+// Rows with a non-finite value get scale NaN and zero codes. With a residual (ops.add_norm_quantize) the norm's
+// input is h = residual + rgate[m / rg_div] * x (gate null: residual + x), in float32 rounded to x's dtype
+// (reference.epilogue_tail's add), written to h [m, k] (contiguous). y null: y is not written (only its codes).
+// Only rows norm_quant_supported takes: unit column stride, 16-byte aligned rows and fp32 arrays, k a multiple of
+// 16 / sizeof(element), at most kNormQuantMaxRowBytes; else norm_quant returns cudaErrorNotSupported and writes
+// nothing.
 struct NormQuantArgs {
   const void* x;
   int x_kind;  // 0 fp32, 1 bf16, 2 fp16
@@ -64,7 +67,12 @@ struct NormQuantArgs {
   const float* gate;    // [nj, num_gates] or null (ones)
   int num_gates;
   const int32_t* frame_id;  // [m] or null (frame 0)
-  void* y;
+  const void* residual;     // [m, k] (x's dtype, row stride ld_res) or null
+  int64_t ld_res;
+  const float* rgate;       // [m / rg_div, k] or null (no gate)
+  int rg_div;
+  void* h;                  // [m, k] with a residual
+  void* y;                  // or null: not written
   int8_t* xq;
   float* scale;
   float* u;  // [nj, m]

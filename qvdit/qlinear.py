@@ -45,8 +45,9 @@ class QLinear(nn.Module):
         self.row_kind = row_kind
         self.name = name
         self._frames = None  # FrameState shared with the model (set by quantize_)
-        # (source, xq, scale, rowsum, u) left by a fused producer (models/fused.py) for this layer's next call
-        # on `source`, consumed by that call (set and consumed within one block's forward, also when compiled)
+        # (source, xq, scale, rowsum, u, written) left by a fused producer (models/fused.py) for this layer's next
+        # call on `source`, consumed by that call (set and consumed within one block's forward, also when compiled);
+        # written False: source is a stand-in for a y the norm did not write (fused.feed(codes_only=True))
         self._prequant = None
         # (residual [M, N], gate rows [G, N] | None) left by models/fused.py around an attention call, for this
         # output projection's next call with M rows: out = residual + gate * linear
@@ -151,7 +152,11 @@ class QLinear(nn.Module):
         if self._prequant is not None:  # a fused norm + act-quant produced x (models/fused.py)
             pre, self._prequant = self._prequant, None
             if pre[0] is x and input_activation is None:
-                return self._forward_prequantized(x, *pre[1:], **tail)
+                return self._forward_prequantized(x, *pre[1:5], **tail)
+            if not pre[5]:  # (x may be the NaN stand-in of a y the norm did not write)
+                raise RuntimeError(f"{self.name or 'QLinear'}: a fused norm left this layer its codes without writing "
+                                   "its output, and the layer was called on another tensor (or with "
+                                   "input_activation); set QVDIT_CODES_ONLY=0 for this model")
         alpha, beta, gate, frame_id = self.tqe_inputs(rows, x.device)
         return qk.qlinear(x, self.w_packed, self.w_bits, self.w_scale, self.w_zero, self.a_bits, bias=self.bias,
                           alpha=alpha, beta=beta, gate=gate, frame_id=frame_id, backend=self.backend,

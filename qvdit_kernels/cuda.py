@@ -143,18 +143,22 @@ def norm_quant_ok(x2: torch.Tensor, consumers: int = 0) -> bool:
 
 
 @register("norm_quantize", "cuda")
-def norm_quantize(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id):
-    """One pass of csrc/norm_quant.cu; rows it cannot hold (norm_quant_ok) go to Triton's kernel, which computes the
-    same contract (reference.norm_quantize)."""
-    if not norm_quant_ok(x, 0 if alphas is None else alphas.shape[0]):
+def norm_quantize(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id, residual=None,
+                  residual_gate=None, write_y=True):
+    """One pass of csrc/norm_quant.cu (reference.norm_quantize_backend's contract); rows it cannot hold
+    (norm_quant_ok, for x and the residual) go to Triton's kernel, which computes the same."""
+    if not (norm_quant_ok(x, 0 if alphas is None else alphas.shape[0])
+            and (residual is None or norm_quant_ok(residual))):
         from .backends import BackendUnavailableError, resolve
 
         fn = resolve("norm_quantize", "triton", x.device, fallback=False)
         if fn is None:
             raise BackendUnavailableError(
-                f"norm_quantize on CUDA: rows of {x.shape[1]} {x.dtype} elements (row stride {x.stride(0)}) need "
-                "Triton's kernel, which is not available")
-        return fn(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id)
-    y, xq, sx, u, rs = torch.ops.qvdit.cuda_norm_quant(x, bits, float(eps), weight, bias, scale, shift, mod_rows,
-                                                      alphas, gates, frame_id)
-    return y, xq, sx, u if alphas is not None else None, rs
+                f"norm_quantize on CUDA: rows of {x.shape[1]} {x.dtype} elements (row stride {x.stride(0)}"
+                f"{'' if residual is None else f', residual row stride {residual.stride(0)}'}) need Triton's kernel, "
+                "which is not available")
+        return fn(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id, residual, residual_gate,
+                  write_y)
+    y, xq, sx, u, rs, h = torch.ops.qvdit.cuda_norm_quant(x, bits, float(eps), weight, bias, scale, shift, mod_rows,
+                                                         alphas, gates, frame_id, residual, residual_gate, write_y)
+    return (y if write_y else None), xq, sx, u if alphas is not None else None, rs, h if residual is not None else None

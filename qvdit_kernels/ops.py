@@ -26,7 +26,7 @@ for _op, _fn in (
     ("unpack_weight", reference.unpack_weight),
     ("quantize_activation", reference.quantize_activation),
     ("qgemm", backends.fuses_tail(reference.qgemm)),
-    ("norm_quantize", reference.norm_quantize),
+    ("norm_quantize", reference.norm_quantize_backend),
 ):
     register(_op, "torch")(_fn)
 
@@ -159,17 +159,48 @@ def quantize_activation_rowsum(x, bits, alpha=None, gate=None, frame_id=None, ba
 
 
 def norm_quantize(x, bits, eps, weight=None, bias=None, scale=None, shift=None, mod_rows=1, alphas=None,
-                  gates=None, frame_id=None, backend="auto"):
+                  gates=None, frame_id=None, *, write_y=True, backend="auto"):
     """LayerNorm [+ affine] [+ adaLN modulation] of x [M, K] fused with the per-token quantization of its output
     for J consumers: -> (y [M, K] x.dtype, xq int8 [M, K], scale f32 [M], u f32 [J, M] | None, rowsum int32 [M]).
 
     y = (LN(x) [* weight + bias]) [* (1 + scale[m // mod_rows]) + shift[m // mod_rows]] rounded to x.dtype;
     xq, scale and rowsum are `quantize_activation_rowsum(y, bits)`'s; u[j] is the TQE term of alphas[j] ([J, K])
     with gates[j] ([J, G]; None = ones) and frame_id. weight/bias [K]; scale/shift [R, K] with R * mod_rows >= M.
+    write_y=False: y is neither written nor returned (None), for callers that only need its codes (the kernel
+    then moves 3 bytes per element, not 5).
     """
+    m, k = _check_norm_quantize(x, bits, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id, write_y)
+    fn = backends.resolve("norm_quantize", backend, x.device)
+    return fn(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id, None, None, write_y)[:5]
+
+
+def add_norm_quantize(x, residual, bits, eps, weight=None, bias=None, scale=None, shift=None, mod_rows=1,
+                      alphas=None, gates=None, frame_id=None, *, residual_gate=None, write_y=True, backend="auto"):
+    """A DiT block's gated residual add fused in front of `norm_quantize`:
+    -> (h [M, K] x.dtype, y | None, xq, scale, u | None, rowsum).
+
+    h = (residual.float() + x.float() * residual_gate[m // (M // G)]).to(x.dtype) (without a gate: residual + x),
+    as `reference.epilogue_tail` writes the add after an attention output projection; the rest is
+    norm_quantize(h, ...). x and residual [M, K], one float dtype; residual_gate f32 [G, K], G dividing M.
+    One pass: reads x and residual, writes h and the codes (and y unless write_y=False)."""
+    m, k = _check_norm_quantize(x, bits, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id, write_y)
+    check_tensor("residual", residual, (x.dtype,), (m, k), x.device)
+    check_tensor("residual_gate", residual_gate, (torch.float32,), (None, k), x.device, optional=True)
+    if residual_gate is not None and (residual_gate.shape[0] < 1 or m % residual_gate.shape[0]):
+        raise ValueError(f"residual_gate has {residual_gate.shape[0]} rows; they must divide the M={m} rows "
+                         "(row m takes gate row m // (M // G))")
+    fn = backends.resolve("norm_quantize", backend, x.device)
+    y, xq, sx, u, rs, h = fn(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id, residual,
+                             residual_gate, write_y)
+    return h, y, xq, sx, u, rs
+
+
+def _check_norm_quantize(x, bits, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id, write_y):
     check_bits("bits", bits, A_BITS)
     check_tensor("x", x, FLOAT_DTYPES, (None, None))
     m, k = x.shape
+    if not isinstance(write_y, bool):
+        raise TypeError(f"write_y must be a bool, got {type(write_y).__name__}")
     if (weight is None) != (bias is None):
         raise ValueError("weight and bias must be given together (the norm's affine)")
     if (scale is None) != (shift is None):
@@ -189,8 +220,7 @@ def norm_quantize(x, bits, eps, weight=None, bias=None, scale=None, shift=None, 
         check_tensor("gates", gates, FLOAT_DTYPES, (alphas.shape[0], None), x.device)
     if frame_id is not None:
         check_tensor("frame_id", frame_id, (torch.int32, torch.int64), (m,), x.device)
-    fn = backends.resolve("norm_quantize", backend, x.device)
-    return fn(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id)
+    return m, k
 
 
 def _check_tail(m, n, device, out_dtype, activation, residual, residual_gate):

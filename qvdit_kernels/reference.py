@@ -173,6 +173,25 @@ def norm_quantize(x, bits, eps, weight=None, bias=None, scale=None, shift=None, 
     return y, xq, sx, u, rs
 
 
+def add_norm_quantize(x, residual, bits, eps, weight=None, bias=None, scale=None, shift=None, mod_rows=1,
+                      alphas=None, gates=None, frame_id=None, residual_gate=None):
+    """The block's residual add in front of `norm_quantize`: h = epilogue_tail(x, residual=, residual_gate=)
+    (residual + gate[m // (M // G)] * x, as the unfused block writes it), then norm_quantize(h)
+    -> (h, y, xq, scale, u, rowsum)."""
+    h = epilogue_tail(x, None, residual, residual_gate)
+    return (h,) + norm_quantize(h, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id)
+
+
+def norm_quantize_backend(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id, residual,
+                          residual_gate, write_y):
+    """The "torch" backend of ops.norm_quantize / ops.add_norm_quantize, in the signature every backend has:
+    -> (y | None (not write_y), xq, scale, u | None, rowsum, h | None (no residual))."""
+    h = None if residual is None else epilogue_tail(x, None, residual, residual_gate)
+    y, xq, sx, u, rs = norm_quantize(x if h is None else h, bits, eps, weight, bias, scale, shift, mod_rows, alphas,
+                                     gates, frame_id)
+    return (y if write_y else None), xq, sx, u, rs, h
+
+
 def act_rowsum(xq: torch.Tensor) -> torch.Tensor:
     """rowsum(xq)[m] = sum_k xq[m,k] as int32 (what the epilogue needs for the weight zero point)."""
     return xq.to(torch.int64).sum(dim=1).to(torch.int32)

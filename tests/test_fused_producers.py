@@ -44,16 +44,20 @@ def inputs(device):
                 encoder_hidden_states=torch.randn(2, 5, 16, generator=g).to(device))
 
 
+WRITE_Y = []  # write_y of every norm_quantize / add_norm_quantize call of the last `run`
 TAILS = []  # (input_activation, activation, residual given, gate given) of every fused qgemm/qlinear call of `run`
 
 
 def run(model, kw, fuse, monkeypatch):
     calls = []
-    real = qk.norm_quantize
 
-    def counting(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
+    def counting(real, adds):
+        def op(*a, **k):
+            calls.append(k.get("write_y", True))
+            if adds:
+                TAILS.append(("norm", None, True, k.get("residual_gate") is not None))
+            return real(*a, **k)
+        return op
 
     def recording(real_op):
         def op(*a, **k):
@@ -64,21 +68,24 @@ def run(model, kw, fuse, monkeypatch):
         return op
 
     TAILS.clear()
-    monkeypatch.setattr(fused.qk, "norm_quantize", counting)
+    monkeypatch.setattr(fused.qk, "norm_quantize", counting(qk.norm_quantize, False))
+    monkeypatch.setattr(fused.qk, "add_norm_quantize", counting(qk.add_norm_quantize, True))
     monkeypatch.setattr(qk, "qgemm", recording(qk.qgemm))
     monkeypatch.setattr(qk, "qlinear", recording(qk.qlinear))
     monkeypatch.setenv("QVDIT_FUSE_PRODUCERS", "1" if fuse else "0")
     with torch.no_grad():
         out = model(**kw, return_dict=False)[0]
     monkeypatch.undo()
+    WRITE_Y[:] = calls
     return out, len(calls)
 
 
 # per block: fc1 + GELU; attn1's o-proj with its gated residual; attn2's o-proj, plain residual; fc2, gated
 BLOCK_TAILS = [(None, "gelu_tanh", False, False), (None, None, True, True), (None, None, True, False),
                (None, None, True, True)]
-# the same where fc1's GEMM would run the GELU as a pass of its own (CUDA): fc2 quantizes the GELU of fc1's output
-BLOCK_TAILS_GELU_IN_FC2 = [(None, None, True, True), (None, None, True, False), ("gelu_tanh", None, True, True)]
+# the same where the GEMMs would run their tails as passes of their own (CUDA): fc2 quantizes the GELU of fc1's
+# output, and the residual adds after the attentions go into the next norm's pass ("norm": add_norm_quantize)
+BLOCK_TAILS_CUDA = [("norm", None, True, True), ("norm", None, True, False), ("gelu_tanh", None, True, True)]
 
 
 def test_reference_fused_equals_unfused_bit_for_bit(monkeypatch):
@@ -90,17 +97,49 @@ def test_reference_fused_equals_unfused_bit_for_bit(monkeypatch):
     assert torch.equal(plain, fused_out)
     assert all(q._prequant is None and q._residual is None
                for q in model.modules() if isinstance(q, QLinear))  # every handoff consumed
+    assert WRITE_Y == [False] * 6  # diffusers' Wan processors and FFN read the norms' y only through the linears
+    monkeypatch.setenv("QVDIT_CODES_ONLY", "0")
+    again, _ = run(model, kw, True, monkeypatch)
+    assert WRITE_Y == [True] * 6 and torch.equal(again, plain)
+
+
+def test_codes_only_needs_a_known_reader(monkeypatch):
+    """A processor this package does not know (here a subclass of diffusers' own) may read hidden_states itself:
+    the norms in front of it write y. And one that skips a projection the norm left codes for raises."""
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    class Mine(WanAttnProcessor):
+        pass
+
+    model, kw = quantized("torch", torch.device("cpu")), inputs(torch.device("cpu"))
+    plain, _ = run(model, kw, False, monkeypatch)
+    for block in model.blocks:
+        block.attn1.set_processor(Mine())
+    out, _ = run(model, kw, True, monkeypatch)
+    assert WRITE_Y == [True, False, False] * 2 and torch.equal(out, plain)
+
+    class Skipping(WanAttnProcessor):  # calls no projection on hidden_states
+        def __call__(self, attn, hidden_states, *a, **k):
+            return torch.zeros_like(hidden_states)
+
+    model.blocks[0].attn2.processor = Skipping()
+    model.blocks[0].attn2.processor.__class__.__module__ = "diffusers.fake"  # (passes for diffusers' own)
+    type(model.blocks[0].attn2.processor).__name__ = "WanAttnProcessor"
+    with pytest.raises(RuntimeError, match="QVDIT_CODES_ONLY=0"):
+        run(model, kw, True, monkeypatch)
 
 
 def test_reference_gelu_in_fc2_equals_unfused_bit_for_bit(monkeypatch):
-    """Where fc1's GEMM would run its tail as a pass of its own (the CUDA kernel; ops.tail_as_own_pass), the GELU
-    moves into fc2's act-quant (qlinear(input_activation=)): still the unfused block's result bit for bit."""
+    """Where the GEMMs would run their tails as passes of their own (the CUDA kernel; ops.tail_as_own_pass), the
+    GELU moves into fc2's act-quant (qlinear(input_activation=)) and the residual adds after the attentions into
+    the next norm's pass (add_norm_quantize): still the unfused block's result bit for bit."""
     model, kw = quantized("torch", torch.device("cpu")), inputs(torch.device("cpu"))
     plain, _ = run(model, kw, False, monkeypatch)
     monkeypatch.setattr(qk.ops, "tail_as_own_pass", lambda *a: True)
-    out, _ = run(model, kw, True, monkeypatch)  # (run undoes the monkeypatches when it ends)
-    assert sorted(TAILS, key=str) == sorted(BLOCK_TAILS_GELU_IN_FC2 * 2, key=str)
+    out, n = run(model, kw, True, monkeypatch)  # (run undoes the monkeypatches when it ends)
+    assert n == 3 * 2 and sorted(TAILS, key=str) == sorted(BLOCK_TAILS_CUDA * 2, key=str)
     assert torch.equal(plain, out)
+    assert all(q._prequant is None and q._residual is None for q in model.modules() if isinstance(q, QLinear))
 
 
 @pytest.fixture(scope="module")
@@ -170,11 +209,20 @@ def test_handoff_is_used_once_and_only_for_its_tensor():
     x, other = torch.randn(3, 16), torch.randn(3, 16)
     want_x, want_other = q(x), q(other)
     xq, sx, _, rs = qk.quantize_activation_rowsum(other, 8, backend="torch")
-    q._prequant = (x, xq, sx, rs, None)
+    q._prequant = (x, xq, sx, rs, None, True)
     assert torch.equal(q(x), want_other) and q._prequant is None  # used, and consumed
     assert torch.equal(q(x), want_x)  # the next call quantizes x itself
-    q._prequant = (other, xq, sx, rs, None)
+    q._prequant = (other, xq, sx, rs, None, True)
     assert torch.equal(q(x), want_x) and q._prequant is None  # stale: dropped
+    # a handoff whose y the norm did not write (feed(codes_only=True)): the layer called on another tensor raises,
+    # so the stand-in never reaches a computation silently; so does a model's processor that skips the layer
+    q._prequant = (other, xq, sx, rs, None, False)
+    with pytest.raises(RuntimeError, match="without writing its output"):
+        q(x)
+    q._prequant = (other, xq, sx, rs, None, False)
+    with pytest.raises(RuntimeError, match="QVDIT_CODES_ONLY=0"):
+        fused.check_consumed([q])
+    assert q._prequant is None
 
 
 def test_per_token_modulation_fused_equals_unfused(monkeypatch):

@@ -65,6 +65,63 @@ def test_norm_quantize_plain_and_nonfinite(backend):
     assert torch.equal(xq[ok], q2) and torch.equal(sx[ok], s2) and torch.equal(rs[ok], r2)
 
 
+@pytest.mark.parametrize("backend", backends_for("norm_quantize"))
+@pytest.mark.parametrize("gate_rows", [None, 2, 40])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_add_norm_quantize_matches_reference(backend, gate_rows, dtype):
+    """add_norm_quantize: h = the block's (gated) residual add bit for bit (reference.epilogue_tail: no FMA), then
+    norm_quantize(h): y within one ulp, the codes those of the kernel's own y, u in bound; write_y=False gives the
+    same codes and no y. gate_rows: per batch (2 rows for 40 tokens) or per token."""
+    m, k = 40, 200
+    x, kw, alphas, gates, fid = _problem(20, k, 2, False, True, seed=k + (gate_rows or 0), dtype=dtype)
+    g = gen(11)
+    out = (torch.randn(m, k, generator=g) * 2).to(dtype)  # an attention output
+    rgate = None if gate_rows is None else torch.rand(gate_rows, k, generator=g) * 2 - 0.5
+    dev = device_for(backend)
+    t = lambda v: v.to(dev) if isinstance(v, torch.Tensor) else v  # noqa: E731
+    args = (t(out), t(x), 6, kw["eps"], t(kw["weight"]), t(kw["bias"]), t(kw["scale"]), t(kw["shift"]),
+            kw["mod_rows"], t(alphas), t(gates), t(fid))
+    h, y, xq, sx, u, rs = (None if v is None else v.cpu() for v in qk.add_norm_quantize(
+        *args, residual_gate=t(rgate), backend=backend))
+    h_ref = ref.epilogue_tail(out, None, x, rgate)
+    assert h.dtype == dtype and torch.equal(h, h_ref), "h: the residual add"
+    y_ref = ref.layer_norm_modulate(h_ref, **kw)
+    assert ((y.float() - y_ref.float()).abs() <= ulp(y_ref) + 2.0**-22).all()
+    q2, s2, _, r2 = ref.quantize_activation(y, 6, want_rowsum=True)
+    assert torch.equal(xq, q2) and torch.equal(sx, s2) and torch.equal(rs, r2)
+    for j in range(3):
+        assert ref.u_within_bound(u[j], xq, sx, alphas[j], gates[j], fid), j
+    h2, y2, xq2, sx2, u2, rs2 = qk.add_norm_quantize(*args, residual_gate=t(rgate), write_y=False, backend=backend)
+    assert y2 is None and torch.equal(h2.cpu(), h) and torch.equal(xq2.cpu(), xq) and torch.equal(sx2.cpu(), sx)
+    assert torch.equal(rs2.cpu(), rs) and torch.equal(u2.cpu(), u)
+
+
+@pytest.mark.parametrize("backend", backends_for("norm_quantize"))
+def test_norm_quantize_write_y_false_gives_the_same_codes(backend):
+    x, kw, alphas, gates, fid = _problem(9, 333, 2, True, False, seed=5)
+    dev = device_for(backend)
+    t = lambda v: v.to(dev) if isinstance(v, torch.Tensor) else v  # noqa: E731
+    full = qk.norm_quantize(t(x), 8, **{n: t(v) for n, v in kw.items()}, alphas=t(alphas), backend=backend)
+    part = qk.norm_quantize(t(x), 8, **{n: t(v) for n, v in kw.items()}, alphas=t(alphas), write_y=False,
+                            backend=backend)
+    assert part[0] is None and full[0] is not None
+    assert all(torch.equal(a, b) for a, b in zip(full[1:], part[1:]))
+
+
+def test_add_norm_quantize_errors():
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="residual must have shape"):
+        qk.add_norm_quantize(x, torch.randn(4, 7), 8, 1e-6)
+    with pytest.raises(TypeError, match="residual must have dtype"):
+        qk.add_norm_quantize(x, torch.randn(4, 8, dtype=torch.bfloat16), 8, 1e-6)
+    with pytest.raises(ValueError, match="residual_gate has 3 rows"):
+        qk.add_norm_quantize(x, x, 8, 1e-6, residual_gate=torch.ones(3, 8))
+    with pytest.raises(TypeError, match="residual_gate must have dtype"):
+        qk.add_norm_quantize(x, x, 8, 1e-6, residual_gate=torch.ones(2, 8, dtype=torch.float64))
+    with pytest.raises(TypeError, match="write_y must be a bool"):
+        qk.norm_quantize(x, 8, 1e-6, write_y=1)
+
+
 def test_norm_quantize_errors():
     x = torch.randn(4, 8)
     with pytest.raises(ValueError, match="bits must be one of"):
@@ -104,13 +161,26 @@ def test_every_norm_quant_candidate(k, j):
     assert any(c["CHUNKED"] for c in cands)
     for prm in cands:
         prm = dict(prm, num_warps=1) if interpret_mode() else prm
-        y, xq, sx, u, rs = (None if v is None else v.cpu() for v in nq.norm_quant(*args, interpret=interpret_mode(),
-                                                                                  params=prm))
+        y, xq, sx, u, rs, _ = (None if v is None else v.cpu() for v in nq.norm_quant(
+            *args, interpret=interpret_mode(), params=prm))
         assert ((y.float() - y_ref.float()).abs() <= ulp(y_ref)).all(), prm
         q2, s2, _, r2 = ref.quantize_activation(y, 6, want_rowsum=True)
         assert torch.equal(xq, q2) and torch.equal(sx, s2) and torch.equal(rs, r2), prm
         for jj in range(j):
             assert ref.u_within_bound(u[jj], xq, sx, alphas[jj], gates[jj], fid), (prm, jj)
+        if k != 600:
+            continue
+        # add_norm_quantize's input (each kernel, at one K): x as the residual plus a gated output; y not written,
+        # the codes the same as those of the norm of the stored h
+        out = (torch.randn(x.shape, generator=gen(k)) * 2).to(x.dtype)
+        rg = torch.rand(2, k, generator=gen(k + 1))
+        y2, xq2, sx2, _, rs2, h = (None if v is None else v.cpu() for v in nq.norm_quant(
+            out.to(dev), *args[1:], interpret=interpret_mode(), params=prm, residual=x.to(dev),
+            residual_gate=rg.to(dev), write_y=False))
+        assert y2.shape == (0, k) and torch.equal(h, ref.epilogue_tail(out, None, x, rg)), prm
+        plain = nq.norm_quant(h.to(dev), *args[1:], interpret=interpret_mode(), params=prm)  # the norm of that h
+        assert torch.equal(xq2, plain[1].cpu()) and torch.equal(sx2, plain[2].cpu()), prm
+        assert torch.equal(rs2, plain[4].cpu()), prm
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
@@ -128,6 +198,10 @@ def test_opcheck_norm_quant_op(backend):
     torch.library.opcheck(op, (t(x), 6, 1e-6, t(kw["weight"]), t(kw["bias"]), t(kw["scale"]), t(kw["shift"]),
                                kw["mod_rows"], t(alphas), t(gates), t(fid)))
     torch.library.opcheck(op, (t(x), 8, 1e-5, None, None, None, None, 1, None, None, None))
+    r, rg = torch.randn_like(x), torch.rand(2, x.shape[1])  # add_norm_quantize's residual and gate; y not written
+    torch.library.opcheck(op, (t(x), 6, 1e-6, t(kw["weight"]), t(kw["bias"]), None, None, 1, t(alphas), None, None,
+                               t(r), t(rg), False))
+    torch.library.opcheck(op, (t(x), 8, 1e-6, None, None, None, None, 1, None, None, None, t(r), None, True))
 
 
 # ----------------------------------------------------------------------------- the CUDA kernel (csrc/norm_quant.cu)
@@ -178,9 +252,17 @@ def test_cuda_norm_quant_real_widths(k, dtype):
         alphas, gates = (alphas[:j], gates[:j]) if j else (None, None)
         t = lambda v: v.to(DEVICE) if isinstance(v, torch.Tensor) else v  # noqa: E731
         assert norm_quant_ok(t(x), j) == (k * x.element_size() <= 65536)  # (fp32 K = 20480: Triton's kernel)
-        got = [None if v is None else v.cpu() for v in qk.norm_quantize(
-            t(x), bits, **{n: t(v) for n, v in kw.items()}, alphas=t(alphas), gates=t(gates), frame_id=t(fid),
-            backend="cuda")]
+        mod = {n: t(v) for n, v in kw.items()}
+        if n % 2:  # add_norm_quantize: x is the residual, plus an output (gated per batch in case 1)
+            out = (torch.randn(x.shape, generator=gen(n)) * 2).to(dtype)
+            rg = torch.rand(batch, k, generator=gen(n + 1)) if n == 1 else None
+            h, *got = qk.add_norm_quantize(t(out), t(x), bits, **mod, alphas=t(alphas), gates=t(gates),
+                                           frame_id=t(fid), residual_gate=t(rg), backend="cuda")
+            x = ref.epilogue_tail(out, None, x, rg)
+            torch.testing.assert_close(h.cpu(), x, rtol=0, atol=0, equal_nan=True, msg="h: the residual add")
+        else:
+            got = qk.norm_quantize(t(x), bits, **mod, alphas=t(alphas), gates=t(gates), frame_id=t(fid), backend="cuda")
+        got = [None if v is None else v.cpu() for v in got]
         assert (got[3] is None) if j == 0 else got[3].shape == (j, m * batch)
         _check_against_reference(x, bits, kw, alphas, gates, fid, got)
 

@@ -84,12 +84,52 @@ def _plain(norm, x, scale, shift):
     return (y if scale is None else y * (1 + scale) + shift).type_as(x)
 
 
-def feed(norm: nn.Module, x: torch.Tensor, consumers: list, scale=None, shift=None) -> torch.Tensor:
+def codes_only_enabled() -> bool:
+    """Whether a fused norm may skip writing y where its consumers are the only readers (`feed(codes_only=)`);
+    QVDIT_CODES_ONLY=0 turns it off."""
+    return os.environ.get("QVDIT_CODES_ONLY", "1") != "0"
+
+
+def projections_only(attn: nn.Module) -> bool:
+    """diffusers' own Wan attention processor: it reads its hidden_states only through the q/k/v projections
+    (to_q/to_k/to_v or to_qkv), so a fused norm in front of them need not write y (`feed(codes_only=)`)."""
+    proc = getattr(attn, "processor", None)
+    return type(proc).__name__ == "WanAttnProcessor" and type(proc).__module__.startswith("diffusers.")
+
+
+def _unwritten(b: int, s: int, c: int, x: torch.Tensor) -> torch.Tensor:
+    """The stand-in for a y the norm did not write: NaN everywhere (one element, expanded), so any reader that is
+    not a consumer taking its codes computes NaN rather than a plausible wrong value (and QLinear raises)."""
+    return torch.full((1, 1, 1), float("nan"), dtype=x.dtype, device=x.device).expand(b, s, c)
+
+
+def check_consumed(linears) -> None:
+    """After the call that should have consumed them: a handoff of codes whose y was not written and that no
+    consumer took means y's stand-in went somewhere else (a processor this module does not know)."""
+    for q in linears:
+        pre = getattr(q, "_prequant", None)
+        if isinstance(q, QLinear) and pre is not None and not pre[5]:
+            q._prequant = None
+            raise RuntimeError(f"{q.name or 'QLinear'}: a fused norm left this layer its codes without writing y, "
+                               "and the layer was not called on it; set QVDIT_CODES_ONLY=0 for this model")
+
+
+def feed(norm: nn.Module, x: torch.Tensor, consumers: list, scale=None, shift=None, *, codes_only: bool = False,
+         residual=None, residual_gate=None):
     """(norm(x.float()) [* (1 + scale) + shift]).type_as(x), x [B, S, C]; scale/shift [B, 1, C] or [B, S, C].
 
     Fused (when `enabled()` and `can_feed`): one norm_quantize pass, and each consumer is left the codes for
-    its next call on the returned tensor. Otherwise the same expression as diffusers' Wan block."""
-    if not (enabled() and can_feed(norm, consumers, x)):
+    its next call on the returned tensor. Otherwise the same expression as diffusers' Wan block.
+    codes_only (the caller knows the consumers are y's only readers): y is not written, and the returned tensor
+    is a NaN stand-in that only identifies it (`_unwritten`; the consumers take their codes by it).
+    residual (gate [B, 1, C] float32 or None): the norm's input is h = residual_add(residual, x, gate), the block's
+    residual add after an attention output, in the same pass (`qvdit_kernels.add_norm_quantize`); returns (h, y)."""
+    if residual is not None:
+        rows = _gate_rows(residual_gate, residual)
+        if not (enabled() and rows is not False and residual.dtype == x.dtype and can_feed(norm, consumers, x)):
+            h = residual_add(residual, x, residual_gate)
+            return h, _plain(norm, h, scale, shift)
+    elif not (enabled() and can_feed(norm, consumers, x)):
         return _plain(norm, x, scale, shift)
     b, s, c = x.shape
     x2 = x.reshape(b * s, c)
@@ -105,14 +145,22 @@ def feed(norm: nn.Module, x: torch.Tensor, consumers: list, scale=None, shift=No
         if all(t[2] is not None for t in tqe) and len({t[2].shape for t in tqe}) == 1:
             gates = torch.stack([t[2] for t in tqe])
         elif any(t[2] is not None for t in tqe):  # mixed gating: not what a norm's consumers look like
-            return _plain(norm, x, scale, shift)
-    y, xq, sx, u, rs = qk.norm_quantize(x2, consumers[0].a_bits, norm.eps, norm.weight, norm.bias, sc, sh, mod_rows,
-                                        alphas, gates, frame_id,
-                                        backend=norm_backend(consumers[0].backend, x.device))
-    y = y.view(b, s, c)
+            if residual is None:
+                return _plain(norm, x, scale, shift)
+            h = residual_add(residual, x, residual_gate)
+            return h, _plain(norm, h, scale, shift)
+    write_y = not (codes_only and codes_only_enabled())
+    args = (consumers[0].a_bits, norm.eps, norm.weight, norm.bias, sc, sh, mod_rows, alphas, gates, frame_id)
+    nb = norm_backend(consumers[0].backend, x.device)
+    if residual is None:
+        y, xq, sx, u, rs = qk.norm_quantize(x2, *args, write_y=write_y, backend=nb)
+    else:
+        h, y, xq, sx, u, rs = qk.add_norm_quantize(x2, residual.reshape(b * s, c), *args, residual_gate=rows,
+                                                   write_y=write_y, backend=nb)
+    y = y.view(b, s, c) if write_y else _unwritten(b, s, c, x)
     for j, q in enumerate(consumers):
-        q._prequant = (y, xq, sx, rs, None if u is None else u[j])
-    return y
+        q._prequant = (y, xq, sx, rs, None if u is None else u[j], write_y)
+    return y if residual is None else (h.view(b, s, c), y)
 
 
 # ----------------------------------------------------------------------------- epilogue fusion
@@ -143,6 +191,28 @@ def _inactive(m) -> bool:
     return isinstance(m, nn.Identity) or (isinstance(m, nn.Dropout) and (m.p == 0 or not m.training))
 
 
+def _projections(attn: nn.Module) -> list:
+    return [getattr(attn, n, None) for n in ("to_q", "to_k", "to_v", "to_qkv")]
+
+
+def attention_then_feed(attn: nn.Module, call, residual: torch.Tensor, gate, norm: nn.Module, consumers: list,
+                        scale=None, shift=None, codes_only: bool = False):
+    """(h, y): h = residual_add(residual, call(), gate), attention module `attn`'s output added to the residual
+    stream, and y = feed(norm, h, consumers, scale, shift, codes_only=). Where the output projection would run that
+    add as a pass of its own (its GEMM on the CUDA backend: `qvdit_kernels.ops.tail_as_own_pass`), the add runs in
+    the norm's pass instead (`feed(residual=)`: one pass reads the output and the residual and writes h and the
+    codes); else in the projection's epilogue (`attention_into`)."""
+    lin = attn.to_out[0] if isinstance(getattr(attn, "to_out", None), nn.ModuleList) else None
+    if (enabled() and isinstance(lin, QLinear) and residual.dim() == 3
+            and qk.ops.tail_as_own_pass(lin.backend, residual.device, lin.w_bits, lin.in_features)
+            and can_feed(norm, consumers, residual)):
+        out = call()
+        check_consumed(_projections(attn))
+        return feed(norm, out, consumers, scale, shift, codes_only=codes_only, residual=residual, residual_gate=gate)
+    h = attention_into(attn, call, residual, gate)
+    return h, feed(norm, h, consumers, scale, shift, codes_only=codes_only)
+
+
 def attention_into(attn: nn.Module, call, residual: torch.Tensor, gate=None) -> torch.Tensor:
     """residual_add(residual, call(), gate), where `call()` runs attention module `attn`: with its output
     projection `attn.to_out[0]` a QLinear, the add happens in that GEMM's epilogue (a handoff the projection
@@ -151,13 +221,16 @@ def attention_into(attn: nn.Module, call, residual: torch.Tensor, gate=None) -> 
     rows = _gate_rows(gate, residual)
     if not (enabled() and isinstance(lin, QLinear) and residual.dim() == 3 and rows is not False
             and all(_inactive(m) for m in list(attn.to_out)[1:])):
-        return residual_add(residual, call(), gate)
+        out = call()
+        check_consumed(_projections(attn))
+        return residual_add(residual, out, gate)
     b, s, c = residual.shape
     lin._residual = (residual.reshape(b * s, c), rows)
     try:
         out = call()
     finally:
         consumed, lin._residual = lin._residual is None, None
+    check_consumed(_projections(attn))
     return out if consumed else residual_add(residual, out, gate)
 
 
@@ -172,10 +245,21 @@ def ffn_into(ffn: nn.Module, x: torch.Tensor, residual: torch.Tensor, gate=None)
             and getattr(act, "approximate", None) == "tanh" and isinstance(getattr(act, "proj", None), QLinear)
             and isinstance(net[2], QLinear) and all(_inactive(m) for m in list(net)[1:2] + list(net)[3:])
             and residual.dtype == x.dtype):
-        return residual_add(residual, ffn(x), gate)
+        out = ffn(x)
+        check_consumed([getattr(act, "proj", None)])
+        return residual_add(residual, out, gate)
     fc1 = act.proj
     if qk.ops.tail_as_own_pass(fc1.backend, x.device, fc1.w_bits, fc1.in_features):
         h = fc1(x)  # fc1's output before the GELU, which fc2 applies as it quantizes h (QVDIT_FFN_INPLACE: over h)
         return net[2](h, input_activation="gelu_tanh", overwrite_input=ffn_inplace(), residual=residual,
                       residual_gate=rows)
     return net[2](fc1(x, activation="gelu_tanh"), residual=residual, residual_gate=rows)
+
+
+def ffn_codes_only(ffn: nn.Module) -> bool:
+    """diffusers' FeedForward whose first module is its GELU with a QLinear projection: the FFN reads its input only
+    through that projection (fc1), so the norm in front of it need not write y (`feed(codes_only=)`)."""
+    net = getattr(ffn, "net", None)
+    act = net[0] if isinstance(net, nn.ModuleList) and len(net) > 0 else None
+    return (type(act).__name__ == "GELU" and type(act).__module__.startswith("diffusers.")
+            and isinstance(getattr(act, "proj", None), QLinear))

@@ -58,28 +58,33 @@ def wan_block_forward(self, hidden_states: torch.Tensor, encoder_hidden_states: 
                       rotary_emb: torch.Tensor) -> torch.Tensor:
     """diffusers 0.42 `WanTransformerBlock.forward` with its three norm sites (norm1 + modulation -> q/k/v,
     norm2 -> cross-attention q, norm3 + modulation -> FFN in) run by `fused.feed` (the norm, the modulation
-    and the act-quant of the consumers in one pass), the FFN's GELU in fc1's epilogue or fc2's act-quant pass, and the
-    three residual adds in the epilogues of the output projections and fc2 (`fused.attention_into`, `fused.ffn_into`).
-    tests/test_fused_producers.py checks it against the original bit for bit on the reference backend."""
+    and the act-quant of the consumers in one pass; y not written where only those consumers read it), the FFN's
+    GELU in fc1's epilogue or fc2's act-quant pass, and the three residual adds in the epilogues of the output
+    projections and fc2 or, after the attentions, in the next norm's pass (`fused.attention_then_feed`,
+    `fused.ffn_into`). tests/test_fused_producers.py checks it against the original bit for bit on the reference
+    backend."""
     if temb.ndim == 4:  # (B, S, 6, C): per-token modulation (Wan 2.2 TI2V)
         mods = [t.squeeze(2) for t in (self.scale_shift_table.unsqueeze(0) + temb.float()).chunk(6, dim=2)]
     else:  # (B, 6, C)
         mods = list((self.scale_shift_table + temb.float()).chunk(6, dim=1))
     shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = mods
 
-    # 1. Self-attention
-    norm_hidden_states = fused.feed(self.norm1, hidden_states, _qkv(self.attn1), scale_msa, shift_msa)
-    hidden_states = fused.attention_into(self.attn1, lambda: self.attn1(norm_hidden_states, None, None, rotary_emb),
-                                         hidden_states, gate_msa)  # (h.float() + attn1(..) * gate).type_as(h)
+    # 1. Self-attention (y of each norm written only where a consumer outside the linears may read it)
+    norm_hidden_states = fused.feed(self.norm1, hidden_states, _qkv(self.attn1), scale_msa, shift_msa,
+                                    codes_only=fused.projections_only(self.attn1))
+    # (h.float() + attn1(..) * gate).type_as(h), then 2.'s norm2 (an Identity without cross_attn_norm): the add in
+    # o-proj's epilogue, or in norm2's pass where o-proj would run it as a pass of its own
+    hidden_states, norm_hidden_states = fused.attention_then_feed(
+        self.attn1, lambda: self.attn1(norm_hidden_states, None, None, rotary_emb), hidden_states, gate_msa,
+        self.norm2, [self.attn2.to_q], codes_only=fused.projections_only(self.attn2))
 
-    # 2. Cross-attention (norm2 is an Identity without cross_attn_norm)
-    norm_hidden_states = fused.feed(self.norm2, hidden_states, [self.attn2.to_q])
-    hidden_states = fused.attention_into(
-        self.attn2, lambda: self.attn2(norm_hidden_states, encoder_hidden_states, None, None), hidden_states)
+    # 2. Cross-attention, then 3.'s norm3 + modulation
+    ffn_in = getattr(self.ffn.net[0], "proj", None)  # the GELU module's projection
+    hidden_states, norm_hidden_states = fused.attention_then_feed(
+        self.attn2, lambda: self.attn2(norm_hidden_states, encoder_hidden_states, None, None), hidden_states, None,
+        self.norm3, [ffn_in], c_scale_msa, c_shift_msa, codes_only=fused.ffn_codes_only(self.ffn))
 
     # 3. Feed-forward
-    ffn_in = getattr(self.ffn.net[0], "proj", None)  # the GELU module's projection
-    norm_hidden_states = fused.feed(self.norm3, hidden_states, [ffn_in], c_scale_msa, c_shift_msa)
     return fused.ffn_into(self.ffn, norm_hidden_states, hidden_states, c_gate_msa)  # residual in fc2
 
 

@@ -194,31 +194,40 @@ def qlinear(x2, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, ga
 # ----------------------------------------------------------------------------- norm + act-quant (fused producer)
 def _norm_quant_impl(x: Tensor, bits: int, eps: float, weight: Optional[Tensor], bias: Optional[Tensor],
                      scale: Optional[Tensor], shift: Optional[Tensor], mod_rows: int, alphas: Optional[Tensor],
-                     gates: Optional[Tensor], frame_id: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                     gates: Optional[Tensor], frame_id: Optional[Tensor], residual: Optional[Tensor] = None,
+                     residual_gate: Optional[Tensor] = None, write_y: bool = True
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     tuner = None
     if not _interpret(x):
         key = (tune._gpu_key(x.device), x.shape[1], tune.m_bucket(x.shape[0]), 0 if alphas is None else alphas.shape[0])
+        key += ((residual is not None, write_y),) if residual is not None or not write_y else ()  # (old keys stand)
         tuner = lambda cands, run: tune.pick("norm_quant", key, cands, run, x.device)  # noqa: E731
     with _on(x):
-        y, xq, sx, u, rs = _nq.norm_quant(_rows(x), bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates,
-                                          frame_id, interpret=_interpret(x), tuner=tuner)
-    return y, xq, sx, u if u is not None else x.new_empty((0, x.shape[0]), dtype=torch.float32), rs
+        y, xq, sx, u, rs, h = _nq.norm_quant(_rows(x), bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates,
+                                             frame_id, interpret=_interpret(x), tuner=tuner, residual=residual,
+                                             residual_gate=residual_gate, write_y=write_y)
+    return (y, xq, sx, u if u is not None else x.new_empty((0, x.shape[0]), dtype=torch.float32), rs,
+            h if h is not None else x.new_empty((0, x.shape[1])))
 
 
 norm_quant_op = torch.library.custom_op("qvdit::triton_norm_quant", _norm_quant_impl, mutates_args=())
 
 
 @norm_quant_op.register_fake
-def _(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id):
+def _(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id, residual=None, residual_gate=None,
+      write_y=True):
     m, k = x.shape
-    return (torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((m, k), dtype=torch.int8),
+    return (x.new_empty((m if write_y else 0, k)), x.new_empty((m, k), dtype=torch.int8),
             x.new_empty(m, dtype=torch.float32),
             x.new_empty((alphas.shape[0] if alphas is not None else 0, m), dtype=torch.float32),
-            x.new_empty(m, dtype=torch.int32))
+            x.new_empty(m, dtype=torch.int32), x.new_empty((m if residual is not None else 0, k)))
 
 
 @register("norm_quantize", "triton")
-def norm_quantize(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id):
-    y, xq, sx, u, rs = _call(torch.ops.qvdit.triton_norm_quant, _norm_quant_impl, x, bits, float(eps), weight, bias,
-                             scale, shift, mod_rows, alphas, gates, frame_id)
-    return y, xq, sx, u if alphas is not None else None, rs
+def norm_quantize(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id, residual=None,
+                  residual_gate=None, write_y=True):
+    """-> (y | None, xq, scale, u | None, rowsum, h | None): reference.norm_quantize_backend's contract."""
+    y, xq, sx, u, rs, h = _call(torch.ops.qvdit.triton_norm_quant, _norm_quant_impl, x, bits, float(eps), weight,
+                                bias, scale, shift, mod_rows, alphas, gates, frame_id, residual, residual_gate,
+                                write_y)
+    return (y if write_y else None), xq, sx, u if alphas is not None else None, rs, h if residual is not None else None
