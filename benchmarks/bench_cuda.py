@@ -150,6 +150,28 @@ def norm_quant_row(p, ab, shape, label, backend, rows):
     nbytes = p.m * p.k * (2 * p.x.element_size() + 1) + p.m * (8 + 4 * j)  # x in, y and codes out, per-row values
     record(rows, p, shape, f"{label} norm_quant A{ab} x{j}", "norm_quant", ms, None, variant=f"A{ab}", kernel=label,
            gbs=nbytes / ms / 1e6 if ms else None, ok=ok)
+    # codes only (write_y=False: the fused Wan block's norms), and with the gated residual add in front
+    # (add_norm_quantize after an attention output projection); their codes must be the full pass's on the same rows
+    full = qk.norm_quantize(p.x, ab, 1e-6, backend=backend, **kw)
+    part = qk.norm_quantize(p.x, ab, 1e-6, backend=backend, write_y=False, **kw)
+    ok = ok and part[0] is None and all(torch.equal(a, b) for a, b in zip(full[1:], part[1:]))
+    ms = bench_ms(lambda: qk.norm_quantize(p.x, ab, 1e-6, backend=backend, write_y=False, **kw)) if ok else None
+    nbytes = p.m * p.k * (p.x.element_size() + 1) + p.m * (8 + 4 * j)
+    record(rows, p, shape, f"{label} norm_quant codes A{ab} x{j}", "norm_quant codes", ms, None, variant=f"A{ab}",
+           kernel=label, gbs=nbytes / ms / 1e6 if ms else None, ok=ok)
+    out = p.x.flip(0)  # (an attention output: any [M, K] of x's dtype)
+    rgate = torch.rand(1, p.k, device=p.x.device, generator=g)
+    h, _, xq, sx, _, rs = qk.add_norm_quantize(out, p.x, ab, 1e-6, residual_gate=rgate, write_y=False,
+                                               backend=backend, **kw)
+    want = qk.norm_quantize(h, ab, 1e-6, backend=backend, **kw)
+    ok = ok and bool(torch.equal(h[p.rows], ref.epilogue_tail(out[p.rows], None, p.x[p.rows], rgate))
+                     and torch.equal(xq, want[1]) and torch.equal(sx, want[2]) and torch.equal(rs, want[4]))
+    del full, part, h, xq, want
+    ms = bench_ms(lambda: qk.add_norm_quantize(out, p.x, ab, 1e-6, residual_gate=rgate, write_y=False,
+                                               backend=backend, **kw)) if ok else None
+    nbytes = p.m * p.k * (3 * p.x.element_size() + 1) + p.m * (8 + 4 * j)  # out and residual in, h and codes out
+    record(rows, p, shape, f"{label} add_norm_quant codes A{ab} x{j}", "add_norm_quant codes", ms, None,
+           variant=f"A{ab}", kernel=label, gbs=nbytes / ms / 1e6 if ms else None, ok=ok)
 
 
 def summarize(rows):
@@ -161,7 +183,8 @@ def summarize(rows):
         out["ratio_bf16"][f"{key[0]} | {key[1]}"] = dict(median=statistics.median(rs), min=min(rs), n=len(rs))
     for label in CUDA_LABELS:
         for v in sorted({r["variant"] for r in big if r.get("kernel") == label}):
-            for mode in ("gemm", "full", "act_quant", "act_quant+gelu", "norm_quant", "gemm+gelu", "gemm+res"):
+            for mode in ("gemm", "full", "act_quant", "act_quant+gelu", "norm_quant", "norm_quant codes",
+                         "add_norm_quant codes", "gemm+gelu", "gemm+res"):
                 tri = {r["shape"]: r["ms"] for r in big if r.get("kernel") == "triton" and r["variant"] == v
                        and r["mode"] == mode}
                 cu = {r["shape"]: r["ms"] for r in big if r.get("kernel") == label and r["variant"] == v

@@ -82,23 +82,27 @@ def availability(backend: str, device: torch.device) -> tuple[bool, str]:
     return True, ""
 
 
-AUTO_ORDER = {"norm_quantize": ("cuda", "triton")}  # ops whose kernels "auto" tries in another order
+# ops whose kernels "auto" tries CUDA first, and the GPU generations (major compute capability) where it does: the
+# norm + act-quant producer wherever the default build has machine code (sm_80, which also runs on 8.x, and sm_90a;
+# setup.py's targets, no PTX: elsewhere CUDA would fail with no kernel image); the act-quant where it was measured
+# faster (H200: 1.27-1.31x Triton's, 1.74-1.79x with the GELU; BENCHMARKS run nq2).
+AUTO_ORDER = {"norm_quantize": ("cuda", "triton"), "quantize_activation": ("cuda", "triton")}
+AUTO_CUDA_ARCHS = {"norm_quantize": (8, 9), "quantize_activation": (9,)}
 
 
-def _cuda_arch_built(device: torch.device) -> bool:
-    """Whether the extension's default build has machine code for this GPU: sm_80 (which also runs on 8.x) and
-    sm_90a (setup.py's targets; no PTX). Elsewhere "auto" keeps Triton first, as it would fail with no kernel image."""
-    return torch.cuda.get_device_capability(device)[0] in (8, 9)
+def _cuda_arch_built(device: torch.device, op: str = "norm_quantize") -> bool:
+    """Whether "auto" may take CUDA's kernel of `op` first on this GPU (AUTO_CUDA_ARCHS)."""
+    return torch.cuda.get_device_capability(device)[0] in AUTO_CUDA_ARCHS.get(op, (8, 9))
 
 
 def auto_name(op: str, device: torch.device) -> str:
     """The backend "auto" runs `op` with on `device` (before auto.py's per-shape GEMM table, which ops.py applies)."""
     if device.type == "cuda":
-        # Triton first: its act-quant and its GEMM at small K measured faster; the GEMM shapes where the
-        # CUDA kernel wins are routed by ops.py from auto.py's table before they get here. The norm + act-quant
-        # producer: CUDA first (csrc/norm_quant.cu; BENCHMARKS "norm-quant" has the two side by side).
+        # Triton first, except for AUTO_ORDER's ops: the GEMM shapes where the CUDA kernel wins are routed by
+        # ops.py from auto.py's table before they get here; the act-quant and the norm + act-quant producer take
+        # CUDA's kernels where AUTO_CUDA_ARCHS says (BENCHMARKS "norm-quant" has them side by side).
         for name in AUTO_ORDER.get(op, ("triton", "cuda")):
-            if name == "cuda" and op in AUTO_ORDER and not _cuda_arch_built(device):
+            if name == "cuda" and op in AUTO_ORDER and not _cuda_arch_built(device, op):
                 continue
             if availability(name, device)[0] and (op, name) in _IMPLS:
                 return name

@@ -52,12 +52,14 @@ def test_missing_kernel_in_an_available_backend(monkeypatch):
                                              ((10, 0), "triton"), ((12, 0), "triton"), ((7, 5), "triton")])
 def test_auto_takes_the_cuda_norm_kernel_only_where_the_build_has_machine_code(monkeypatch, capability, want):
     """backends.AUTO_ORDER puts CUDA first for norm_quantize, but only on GPUs the default build (sm_80 + sm_90a
-    machine code, no PTX) runs on; elsewhere "auto" keeps Triton first. Other ops keep Triton first everywhere."""
+    machine code, no PTX) runs on, and for the act-quant only on Hopper (where it was measured); elsewhere "auto"
+    keeps Triton first. Other ops keep Triton first everywhere."""
     dev = torch.device("cuda")
     monkeypatch.setattr(backends, "availability", lambda name, device: (True, ""))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     for name in ("triton", "cuda"):
-        for op in ("norm_quantize", "quantize_activation"):
+        for op in ("norm_quantize", "quantize_activation", "qgemm"):
             monkeypatch.setitem(backends._IMPLS, (op, name), lambda *a, **k: None)
     assert backends.auto_name("norm_quantize", dev) == want
-    assert backends.auto_name("quantize_activation", dev) == "triton"
+    assert backends.auto_name("quantize_activation", dev) == ("cuda" if capability[0] == 9 else "triton")
+    assert backends.auto_name("qgemm", dev) == "triton"
