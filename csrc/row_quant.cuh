@@ -151,13 +151,14 @@ __device__ __forceinline__ bool chunk_stats(const uint4 (&raw)[NC], bool sym8, f
   }
 }
 
-// The codes of chunk `raw` (VEC elements at row columns col0..) stored at dst (VEC bytes), their sum added to
-// rowsum, and for each of the nj <= J TQE consumers dot[j] += code * alpha[j][col] (alpha[j]: that consumer's
-// [K] row, 16-byte aligned). bad: the row holds inf/NaN, every code is 0.
+// The codes of chunk `raw` (VEC elements at row columns col0..), returned as VEC bytes (uint2; 4 bytes: .x), their
+// sum added to rowsum, and for each of the nj <= J TQE consumers dot[j] += code * alpha[j][col] (alpha[j]: that
+// consumer's [K] row, 16-byte aligned). bad: the row holds inf/NaN, every code is 0. The caller stores the codes
+// (store_codes) after its loop over the chunks: a store through int8_t* may alias anything, so alpha loads could
+// not move above it, and each chunk's loads would wait for the last chunk's store.
 template <typename T, int J>
-__device__ __forceinline__ void chunk_codes(const uint4& raw, const RowQMagic& qm, bool bad, int nj,
-                                            const float* const (&alpha)[J], int col0, int8_t* dst, int& rowsum,
-                                            float (&dot)[J]) {
+__device__ __forceinline__ uint2 chunk_codes(const uint4& raw, const RowQMagic& qm, bool bad, int nj,
+                                             const float* const (&alpha)[J], int col0, int& rowsum, float (&dot)[J]) {
   constexpr int VEC = 16 / sizeof(T);
   const T* e = reinterpret_cast<const T*>(&raw);
   float y[VEC];
@@ -184,10 +185,16 @@ __device__ __forceinline__ void chunk_codes(const uint4& raw, const RowQMagic& q
                             __byte_perm(__float_as_uint(y[4 * w + 2]), __float_as_uint(y[4 * w + 3]), 0x0040), 0x5410);
     rowsum = __dp4a((int)packed[w], 0x01010101, rowsum);
   }
-  if constexpr (VEC == 8)
-    *reinterpret_cast<uint2*>(dst) = make_uint2(packed[0], packed[VEC / 4 - 1]);
+  return make_uint2(packed[0], packed[VEC / 4 - 1]);
+}
+
+// A chunk's codes (chunk_codes) at dst: VEC bytes.
+template <typename T>
+__device__ __forceinline__ void store_codes(int8_t* dst, const uint2& codes) {
+  if constexpr (sizeof(T) == 2)
+    *reinterpret_cast<uint2*>(dst) = codes;
   else
-    *reinterpret_cast<uint32_t*>(dst) = packed[0];
+    *reinterpret_cast<uint32_t*>(dst) = codes.x;
 }
 
 }  // namespace qv

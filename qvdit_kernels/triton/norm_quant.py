@@ -50,16 +50,16 @@ def _load_in(x_ptr, r_ptr, rg_ptr, h_ptr, row, cols, mask, K, stride_xm, stride_
     gate[row // rg_div] * x) rounded to x's dtype (reference.epilogue_tail's add; the launch turns off FMA
     contraction, so it is the reference's h bit for bit), stored into h_ptr when STORE_H."""
     x = tl.load(x_ptr + row.to(tl.int64) * stride_xm + cols[None, :], mask=mask, other=0.0)
-    if not HAS_RES:
-        return x.to(tl.float32)
     v = x.to(tl.float32)
-    if HAS_RGATE:
-        v = v * tl.load(rg_ptr + (row // rg_div).to(tl.int64) * K + cols[None, :], mask=mask, other=0.0)
-    r = tl.load(r_ptr + row.to(tl.int64) * stride_rm + cols[None, :], mask=mask, other=0.0)
-    h = _round_to(r.to(tl.float32) + v, x.dtype, INTERPRET)
-    if STORE_H:
-        tl.store(h_ptr + row.to(tl.int64) * K + cols[None, :], h, mask=mask)
-    return h.to(tl.float32)
+    if HAS_RES:  # (no early return above: Triton compiles the code after a constexpr-guarded return too)
+        if HAS_RGATE:
+            v = v * tl.load(rg_ptr + (row // rg_div).to(tl.int64) * K + cols[None, :], mask=mask, other=0.0)
+        r = tl.load(r_ptr + row.to(tl.int64) * stride_rm + cols[None, :], mask=mask, other=0.0)
+        h = _round_to(r.to(tl.float32) + v, x.dtype, INTERPRET)
+        if STORE_H:
+            tl.store(h_ptr + row.to(tl.int64) * K + cols[None, :], h, mask=mask)
+        v = h.to(tl.float32)
+    return v
 
 
 @triton.jit
