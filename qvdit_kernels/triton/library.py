@@ -200,7 +200,8 @@ def _norm_quant_impl(x: Tensor, bits: int, eps: float, weight: Optional[Tensor],
     tuner = None
     if not _interpret(x):
         key = (tune._gpu_key(x.device), x.shape[1], tune.m_bucket(x.shape[0]), 0 if alphas is None else alphas.shape[0])
-        key += ((residual is not None, write_y),) if residual is not None or not write_y else ()  # (old keys stand)
+        # (one config with and without y: the same codes either way; the residual moves 2 more bytes per element)
+        key += (("residual",),) if residual is not None else ()
         tuner = lambda cands, run: tune.pick("norm_quant", key, cands, run, x.device)  # noqa: E731
     with _on(x):
         y, xq, sx, u, rs, h = _nq.norm_quant(_rows(x), bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates,
