@@ -155,7 +155,7 @@ __device__ __forceinline__ bool chunk_stats(const uint4 (&raw)[NC], bool sym8, f
 // sum added to rowsum, and for each of the nj <= J TQE consumers dot[j] += code * alpha[j][col] (alpha[j]: that
 // consumer's [K] row, 16-byte aligned). bad: the row holds inf/NaN, every code is 0. The caller stores the codes
 // (store_codes) after its loop over the chunks: a store through int8_t* may alias anything, so alpha loads could
-// not move above it, and each chunk's loads would wait for the last chunk's store.
+// not move above it. (BENCHMARKS run nq4: no change measured either way; the order costs nothing.)
 template <typename T, int J>
 __device__ __forceinline__ uint2 chunk_codes(const uint4& raw, const RowQMagic& qm, bool bad, int nj,
                                              const float* const (&alpha)[J], int col0, int& rowsum, float (&dot)[J]) {
