@@ -216,6 +216,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> norm_quant_cuda(
                 "residual must have x's shape and dtype ", x.sizes(), ", got ", residual_in->sizes(), " ",
                 residual_in->scalar_type());
     res = residual_in->stride(1) == 1 ? *residual_in : residual_in->contiguous();
+    TORCH_CHECK(aligned16(res) && (res.stride(0) * res.element_size()) % 16 == 0,
+                "cuda_norm_quant: residual must have 16-byte aligned rows (base and row stride), got row stride ",
+                res.stride(0), " (qvdit_kernels.cuda.norm_quant_ok says which rows it takes)");
     a.residual = res.data_ptr(), a.ld_res = res.stride(0);
     if (residual_gate) {
       check_cuda(*residual_gate, "residual_gate", x);

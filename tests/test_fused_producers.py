@@ -223,6 +223,14 @@ def test_handoff_is_used_once_and_only_for_its_tensor():
     with pytest.raises(RuntimeError, match="QVDIT_CODES_ONLY=0"):
         fused.check_consumed([q])
     assert q._prequant is None
+    # a call that raises before its layer took the handoff (an OOM in the processor) drops it: the layer's next call
+    # on another tensor quantizes that tensor
+    q._prequant = (other, xq, sx, rs, None, False)
+    with pytest.raises(MemoryError):
+        fused.consuming(lambda: (_ for _ in ()).throw(MemoryError()), [q, None])
+    assert q._prequant is None and torch.equal(q(x), want_x)
+    q._prequant = (x, xq, sx, rs, None, False)
+    assert torch.equal(fused.consuming(lambda: q(x), [q]), want_other) and q._prequant is None
 
 
 def test_per_token_modulation_fused_equals_unfused(monkeypatch):

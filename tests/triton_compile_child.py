@@ -92,10 +92,11 @@ def main(arch: int) -> int:
     k = 1536
     x = torch.randn(64, k, generator=g).to(bf)
     for p in nq.candidates(k, 3)[:2]:
-        for res, write_y, full in itertools.product((False, True), (False, True), (False, True)):
-            if not full and (res or not write_y):
+        for res, write_y, full in itertools.product((False, "gated", "plain"), (False, True), (False, True)):
+            if not full and (res == "gated" or not write_y):
                 continue
-            kw = dict(residual=x if res else None, residual_gate=torch.ones(2, k) if res else None, write_y=write_y)
+            kw = dict(residual=x if res else None, residual_gate=torch.ones(2, k) if res == "gated" else None,
+                      write_y=write_y)
             w = (torch.ones(k), torch.zeros(k)) if full else (None, None)
             sc = (torch.zeros(2, k), torch.zeros(2, k), 32) if full else (None, None, 1)
             t = (torch.randn(3, k), torch.ones(3, 4), torch.zeros(64, dtype=torch.int32)) if full else (None,) * 3

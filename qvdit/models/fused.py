@@ -114,6 +114,21 @@ def check_consumed(linears) -> None:
                                "and the layer was not called on it; set QVDIT_CODES_ONLY=0 for this model")
 
 
+def consuming(call, linears):
+    """call(), the call that should consume the codes-only handoffs of `linears`; if it raises, their handoffs are
+    dropped, so that a later call on another tensor quantizes it itself instead of raising (QLinear.forward)."""
+    done = False
+    try:
+        out = call()
+        done = True
+    finally:
+        if not done:
+            for q in linears:
+                if isinstance(q, QLinear):
+                    q._prequant = None
+    return out
+
+
 def feed(norm: nn.Module, x: torch.Tensor, consumers: list, scale=None, shift=None, *, codes_only: bool = False,
          residual=None, residual_gate=None):
     """(norm(x.float()) [* (1 + scale) + shift]).type_as(x), x [B, S, C]; scale/shift [B, 1, C] or [B, S, C].
@@ -206,7 +221,7 @@ def attention_then_feed(attn: nn.Module, call, residual: torch.Tensor, gate, nor
     if (enabled() and isinstance(lin, QLinear) and residual.dim() == 3
             and qk.ops.tail_as_own_pass(lin.backend, residual.device, lin.w_bits, lin.in_features)
             and can_feed(norm, consumers, residual)):
-        out = call()
+        out = consuming(call, _projections(attn))
         check_consumed(_projections(attn))
         return feed(norm, out, consumers, scale, shift, codes_only=codes_only, residual=residual, residual_gate=gate)
     h = attention_into(attn, call, residual, gate)
@@ -221,13 +236,13 @@ def attention_into(attn: nn.Module, call, residual: torch.Tensor, gate=None) -> 
     rows = _gate_rows(gate, residual)
     if not (enabled() and isinstance(lin, QLinear) and residual.dim() == 3 and rows is not False
             and all(_inactive(m) for m in list(attn.to_out)[1:])):
-        out = call()
+        out = consuming(call, _projections(attn))
         check_consumed(_projections(attn))
         return residual_add(residual, out, gate)
     b, s, c = residual.shape
     lin._residual = (residual.reshape(b * s, c), rows)
     try:
-        out = call()
+        out = consuming(call, _projections(attn))
     finally:
         consumed, lin._residual = lin._residual is None, None
     check_consumed(_projections(attn))
@@ -245,15 +260,16 @@ def ffn_into(ffn: nn.Module, x: torch.Tensor, residual: torch.Tensor, gate=None)
             and getattr(act, "approximate", None) == "tanh" and isinstance(getattr(act, "proj", None), QLinear)
             and isinstance(net[2], QLinear) and all(_inactive(m) for m in list(net)[1:2] + list(net)[3:])
             and residual.dtype == x.dtype):
-        out = ffn(x)
+        out = consuming(lambda: ffn(x), [getattr(act, "proj", None)])
         check_consumed([getattr(act, "proj", None)])
         return residual_add(residual, out, gate)
     fc1 = act.proj
     if qk.ops.tail_as_own_pass(fc1.backend, x.device, fc1.w_bits, fc1.in_features):
-        h = fc1(x)  # fc1's output before the GELU, which fc2 applies as it quantizes h (QVDIT_FFN_INPLACE: over h)
+        # fc1's output before the GELU, which fc2 applies as it quantizes h (QVDIT_FFN_INPLACE: over h)
+        h = consuming(lambda: fc1(x), [fc1])
         return net[2](h, input_activation="gelu_tanh", overwrite_input=ffn_inplace(), residual=residual,
                       residual_gate=rows)
-    return net[2](fc1(x, activation="gelu_tanh"), residual=residual, residual_gate=rows)
+    return net[2](consuming(lambda: fc1(x, activation="gelu_tanh"), [fc1]), residual=residual, residual_gate=rows)
 
 
 def ffn_codes_only(ffn: nn.Module) -> bool:
