@@ -275,7 +275,8 @@ def plot(runs, path):
 
 
 def profile(shape, wb, ab, shapes, path="sm90ws"):
-    """A few GEMM calls of one CUDA kernel on one shape (for ncu --kernel-name regex:qgemm_sm90)."""
+    """A few calls of each CUDA kernel on one shape, for ncu: the GEMM (--kernel-name regex:qgemm_sm90), the act-quant
+    (regex:act_quant) and the codes-only norm-quant with per-batch modulation and three consumers (regex:norm_quant)."""
     m, k, n = shapes[shape]
     p = Problem(m, k, n)
     q, sw, zw = qk.quantize_weight(p.w, wb)
@@ -284,6 +285,10 @@ def profile(shape, wb, ab, shapes, path="sm90ws"):
     set_path(path)
     for _ in range(3):
         qk.qgemm(xq, sx, wp, wb, sw, zw, p.bias, u, p.beta, rs, backend="cuda")
+    mod = torch.randn(2, p.k, device=p.x.device) * 0.1
+    for _ in range(3):
+        qk.norm_quantize(p.x, ab, 1e-6, scale=mod[:1], shift=mod[1:], mod_rows=p.m, alphas=p.alpha.expand(3, -1),
+                         gates=p.gate.expand(3, -1), frame_id=p.fid, write_y=False, backend="cuda")
     torch.cuda.synchronize()
 
 

@@ -2,7 +2,7 @@
 # The CUDA backend on a GPU machine, in one command: build the extension in place, run its tests on both
 # GEMM kernels, compute-sanitizer memcheck + racecheck on small shapes, the benchmark, and an ncu view.
 #
-#   bash csrc/gpu_check.sh [build] [test] [suite] [sanitize] [bench] [linear] [e2e] [ncu] [ncu_src]
+#   bash csrc/gpu_check.sh [build] [test] [suite] [sanitize] [bench] [linear] [e2e] [ncu] [ncu_norm] [ncu_src]
 #   (none: build test sanitize; ncu_src: stall samples per SASS instruction of the small-K ws tile, ncu_stalls.py)
 #
 # $OUT (the device tool's folder; default /tmp/qvdit_gpu_check) gets steps.txt (all step output) and the
@@ -106,6 +106,12 @@ if has ncu; then
   step ncu ncu --kernel-name regex:qgemm_sm90 -c 1 --section SpeedOfLight --section ComputeWorkloadAnalysis \
     --section WarpStateStats --section LaunchStats --section Occupancy \
     python3 benchmarks/bench_cuda.py --profile wan1.3b_fc1 --variants W3A6
+fi
+if has ncu_norm; then  # what the norm-quant kernel waits on (BENCHMARKS run nq4: 1.9-2.4x the act-quant's time on the
+  # same bytes): the codes-only pass of wan1.3b's q/k/v input, beside the act-quant of the same rows
+  step ncu_norm ncu --kernel-name regex:"norm_quant|act_quant" -c 2 --section SpeedOfLight --section WarpStateStats \
+    --section LaunchStats --section Occupancy --section InstructionStats --section MemoryWorkloadAnalysis \
+    python3 benchmarks/bench_cuda.py --profile wan1.3b_qkvo --variants W3A6
 fi
 if has ncu_src; then  # where the small-K ws tile waits (BENCHMARKS run ws9): stall samples per SASS instruction
   rep="$OUT/ws_small_k"
