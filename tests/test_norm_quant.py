@@ -300,6 +300,14 @@ def test_cuda_norm_quant_takes_rows_it_can_hold_and_routes_the_rest():
         _check_against_reference(xin[:, sl], 6, kw, al, gates, fid, got)
     y, xq, sx, u, rs = qk.norm_quantize(x[:0], 6, 1e-6, alphas=t(alphas[:3, :1536]), backend="cuda")  # no rows
     assert y.shape == (0, 1536) and u.shape == (3, 0) and rs.shape == (0,)
+    # add_norm_quantize: a residual whose rows the kernel cannot hold (a view 8 bytes into them) goes to Triton too
+    wide = torch.randn(8, 1540, device=DEVICE, dtype=torch.bfloat16)
+    res = wide[:, 4:]
+    assert norm_quant_ok(x) and not norm_quant_ok(res)
+    h, y, xq, sx, _, rs = qk.add_norm_quantize(x, res, 8, 1e-6, backend="cuda")
+    assert torch.equal(h.cpu(), ref.epilogue_tail(x.cpu(), None, res.cpu()))
+    _check_against_reference(h.cpu(), 8, dict(eps=1e-6), None, None, None, (y.cpu(), xq.cpu(), sx.cpu(), None,
+                                                                          rs.cpu()))
 
 
 @needs_cuda_ext
