@@ -149,6 +149,13 @@ def act_quant_results(xq, scale, u, rowsum, alpha, want_rowsum):
     return (xq, scale, u, rowsum) if want_rowsum else (xq, scale, u)
 
 
+def norm_quant_results(y, xq, scale, u, rowsum, h, alphas, residual, write_y):
+    """A norm-quant kernel's 6 outputs (custom ops cannot return None) as the backends return them: y None without
+    write_y, u None without alphas, h None without a residual (reference.norm_quantize_backend's contract)."""
+    return (y if write_y else None), xq, scale, (u if alphas is not None else None), rowsum, \
+        (h if residual is not None else None)
+
+
 def implemented(op: str) -> list[str]:
     """Backends that currently have an implementation of `op` registered (after loading what loads)."""
     for b in _MODULES:

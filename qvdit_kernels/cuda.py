@@ -28,7 +28,7 @@ except ImportError as exc:  # not built: CPU torch, no toolkit, or QVDIT_BUILD_E
         "install time: pip install -e . --no-build-isolation with QVDIT_BUILD_EXT unset)"
     ) from exc
 
-from .backends import act_quant_results, fuses_tail, register, require_default_format
+from .backends import act_quant_results, fuses_tail, norm_quant_results, register, require_default_format
 
 GEMM_PATHS = {"auto": 0, "sm80": 1, "sm90": 2, "sm90ws": 3}
 
@@ -159,6 +159,6 @@ def norm_quantize(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, ga
                 "which is not available")
         return fn(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id, residual, residual_gate,
                   write_y)
-    y, xq, sx, u, rs, h = torch.ops.qvdit.cuda_norm_quant(x, bits, float(eps), weight, bias, scale, shift, mod_rows,
-                                                         alphas, gates, frame_id, residual, residual_gate, write_y)
-    return (y if write_y else None), xq, sx, u if alphas is not None else None, rs, h if residual is not None else None
+    out = torch.ops.qvdit.cuda_norm_quant(x, bits, float(eps), weight, bias, scale, shift, mod_rows, alphas, gates,
+                                          frame_id, residual, residual_gate, write_y)
+    return norm_quant_results(*out, alphas, residual, write_y)

@@ -185,10 +185,7 @@ def add_norm_quantize(x, residual, bits, eps, weight=None, bias=None, scale=None
     One pass: reads x and residual, writes h and the codes (and y unless write_y=False)."""
     m, k = _check_norm_quantize(x, bits, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id, write_y)
     check_tensor("residual", residual, (x.dtype,), (m, k), x.device)
-    check_tensor("residual_gate", residual_gate, (torch.float32,), (None, k), x.device, optional=True)
-    if residual_gate is not None and (residual_gate.shape[0] < 1 or m % residual_gate.shape[0]):
-        raise ValueError(f"residual_gate has {residual_gate.shape[0]} rows; they must divide the M={m} rows "
-                         "(row m takes gate row m // (M // G))")
+    _check_residual_gate(m, k, x.device, residual_gate)
     fn = backends.resolve("norm_quantize", backend, x.device)
     y, xq, sx, u, rs, h = fn(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id, residual,
                              residual_gate, write_y)
@@ -233,6 +230,11 @@ def _check_tail(m, n, device, out_dtype, activation, residual, residual_gate):
     check_tensor("residual", residual, (out_dtype,), (m, n), device, optional=True)
     if residual is not None and residual.stride(-1) != 1:
         raise ValueError("residual must have unit stride along N (a row-major [M, N] view)")
+    _check_residual_gate(m, n, device, residual_gate)
+
+
+def _check_residual_gate(m, n, device, residual_gate):
+    """residual_gate f32 [G, N] (optional), G dividing the M rows: row m takes gate row m // (M // G)."""
     check_tensor("residual_gate", residual_gate, (torch.float32,), (None, n), device, optional=True)
     if residual_gate is not None and (residual_gate.shape[0] < 1 or m % residual_gate.shape[0]):
         raise ValueError(f"residual_gate has {residual_gate.shape[0]} rows; they must divide the M={m} rows "

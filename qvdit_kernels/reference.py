@@ -173,15 +173,6 @@ def norm_quantize(x, bits, eps, weight=None, bias=None, scale=None, shift=None, 
     return y, xq, sx, u, rs
 
 
-def add_norm_quantize(x, residual, bits, eps, weight=None, bias=None, scale=None, shift=None, mod_rows=1,
-                      alphas=None, gates=None, frame_id=None, residual_gate=None):
-    """The block's residual add in front of `norm_quantize`: h = epilogue_tail(x, residual=, residual_gate=)
-    (residual + gate[m // (M // G)] * x, as the unfused block writes it), then norm_quantize(h)
-    -> (h, y, xq, scale, u, rowsum)."""
-    h = epilogue_tail(x, None, residual, residual_gate)
-    return (h,) + norm_quantize(h, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id)
-
-
 def norm_quantize_backend(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id, residual,
                           residual_gate, write_y):
     """The "torch" backend of ops.norm_quantize / ops.add_norm_quantize, in the signature every backend has:

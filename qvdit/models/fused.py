@@ -115,8 +115,9 @@ def check_consumed(linears) -> None:
 
 
 def consuming(call, linears):
-    """call(), the call that should consume the codes-only handoffs of `linears`; if it raises, their handoffs are
-    dropped, so that a later call on another tensor quantizes it itself instead of raising (QLinear.forward)."""
+    """call(), the call that should consume the codes-only handoffs of `linears`, then `check_consumed(linears)`; if
+    call() raises, their handoffs are dropped, so that a later call on another tensor quantizes it itself instead of
+    raising (QLinear.forward)."""
     done = False
     try:
         out = call()
@@ -126,6 +127,7 @@ def consuming(call, linears):
             for q in linears:
                 if isinstance(q, QLinear):
                     q._prequant = None
+    check_consumed(linears)
     return out
 
 
@@ -139,13 +141,16 @@ def feed(norm: nn.Module, x: torch.Tensor, consumers: list, scale=None, shift=No
     is a NaN stand-in that only identifies it (`_unwritten`; the consumers take their codes by it).
     residual (gate [B, 1, C] float32 or None): the norm's input is h = residual_add(residual, x, gate), the block's
     residual add after an attention output, in the same pass (`qvdit_kernels.add_norm_quantize`); returns (h, y)."""
-    if residual is not None:
-        rows = _gate_rows(residual_gate, residual)
-        if not (enabled() and rows is not False and residual.dtype == x.dtype and can_feed(norm, consumers, x)):
-            h = residual_add(residual, x, residual_gate)
-            return h, _plain(norm, h, scale, shift)
-    elif not (enabled() and can_feed(norm, consumers, x)):
-        return _plain(norm, x, scale, shift)
+    def plain():  # diffusers' expression: [the residual add, then] the norm and modulation
+        if residual is None:
+            return _plain(norm, x, scale, shift)
+        h = residual_add(residual, x, residual_gate)
+        return h, _plain(norm, h, scale, shift)
+
+    rows = None if residual is None else _gate_rows(residual_gate, residual)
+    if not (enabled() and rows is not False and (residual is None or residual.dtype == x.dtype)
+            and can_feed(norm, consumers, x)):
+        return plain()
     b, s, c = x.shape
     x2 = x.reshape(b * s, c)
     mod_rows, sc, sh = 1, None, None
@@ -160,10 +165,7 @@ def feed(norm: nn.Module, x: torch.Tensor, consumers: list, scale=None, shift=No
         if all(t[2] is not None for t in tqe) and len({t[2].shape for t in tqe}) == 1:
             gates = torch.stack([t[2] for t in tqe])
         elif any(t[2] is not None for t in tqe):  # mixed gating: not what a norm's consumers look like
-            if residual is None:
-                return _plain(norm, x, scale, shift)
-            h = residual_add(residual, x, residual_gate)
-            return h, _plain(norm, h, scale, shift)
+            return plain()
     write_y = not (codes_only and codes_only_enabled())
     args = (consumers[0].a_bits, norm.eps, norm.weight, norm.bias, sc, sh, mod_rows, alphas, gates, frame_id)
     nb = norm_backend(consumers[0].backend, x.device)
@@ -222,7 +224,6 @@ def attention_then_feed(attn: nn.Module, call, residual: torch.Tensor, gate, nor
             and qk.ops.tail_as_own_pass(lin.backend, residual.device, lin.w_bits, lin.in_features)
             and can_feed(norm, consumers, residual)):
         out = consuming(call, _projections(attn))
-        check_consumed(_projections(attn))
         return feed(norm, out, consumers, scale, shift, codes_only=codes_only, residual=residual, residual_gate=gate)
     h = attention_into(attn, call, residual, gate)
     return h, feed(norm, h, consumers, scale, shift, codes_only=codes_only)
@@ -236,16 +237,13 @@ def attention_into(attn: nn.Module, call, residual: torch.Tensor, gate=None) -> 
     rows = _gate_rows(gate, residual)
     if not (enabled() and isinstance(lin, QLinear) and residual.dim() == 3 and rows is not False
             and all(_inactive(m) for m in list(attn.to_out)[1:])):
-        out = consuming(call, _projections(attn))
-        check_consumed(_projections(attn))
-        return residual_add(residual, out, gate)
+        return residual_add(residual, consuming(call, _projections(attn)), gate)
     b, s, c = residual.shape
     lin._residual = (residual.reshape(b * s, c), rows)
     try:
         out = consuming(call, _projections(attn))
     finally:
         consumed, lin._residual = lin._residual is None, None
-    check_consumed(_projections(attn))
     return out if consumed else residual_add(residual, out, gate)
 
 
@@ -260,9 +258,7 @@ def ffn_into(ffn: nn.Module, x: torch.Tensor, residual: torch.Tensor, gate=None)
             and getattr(act, "approximate", None) == "tanh" and isinstance(getattr(act, "proj", None), QLinear)
             and isinstance(net[2], QLinear) and all(_inactive(m) for m in list(net)[1:2] + list(net)[3:])
             and residual.dtype == x.dtype):
-        out = consuming(lambda: ffn(x), [getattr(act, "proj", None)])
-        check_consumed([getattr(act, "proj", None)])
-        return residual_add(residual, out, gate)
+        return residual_add(residual, consuming(lambda: ffn(x), [getattr(act, "proj", None)]), gate)
     fc1 = act.proj
     if qk.ops.tail_as_own_pass(fc1.backend, x.device, fc1.w_bits, fc1.in_features):
         # fc1's output before the GELU, which fc2 applies as it quantizes h (QVDIT_FFN_INPLACE: over h)

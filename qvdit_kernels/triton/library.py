@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from ..backends import act_quant_results, fuses_tail, register, require_default_format
+from ..backends import act_quant_results, fuses_tail, norm_quant_results, register, require_default_format
 from . import act_quant as _aq
 from . import gemm as _gemm
 from . import norm_quant as _nq
@@ -228,7 +228,6 @@ def _(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_i
 def norm_quantize(x, bits, eps, weight, bias, scale, shift, mod_rows, alphas, gates, frame_id, residual=None,
                   residual_gate=None, write_y=True):
     """-> (y | None, xq, scale, u | None, rowsum, h | None): reference.norm_quantize_backend's contract."""
-    y, xq, sx, u, rs, h = _call(torch.ops.qvdit.triton_norm_quant, _norm_quant_impl, x, bits, float(eps), weight,
-                                bias, scale, shift, mod_rows, alphas, gates, frame_id, residual, residual_gate,
-                                write_y)
-    return (y if write_y else None), xq, sx, u if alphas is not None else None, rs, h if residual is not None else None
+    out = _call(torch.ops.qvdit.triton_norm_quant, _norm_quant_impl, x, bits, float(eps), weight, bias, scale, shift,
+                mod_rows, alphas, gates, frame_id, residual, residual_gate, write_y)
+    return norm_quant_results(*out, alphas, residual, write_y)
