@@ -162,11 +162,7 @@ __global__ void __launch_bounds__(kRowThreads) act_quant_regs_kernel(const ActQu
   const T* x = static_cast<const T*>(a.x) + (int64_t)(live ? m : 0) * a.ldx;
 
   uint4 raw[NC];
-#pragma unroll
-  for (int i = 0; i < NC; ++i) {
-    const int c = t + i * G;
-    raw[i] = c < chunks ? *reinterpret_cast<const uint4*>(x + c * VEC) : make_uint4(0, 0, 0, 0);
-  }
+  load_row<T, NC, G>(x, t, chunks, raw);
   if (GELU) {  // (only the row's chunks: the padding is zero and gelu(0) = 0)
 #pragma unroll
     for (int i = 0; i < NC; ++i)
@@ -187,15 +183,7 @@ __global__ void __launch_bounds__(kRowThreads) act_quant_regs_kernel(const ActQu
   int rowsum = 0;
   float dot[1] = {0.0f};
   const float* const alpha[1] = {a.alpha};
-  uint2 codes[NC];
-#pragma unroll
-  for (int i = 0; i < NC; ++i) {
-    const int c = t + i * G;
-    if (c < chunks) codes[i] = chunk_codes<T, 1>(raw[i], qm, bad, a.alpha ? 1 : 0, alpha, c * VEC, rowsum, dot);
-  }
-#pragma unroll
-  for (int i = 0; i < NC; ++i)  // (after every alpha load: see chunk_codes)
-    if (t + i * G < chunks) store_codes<T>(xq + (t + i * G) * VEC, codes[i]);
+  row_codes<T, 1, NC, G>(raw, qm, bad, a.alpha ? 1 : 0, alpha, t, chunks, xq, rowsum, dot);
   float sums[2] = {(float)rowsum, dot[0]};  // (|rowsum| <= 127 K < 2^24: every partial sum exact in float)
   group_reduce<W>(sums, AddOp(), sh[1]);
   if (live && t == 0) write_row(a, m, bad, q.scale, (int)sums[0], sums[1]);

@@ -91,11 +91,7 @@ __global__ void __launch_bounds__(kRowThreads) norm_quant_kernel(const NormQuant
   const T* x = static_cast<const T*>(a.x) + row * a.ldx;
 
   uint4 raw[NC];
-#pragma unroll
-  for (int i = 0; i < NC; ++i) {
-    const int c = t + i * G;
-    raw[i] = c < chunks ? *reinterpret_cast<const uint4*>(x + c * VEC) : make_uint4(0, 0, 0, 0);
-  }
+  load_row<T, NC, G>(x, t, chunks, raw);
   if (a.residual) {  // the norm's input is h = residual + gate * x: computed, held in place of x, then stored
     const T* r = static_cast<const T*>(a.residual) + row * a.ld_res;
     const float* g = a.rgate ? a.rgate + (int64_t)(row / a.rg_div) * a.k : nullptr;
@@ -105,10 +101,7 @@ __global__ void __launch_bounds__(kRowThreads) norm_quant_kernel(const NormQuant
       if (c < chunks)
         raw[i] = residual_chunk<T>(raw[i], *reinterpret_cast<const uint4*>(r + c * VEC), g ? g + c * VEC : nullptr);
     }
-    T* h = static_cast<T*>(a.h) + row * a.k;
-#pragma unroll
-    for (int i = 0; i < NC; ++i)  // (stores after every load of the loop above: none waits on a store)
-      if (t + i * G < chunks) *reinterpret_cast<uint4*>(h + (t + i * G) * VEC) = raw[i];
+    store_row<T, NC, G>(static_cast<T*>(a.h) + row * a.k, t, chunks, raw);  // (after every load of the loop above)
   }
   // mean (the zero padding adds nothing), then the variance around it (padding excluded)
   float acc[1] = {0.0f};
@@ -146,12 +139,7 @@ __global__ void __launch_bounds__(kRowThreads) norm_quant_kernel(const NormQuant
     const int c = t + i * G;
     if (c < chunks) raw[i] = norm_chunk<T>(raw[i], mean, rstd, a, msc, msh, c * VEC);
   }
-  if (a.y) {  // (after the loop's affine and modulation loads: a store between them would order every later load)
-    T* y = static_cast<T*>(a.y) + row * a.k;
-#pragma unroll
-    for (int i = 0; i < NC; ++i)
-      if (t + i * G < chunks) *reinterpret_cast<uint4*>(y + (t + i * G) * VEC) = raw[i];
-  }
+  if (a.y) store_row<T, NC, G>(static_cast<T*>(a.y) + row * a.k, t, chunks, raw);  // (after the loop's loads)
 
   float hi, lo;
   const bool bad_here = chunk_stats<T, NC>(raw, a.bits == 8, hi, lo);
@@ -165,15 +153,7 @@ __global__ void __launch_bounds__(kRowThreads) norm_quant_kernel(const NormQuant
   int rowsum = 0;
   float dot[J] = {0.0f, 0.0f, 0.0f};
   const float* const alpha[J] = {a.alpha, a.alpha + a.k, a.alpha + 2 * a.k};  // (read only for j < nj)
-  uint2 codes[NC];
-#pragma unroll
-  for (int i = 0; i < NC; ++i) {
-    const int c = t + i * G;
-    if (c < chunks) codes[i] = chunk_codes<T, J>(raw[i], qm, bad, a.nj, alpha, c * VEC, rowsum, dot);
-  }
-#pragma unroll
-  for (int i = 0; i < NC; ++i)  // (after every alpha load: see chunk_codes)
-    if (t + i * G < chunks) store_codes<T>(xq + (t + i * G) * VEC, codes[i]);
+  row_codes<T, J, NC, G>(raw, qm, bad, a.nj, alpha, t, chunks, xq, rowsum, dot);
   float sums[4] = {(float)rowsum, dot[0], dot[1], dot[2]};  // (|rowsum| <= 127 K < 2^24: exact in float)
   group_reduce<W>(sums, AddOp(), sh[3]);
   if (live && t == 0) {

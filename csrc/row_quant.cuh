@@ -197,4 +197,41 @@ __device__ __forceinline__ void store_codes(int8_t* dst, const uint2& codes) {
     *reinterpret_cast<uint32_t*>(dst) = codes.x;
 }
 
+// The row layout of the register kernels: thread t of a row's G threads holds chunks c = t + i * G, i < NC, of the
+// row's `chunks` 16-byte chunks. load_row: them from row x (zeros past the row); store_row: them into row dst.
+template <typename T, int NC, int G>
+__device__ __forceinline__ void load_row(const T* x, int t, int chunks, uint4 (&raw)[NC]) {
+  constexpr int VEC = 16 / sizeof(T);
+#pragma unroll
+  for (int i = 0; i < NC; ++i) {
+    const int c = t + i * G;
+    raw[i] = c < chunks ? *reinterpret_cast<const uint4*>(x + c * VEC) : make_uint4(0, 0, 0, 0);
+  }
+}
+template <typename T, int NC, int G>
+__device__ __forceinline__ void store_row(T* dst, int t, int chunks, const uint4 (&raw)[NC]) {
+  constexpr int VEC = 16 / sizeof(T);
+#pragma unroll
+  for (int i = 0; i < NC; ++i)
+    if (t + i * G < chunks) *reinterpret_cast<uint4*>(dst + (t + i * G) * VEC) = raw[i];
+}
+
+// The held row's codes into row xq (chunk_codes, then every store after every alpha load), its row sum added to
+// rowsum and each consumer's TQE dot to dot[j].
+template <typename T, int J, int NC, int G>
+__device__ __forceinline__ void row_codes(const uint4 (&raw)[NC], const RowQMagic& qm, bool bad, int nj,
+                                          const float* const (&alpha)[J], int t, int chunks, int8_t* xq, int& rowsum,
+                                          float (&dot)[J]) {
+  constexpr int VEC = 16 / sizeof(T);
+  uint2 codes[NC];
+#pragma unroll
+  for (int i = 0; i < NC; ++i) {
+    const int c = t + i * G;
+    if (c < chunks) codes[i] = chunk_codes<T, J>(raw[i], qm, bad, nj, alpha, c * VEC, rowsum, dot);
+  }
+#pragma unroll
+  for (int i = 0; i < NC; ++i)
+    if (t + i * G < chunks) store_codes<T>(xq + (t + i * G) * VEC, codes[i]);
+}
+
 }  // namespace qv
