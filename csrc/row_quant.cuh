@@ -18,7 +18,7 @@ constexpr int kRowThreads = 256, kRowMaxWarps = 8;
 constexpr int kRowMaxBytes = kRowMaxWarps * 32 * 16 * 16;  // the longest row: 8 warps x 32 lanes x 16 chunks
 
 // The shape for m rows of `chunks` 16-byte chunks: the fewest warps per row (1, 2, 4, 8) that hold it in 8 chunks per
-// thread, else 8 warps of 16. (8 chunks keep a thread near 60 registers, 4 CTAs per SM: the 16-chunk shapes at 104
+// thread (6 where 6 hold it), else 8 warps of 16. (8 chunks keep a thread near 60 registers, 4 CTAs per SM: the 16-chunk shapes at 104
 // registers left 2 CTAs, and wan's 8960-wide GELU rows used 9 of a thread's 16 chunks.) launch(W, NC, grid), W and
 // NC as std::integral_constant; false (nothing launched): a row longer than kRowMaxBytes.
 template <class Launch>
@@ -28,11 +28,17 @@ bool launch_row_shape(int m, int chunks, const Launch& launch) {
     launch(w, nc, (m + rows - 1) / rows);
     return true;
   };
+  using Six = std::integral_constant<int, 6>;
   using Eight = std::integral_constant<int, 8>;
-  if (chunks <= 32 * 8) return go(std::integral_constant<int, 1>{}, Eight{});
-  if (chunks <= 64 * 8) return go(std::integral_constant<int, 2>{}, Eight{});
-  if (chunks <= 128 * 8) return go(std::integral_constant<int, 4>{}, Eight{});
-  if (chunks <= 256 * 8) return go(Eight{}, Eight{});
+  // (6 chunks where they hold the row: wan's K = 1536 rows are 192 bf16 chunks, 6 per lane of one warp, and 8
+  // would leave 2 per thread unused but allocated, ~12 registers)
+  const auto fit = [&](auto w) {
+    return chunks <= 32 * decltype(w)::value * 6 ? go(w, Six{}) : go(w, Eight{});
+  };
+  if (chunks <= 32 * 8) return fit(std::integral_constant<int, 1>{});
+  if (chunks <= 64 * 8) return fit(std::integral_constant<int, 2>{});
+  if (chunks <= 128 * 8) return fit(std::integral_constant<int, 4>{});
+  if (chunks <= 256 * 8) return fit(Eight{});
   if (chunks <= 32 * kRowMaxWarps * 16)
     return go(std::integral_constant<int, kRowMaxWarps>{}, std::integral_constant<int, 16>{});
   return false;

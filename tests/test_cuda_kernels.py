@@ -160,13 +160,13 @@ def test_odd_strides_and_alignment(path, w_bits):
     assert torch.equal(acc.double(), exact_acc(a["xq"], qw, a["w_zero"]))
 
 
-@pytest.mark.parametrize("k", [1, 77, 1152, 3072, 5120, 13824, 20480, 65536])
+@pytest.mark.parametrize("k", [1, 77, 1152, 2048, 3072, 4096, 5120, 8192, 8960, 13824, 20480, 65536])
 @pytest.mark.parametrize("bits", [6, 8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_act_quant_real_k_bit_exact(k, bits, dtype):
     """Codes, scales and row sums equal the reference bit for bit, u within reference.u_within_bound, on every
-    path: rows held in registers by 1, 2, 4 or 8 warps of 8 chunks (bf16 K = 1152, 3072, 5120, 13824) or 8 warps of
-    16 (K = 20480), the one-CTA-per-row
+    path: rows held in registers by 1, 2, 4 or 8 warps of 6 chunks (bf16 K = 1152, 3072, 5120, 8960) or 8 (K = 2048,
+    4096, 8192, 13824) or 8 warps of 16 (K = 20480), the one-CTA-per-row
     kernel (K = 65536; a strided view of odd row length takes its scalar loads), non-finite rows included."""
     m = 300 if k <= 20000 else 40
     x = (torch.randn(m, k, device=DEV) * torch.exp(torch.randn(m, 1, device=DEV))).to(dtype)
