@@ -2,7 +2,7 @@
 # The CUDA backend on a GPU machine, in one command: build the extension in place, run its tests on both
 # GEMM kernels, compute-sanitizer memcheck + racecheck on small shapes, the benchmark, and an ncu view.
 #
-#   bash csrc/gpu_check.sh [build] [test] [suite] [sanitize] [bench] [linear] [e2e] [ncu] [ncu_norm] [ncu_src]
+#   bash csrc/gpu_check.sh [build] [test] [suite] [sanitize] [bench] [linear] [e2e] [ncu] [ncu_norm] [ncu_norm_src] [ncu_src]
 #   (none: build test sanitize; ncu_src: stall samples per SASS instruction of the small-K ws tile, ncu_stalls.py)
 #
 # $OUT (the device tool's folder; default /tmp/qvdit_gpu_check) gets steps.txt (all step output) and the
@@ -112,6 +112,14 @@ if has ncu_norm; then  # what the norm-quant kernel waits on (BENCHMARKS run nq4
   step ncu_norm ncu --kernel-name regex:"norm_quant|act_quant" -c 2 --section SpeedOfLight --section WarpStateStats \
     --section LaunchStats --section Occupancy --section InstructionStats --section MemoryWorkloadAnalysis \
     python3 benchmarks/bench_cuda.py --profile wan1.3b_qkvo --variants W3A6
+fi
+if has ncu_norm_src; then  # the norm-quant's stall samples per SASS instruction (the codes-only pass above)
+  rep="$OUT/norm_quant"
+  step ncu_norm_src ncu --kernel-name regex:norm_quant -c 1 --set full -f -o "$rep" \
+    python3 benchmarks/bench_cuda.py --profile wan1.3b_qkvo --variants W3A6
+  step ncu_norm_src_page bash -c "ncu -i '$rep.ncu-rep' --page source --csv --print-source sass > '$OUT/norm_quant_sass.csv'"
+  step ncu_norm_stalls python3 benchmarks/ncu_stalls.py "$OUT/norm_quant_sass.csv" --top 60 --outputs "32760*1536"
+  rm -f "$rep.ncu-rep"
 fi
 if has ncu_src; then  # where the small-K ws tile waits (BENCHMARKS run ws9): stall samples per SASS instruction
   rep="$OUT/ws_small_k"
