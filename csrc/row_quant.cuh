@@ -170,16 +170,20 @@ __device__ __forceinline__ uint2 chunk_codes(const uint4& raw, const RowQMagic& 
   float y[VEC];
 #pragma unroll
   for (int i = 0; i < VEC; ++i) y[i] = bad ? kActMagic : act_code_magic(to_float(e[i]), qm);
+  if (nj > 0) {
+    float code[VEC];  // y - magic: the code, exact; once for every consumer (ptxas recomputed it per consumer, run nq5)
 #pragma unroll
-  for (int j = 0; j < J; ++j) {
-    if (j < nj) {
+    for (int i = 0; i < VEC; ++i) code[i] = __fsub_rn(y[i], kActMagic);
 #pragma unroll
-      for (int i = 0; i < VEC; i += 4) {
-        const float4 f = *reinterpret_cast<const float4*>(alpha[j] + col0 + i);
-        const float al[4] = {f.x, f.y, f.z, f.w};
+    for (int j = 0; j < J; ++j) {
+      if (j < nj) {
 #pragma unroll
-        for (int l = 0; l < 4; ++l)  // y - magic: the code, exact
-          dot[j] = __fmaf_rn(__fsub_rn(y[i + l], kActMagic), al[l], dot[j]);
+        for (int i = 0; i < VEC; i += 4) {
+          const float4 f = *reinterpret_cast<const float4*>(alpha[j] + col0 + i);
+          const float al[4] = {f.x, f.y, f.z, f.w};
+#pragma unroll
+          for (int l = 0; l < 4; ++l) dot[j] = __fmaf_rn(code[i + l], al[l], dot[j]);
+        }
       }
     }
   }
