@@ -5,9 +5,9 @@
 // A group of W warps holds the row in registers as 16-byte chunks (the layout of act_quant.cu's register kernel,
 // chunk c = t + i * 32W): its sum gives the mean, the squares around the mean the variance (two reductions over
 // the held row, no second read), then y = (x - mean) * rstd [* w + b] [* (1 + scale) + shift] rounded to x's dtype
-// replaces x in the registers and is stored (unless y is null). The codes, row sum and TQE dots are those of that rounded y, with the
-// act-quant's own per-element math (row_quant.cuh), so they are quantize_activation(y)'s bit for bit. One read of
-// x from HBM, one write of y and one of the codes. With a residual (ops.add_norm_quantize) the held row is
+// replaces x in the registers and is stored (unless y is null). The codes, row sum and TQE dots are those of that
+// rounded y, with the act-quant's own per-element math (row_quant.cuh), so they are quantize_activation(y)'s bit
+// for bit. One read of x from HBM, one write of y and one of the codes. With a residual (ops.add_norm_quantize) the held row is
 // h = residual + gate * x, stored as the block's new residual stream: the add after an attention output
 // projection and the norm after it in one pass.
 #include <cuda_bf16.h>

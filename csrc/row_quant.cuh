@@ -18,9 +18,10 @@ constexpr int kRowThreads = 256, kRowMaxWarps = 8;
 constexpr int kRowMaxBytes = kRowMaxWarps * 32 * 16 * 16;  // the longest row: 8 warps x 32 lanes x 16 chunks
 
 // The shape for m rows of `chunks` 16-byte chunks: the fewest warps per row (1, 2, 4, 8) that hold it in 8 chunks per
-// thread (6 where 6 hold it), else 8 warps of 16. (8 chunks keep a thread near 60 registers, 4 CTAs per SM: the 16-chunk shapes at 104
-// registers left 2 CTAs, and wan's 8960-wide GELU rows used 9 of a thread's 16 chunks.) launch(W, NC, grid), W and
-// NC as std::integral_constant; false (nothing launched): a row longer than kRowMaxBytes.
+// thread (6 where 6 hold it), else 8 warps of 16. (Few chunks keep the registers down: the act-quant at 44-64
+// registers and the 6-chunk norm-quant at 64 run 4 CTAs per SM; the 16-chunk shapes at 104+ left 2, and wan's
+// 8960-wide GELU rows used 9 of a thread's 16 chunks.) launch(W, NC, grid), W and NC as std::integral_constant;
+// false (nothing launched): a row longer than kRowMaxBytes.
 template <class Launch>
 bool launch_row_shape(int m, int chunks, const Launch& launch) {
   const auto go = [&](auto w, auto nc) {

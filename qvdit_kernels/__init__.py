@@ -24,6 +24,6 @@ from .ops import (
 
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "DEFAULT_FORMAT", "FORMATS", "get_format", "A_BITS", "W_BITS",
-    "add_norm_quantize", "norm_quantize", "pack_weight", "qgemm", "qlinear", "quantize_activation", "quantize_activation_rowsum", "quantize_weight",
-    "unpack_weight",
+    "add_norm_quantize", "norm_quantize", "pack_weight", "qgemm", "qlinear", "quantize_activation",
+    "quantize_activation_rowsum", "quantize_weight", "unpack_weight",
 ]

@@ -243,9 +243,9 @@ def _check_against_reference(x, bits, kw, alphas, gates, fid, got):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_cuda_norm_quant_real_widths(k, dtype):
     """csrc/norm_quant.cu (through backend="cuda") on every launch shape (bf16: 1, 2, 4 or 8 warps of 6 chunks per
-    row at K = 1536, 3072, 5120, 8960, of 8 at K = 2048, 4096, 8192, 13824; 8 warps of 16 at K = 20480), with a partial last CTA, an outlier, a row of zeros and non-finite
-    rows (scale NaN, zero codes); bits 6 and 8, with and without affine, per-batch and per-token modulation, 0-3
-    TQE consumers."""
+    row at K = 1536, 3072, 5120, 8960, of 8 at K = 2048, 4096, 8192, 13824; 8 warps of 16 at K = 20480), with a
+    partial last CTA, an outlier, a row of zeros and non-finite rows (scale NaN, zero codes); bits 6 and 8, with and
+    without affine, per-batch and per-token modulation, 0-3 TQE consumers."""
     from qvdit_kernels.cuda import norm_quant_ok
 
     m, batch = 37, 3  # (111 rows: a partial last CTA for 1, 2 and 4 warps per row)
