@@ -3,7 +3,7 @@
 // DiT block's q/k/v, cross-attention q and fc1 inputs.
 //
 // A group of W warps holds the row in registers as 16-byte chunks (the layout of act_quant.cu's register kernel,
-// chunk c = t + i * 32W): its sum gives the mean, the squares around the mean the variance (two reductions over
+// row_quant.cuh's quads): its sum gives the mean, the squares around the mean the variance (two reductions over
 // the held row, no second read), then y = (x - mean) * rstd [* w + b] [* (1 + scale) + shift] rounded to x's dtype
 // replaces x in the registers and is stored (unless y is null). The codes, row sum and TQE dots are those of that
 // rounded y, with the act-quant's own per-element math (row_quant.cuh), so they are quantize_activation(y)'s bit
@@ -23,50 +23,69 @@ static_assert(kNormQuantMaxRowBytes == kRowMaxBytes, "the kernel's longest row")
 
 __device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 
-// y of one chunk (VEC elements from column col): normalized, [affine,] [modulated,] rounded to T.
-template <typename T>
+// y of one chunk (its quads at quad indices q0 + h * G, those inside the row): normalized, [affine,] [modulated,]
+// rounded to T. The quads past the row stay zero (they feed the row's statistics).
+template <typename T, int G, bool EVEN>
 __device__ __forceinline__ uint4 norm_chunk(const uint4& raw, float mean, float rstd, const NormQuantArgs& a,
-                                            const float* msc, const float* msh, int col) {
+                                            const float* msc, const float* msh, int q0, int quads) {
   constexpr int VEC = 16 / sizeof(T);
   const T* e = reinterpret_cast<const T*>(&raw);
   float f[VEC];
 #pragma unroll
-  for (int i = 0; i < VEC; ++i) f[i] = __fmul_rn(__fsub_rn(to_float(e[i]), mean), rstd);
+  for (int h = 0; h < VEC / 4; ++h) {
+    const int q = q0 + h * G, col = 4 * q;
+    float* v = f + 4 * h;
+    if (!half_in<G, EVEN>(q0, h, quads)) {
+      v[0] = v[1] = v[2] = v[3] = 0.0f;
+      continue;
+    }
 #pragma unroll
-  for (int i = 0; i < VEC; i += 4) {
+    for (int i = 0; i < 4; ++i) v[i] = __fmul_rn(__fsub_rn(to_float(e[4 * h + i]), mean), rstd);
     if (a.weight) {
-      const float4 w = ld4(a.weight + col + i), b = ld4(a.bias + col + i);
-      f[i] = __fmaf_rn(f[i], w.x, b.x), f[i + 1] = __fmaf_rn(f[i + 1], w.y, b.y);
-      f[i + 2] = __fmaf_rn(f[i + 2], w.z, b.z), f[i + 3] = __fmaf_rn(f[i + 3], w.w, b.w);
+      const float4 w = ld4(a.weight + col), b = ld4(a.bias + col);
+      v[0] = __fmaf_rn(v[0], w.x, b.x), v[1] = __fmaf_rn(v[1], w.y, b.y);
+      v[2] = __fmaf_rn(v[2], w.z, b.z), v[3] = __fmaf_rn(v[3], w.w, b.w);
     }
     if (msc) {
-      const float4 s = ld4(msc + col + i), h = ld4(msh + col + i);
-      f[i] = __fmaf_rn(f[i], __fadd_rn(1.0f, s.x), h.x), f[i + 1] = __fmaf_rn(f[i + 1], __fadd_rn(1.0f, s.y), h.y);
-      f[i + 2] = __fmaf_rn(f[i + 2], __fadd_rn(1.0f, s.z), h.z), f[i + 3] = __fmaf_rn(f[i + 3], __fadd_rn(1.0f, s.w), h.w);
+      const float4 sc = ld4(msc + col), sh = ld4(msh + col);
+      v[0] = __fmaf_rn(v[0], __fadd_rn(1.0f, sc.x), sh.x), v[1] = __fmaf_rn(v[1], __fadd_rn(1.0f, sc.y), sh.y);
+      v[2] = __fmaf_rn(v[2], __fadd_rn(1.0f, sc.z), sh.z), v[3] = __fmaf_rn(v[3], __fadd_rn(1.0f, sc.w), sh.w);
     }
   }
   return pack_chunk<T>(f);
 }
 
 // The norm's input chunk with a residual: h = residual + gate * x per element in float32 (no FMA: torch's
-// product, then its sum), rounded to T (reference.epilogue_tail's add).
-template <typename T>
-__device__ __forceinline__ uint4 residual_chunk(const uint4& xr, const uint4& rr, const float* g) {
+// product, then its sum), rounded to T (reference.epilogue_tail's add); res: the residual row, g: the gate row or
+// null. The quads past the row stay zero.
+template <typename T, int G, bool EVEN>
+__device__ __forceinline__ uint4 residual_chunk(const uint4& xr, const T* res, const float* g, int q0, int quads) {
   constexpr int VEC = 16 / sizeof(T);
+  uint4 rr;
+  if constexpr (VEC == 4) {
+    rr = *reinterpret_cast<const uint4*>(res + 4 * q0);
+  } else {
+    const uint2 lo = *reinterpret_cast<const uint2*>(res + 4 * q0);
+    const uint2 hi = half_in<G, EVEN>(q0, 1, quads) ? *reinterpret_cast<const uint2*>(res + 4 * (q0 + G)) : make_uint2(0, 0);
+    rr = make_uint4(lo.x, lo.y, hi.x, hi.y);
+  }
   const T* xe = reinterpret_cast<const T*>(&xr);
   const T* re = reinterpret_cast<const T*>(&rr);
   float f[VEC];
 #pragma unroll
-  for (int i = 0; i < VEC; i += 4) {
+  for (int h = 0; h < VEC / 4; ++h) {
+    const int q = q0 + h * G;
     float gv[4] = {1.0f, 1.0f, 1.0f, 1.0f};
-    if (g) {
-      const float4 q = ld4(g + i);
-      gv[0] = q.x, gv[1] = q.y, gv[2] = q.z, gv[3] = q.w;
+    const bool in = half_in<G, EVEN>(q0, h, quads);
+    if (g && in) {
+      const float4 v = ld4(g + 4 * q);
+      gv[0] = v.x, gv[1] = v.y, gv[2] = v.z, gv[3] = v.w;
     }
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const float v = g ? __fmul_rn(to_float(xe[i + j]), gv[j]) : to_float(xe[i + j]);
-      f[i + j] = __fadd_rn(to_float(re[i + j]), v);
+      const int i = 4 * h + j;
+      const float v = g ? __fmul_rn(to_float(xe[i]), gv[j]) : to_float(xe[i]);
+      f[i] = in ? __fadd_rn(to_float(re[i]), v) : 0.0f;
     }
   }
   return pack_chunk<T>(f);
@@ -79,29 +98,28 @@ __device__ __forceinline__ void opaque(uint4 (&r)[NC]) {
   for (int i = 0; i < NC; ++i) asm volatile("" : "+r"(r[i].x), "+r"(r[i].y), "+r"(r[i].z), "+r"(r[i].w));
 }
 
-template <typename T, int W, int NC>
-__global__ void __launch_bounds__(kRowThreads) norm_quant_kernel(const NormQuantArgs a) {
+template <typename T, int W, int NC, bool EVEN>
+__global__ void __launch_bounds__(kRowThreads, EVEN ? 0 : 2) norm_quant_kernel(const NormQuantArgs a) {
   constexpr int VEC = 16 / sizeof(T), G = 32 * W, kRows = kRowThreads / G, J = kNormQuantMaxConsumers;
   __shared__ float sh[4][kRowThreads / 32][4];  // (one buffer per group_reduce)
   const int group = threadIdx.x / G, t = threadIdx.x % G;
   const int m = blockIdx.x * kRows + group;
   const bool live = m < a.m;  // no early return: rows of W > 1 warps meet at __syncthreads
-  const int chunks = live ? a.k / VEC : 0;
+  const int quads = live ? a.k / 4 : 0;  // (the row's quads of 4 elements, row_quant.cuh's layout; none past the end)
   const int64_t row = live ? m : 0;
   const T* x = static_cast<const T*>(a.x) + row * a.ldx;
 
   uint4 raw[NC];
-  load_row<T, NC, G>(x, t, chunks, raw);
+  load_row<T, NC, G, EVEN>(x, t, quads, raw);
   if (a.residual) {  // the norm's input is h = residual + gate * x: computed, held in place of x, then stored
     const T* r = static_cast<const T*>(a.residual) + row * a.ld_res;
     const float* g = a.rgate ? a.rgate + (int64_t)(row / a.rg_div) * a.k : nullptr;
 #pragma unroll
     for (int i = 0; i < NC; ++i) {
-      const int c = t + i * G;
-      if (c < chunks)
-        raw[i] = residual_chunk<T>(raw[i], *reinterpret_cast<const uint4*>(r + c * VEC), g ? g + c * VEC : nullptr);
+      const int q0 = quad_index<T, G>(t, i, 0);
+      if (q0 < quads) raw[i] = residual_chunk<T, G, EVEN>(raw[i], r, g, q0, quads);
     }
-    store_row<T, NC, G>(static_cast<T*>(a.h) + row * a.k, t, chunks, raw);  // (after every load of the loop above)
+    store_row<T, NC, G, EVEN>(static_cast<T*>(a.h) + row * a.k, t, quads, raw);  // (after every load of the loop above)
   }
   // mean (the zero padding adds nothing), then the variance around it (padding excluded)
   float acc[1] = {0.0f};
@@ -117,12 +135,15 @@ __global__ void __launch_bounds__(kRowThreads) norm_quant_kernel(const NormQuant
   acc[0] = 0.0f;
 #pragma unroll
   for (int i = 0; i < NC; ++i) {
-    if (t + i * G < chunks) {
-      const T* e = reinterpret_cast<const T*>(&raw[i]);
+    const T* e = reinterpret_cast<const T*>(&raw[i]);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        const float d = __fsub_rn(to_float(e[j]), mean);
-        acc[0] = __fmaf_rn(d, d, acc[0]);
+    for (int h = 0; h < VEC / 4; ++h) {
+      if (half_in<G, EVEN>(quad_index<T, G>(t, i, 0), h, quads)) {
+#pragma unroll
+        for (int j = 4 * h; j < 4 * h + 4; ++j) {
+          const float d = __fsub_rn(to_float(e[j]), mean);
+          acc[0] = __fmaf_rn(d, d, acc[0]);
+        }
       }
     }
   }
@@ -136,10 +157,10 @@ __global__ void __launch_bounds__(kRowThreads) norm_quant_kernel(const NormQuant
   const float* msh = a.mod_scale ? a.mod_shift + mrow : nullptr;
 #pragma unroll
   for (int i = 0; i < NC; ++i) {
-    const int c = t + i * G;
-    if (c < chunks) raw[i] = norm_chunk<T>(raw[i], mean, rstd, a, msc, msh, c * VEC);
+    const int q0 = quad_index<T, G>(t, i, 0);
+    if (q0 < quads) raw[i] = norm_chunk<T, G, EVEN>(raw[i], mean, rstd, a, msc, msh, q0, quads);
   }
-  if (a.y) store_row<T, NC, G>(static_cast<T*>(a.y) + row * a.k, t, chunks, raw);  // (after the loop's loads)
+  if (a.y) store_row<T, NC, G, EVEN>(static_cast<T*>(a.y) + row * a.k, t, quads, raw);  // (after the loop's loads)
 
   float hi, lo;
   const bool bad_here = chunk_stats<T, NC>(raw, a.bits == 8, hi, lo);
@@ -153,7 +174,7 @@ __global__ void __launch_bounds__(kRowThreads) norm_quant_kernel(const NormQuant
   int rowsum = 0;
   float dot[J] = {0.0f, 0.0f, 0.0f};
   const float* const alpha[J] = {a.alpha, a.alpha + a.k, a.alpha + 2 * a.k};  // (read only for j < nj)
-  row_codes<T, J, NC, G>(raw, qm, bad, a.nj, alpha, t, chunks, xq, rowsum, dot);
+  row_codes<T, J, NC, G, EVEN>(raw, qm, bad, a.nj, alpha, t, quads, xq, rowsum, dot);
   float sums[4] = {(float)rowsum, dot[0], dot[1], dot[2]};  // (|rowsum| <= 127 K < 2^24: exact in float)
   group_reduce<W>(sums, AddOp(), sh[3]);
   if (live && t == 0) {
@@ -177,7 +198,11 @@ __global__ void __launch_bounds__(kRowThreads) norm_quant_kernel(const NormQuant
 template <typename T>
 cudaError_t launch_typed(const NormQuantArgs& a, cudaStream_t stream) {
   launch_row_shape(a.m, a.k / (16 / (int)sizeof(T)), [&](auto w, auto nc, int grid) {
-    norm_quant_kernel<T, decltype(w)::value, decltype(nc)::value><<<grid, kRowThreads, 0, stream>>>(a);
+    constexpr int W = decltype(w)::value, NC = decltype(nc)::value;
+    if (sizeof(T) == 4 || (a.k / 4) % (kHalves<T> * 32 * W) == 0)
+      norm_quant_kernel<T, W, NC, true><<<grid, kRowThreads, 0, stream>>>(a);
+    else
+      norm_quant_kernel<T, W, NC, sizeof(T) == 4><<<grid, kRowThreads, 0, stream>>>(a);
   });
   return cudaGetLastError();
 }
