@@ -151,7 +151,7 @@ static_assert(kActQuantInplaceMaxRowBytes == kRowMaxBytes, "the register kernel'
 
 // W warps per row, each thread holding up to NC 16-byte chunks (row_quant.cuh's quad layout); GELU: the held row
 // goes through gelu_rounded once all its loads are issued.
-template <typename T, int W, int NC, bool GELU, bool EVEN>
+template <typename T, int W, int NC, bool GELU, bool SPLIT>
 __global__ void __launch_bounds__(kRowThreads) act_quant_regs_kernel(const ActQuantArgs a) {
   constexpr int G = 32 * W, kRows = kRowThreads / G;
   __shared__ float sh[2][kRowThreads / 32][4];  // (one buffer per group_reduce)
@@ -162,11 +162,11 @@ __global__ void __launch_bounds__(kRowThreads) act_quant_regs_kernel(const ActQu
   const T* x = static_cast<const T*>(a.x) + (int64_t)(live ? m : 0) * a.ldx;
 
   uint4 raw[NC];
-  load_row<T, NC, G, EVEN>(x, t, quads, raw);
+  load_row<T, NC, G, SPLIT>(x, t, quads, raw);
   if (GELU) {  // (only the row's chunks: the padding is zero and gelu(0) = 0)
 #pragma unroll
     for (int i = 0; i < NC; ++i)
-      if (quad_index<T, G>(t, i, 0) < quads) raw[i] = gelu_chunk<T>(raw[i]);
+      if (quad_index<T, G, SPLIT>(t, i, 0) < quads) raw[i] = gelu_chunk<T>(raw[i]);
   }
   float hi, lo;
   const bool bad_here = chunk_stats<T, NC>(raw, a.bits == 8, hi, lo);
@@ -183,7 +183,7 @@ __global__ void __launch_bounds__(kRowThreads) act_quant_regs_kernel(const ActQu
   int rowsum = 0;
   float dot[1] = {0.0f};
   const float* const alpha[1] = {a.alpha};
-  row_codes<T, 1, NC, G, EVEN>(raw, qm, bad, a.alpha ? 1 : 0, alpha, t, quads, xq, rowsum, dot);
+  row_codes<T, 1, NC, G, SPLIT>(raw, qm, bad, a.alpha ? 1 : 0, alpha, t, quads, xq, rowsum, dot);
   float sums[2] = {(float)rowsum, dot[0]};  // (|rowsum| <= 127 K < 2^24: every partial sum exact in float)
   group_reduce<W>(sums, AddOp(), sh[1]);
   if (live && t == 0) write_row(a, m, bad, q.scale, (int)sums[0], sums[1]);
@@ -194,7 +194,7 @@ template <typename T, bool GELU>
 bool launch_regs(const ActQuantArgs& a, int chunks, cudaStream_t stream) {
   return launch_row_shape(a.m, chunks, [&](auto w, auto nc, int grid) {
     constexpr int W = decltype(w)::value, NC = decltype(nc)::value;
-    if (sizeof(T) == 4 || (a.k / 4) % (kHalves<T> * 32 * W) == 0)  // (row_quant.cuh half_in)
+    if (split_rows<T, W>(a.k))  // (float32 always: no other instantiation)
       act_quant_regs_kernel<T, W, NC, GELU, true><<<grid, kRowThreads, 0, stream>>>(a);
     else
       act_quant_regs_kernel<T, W, NC, GELU, sizeof(T) == 4><<<grid, kRowThreads, 0, stream>>>(a);

@@ -23,22 +23,18 @@ static_assert(kNormQuantMaxRowBytes == kRowMaxBytes, "the kernel's longest row")
 
 __device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 
-// y of one chunk (its quads at quad indices q0 + h * G, those inside the row): normalized, [affine,] [modulated,]
-// rounded to T. The quads past the row stay zero (they feed the row's statistics).
-template <typename T, int G, bool EVEN>
+// y of one chunk inside the row (its quads at quad indices q0 + h * quad_step, row_quant.cuh): normalized,
+// [affine,] [modulated,] rounded to T. (Chunks past the row are not passed: they stay zero for the statistics.)
+template <typename T, int G, bool SPLIT>
 __device__ __forceinline__ uint4 norm_chunk(const uint4& raw, float mean, float rstd, const NormQuantArgs& a,
-                                            const float* msc, const float* msh, int q0, int quads) {
+                                            const float* msc, const float* msh, int q0) {
   constexpr int VEC = 16 / sizeof(T);
   const T* e = reinterpret_cast<const T*>(&raw);
   float f[VEC];
 #pragma unroll
   for (int h = 0; h < VEC / 4; ++h) {
-    const int q = q0 + h * G, col = 4 * q;
+    const int q = q0 + h * quad_step<G, SPLIT>(), col = 4 * q;
     float* v = f + 4 * h;
-    if (!half_in<G, EVEN>(q0, h, quads)) {
-      v[0] = v[1] = v[2] = v[3] = 0.0f;
-      continue;
-    }
 #pragma unroll
     for (int i = 0; i < 4; ++i) v[i] = __fmul_rn(__fsub_rn(to_float(e[4 * h + i]), mean), rstd);
     if (a.weight) {
@@ -57,16 +53,16 @@ __device__ __forceinline__ uint4 norm_chunk(const uint4& raw, float mean, float 
 
 // The norm's input chunk with a residual: h = residual + gate * x per element in float32 (no FMA: torch's
 // product, then its sum), rounded to T (reference.epilogue_tail's add); res: the residual row, g: the gate row or
-// null. The quads past the row stay zero.
-template <typename T, int G, bool EVEN>
-__device__ __forceinline__ uint4 residual_chunk(const uint4& xr, const T* res, const float* g, int q0, int quads) {
+// null. A chunk inside the row (quads as norm_chunk's).
+template <typename T, int G, bool SPLIT>
+__device__ __forceinline__ uint4 residual_chunk(const uint4& xr, const T* res, const float* g, int q0) {
   constexpr int VEC = 16 / sizeof(T);
   uint4 rr;
-  if constexpr (VEC == 4) {
+  if constexpr (VEC == 4 || !SPLIT) {  // (a whole 16-byte chunk)
     rr = *reinterpret_cast<const uint4*>(res + 4 * q0);
   } else {
     const uint2 lo = *reinterpret_cast<const uint2*>(res + 4 * q0);
-    const uint2 hi = half_in<G, EVEN>(q0, 1, quads) ? *reinterpret_cast<const uint2*>(res + 4 * (q0 + G)) : make_uint2(0, 0);
+    const uint2 hi = *reinterpret_cast<const uint2*>(res + 4 * (q0 + quad_step<G, SPLIT>()));
     rr = make_uint4(lo.x, lo.y, hi.x, hi.y);
   }
   const T* xe = reinterpret_cast<const T*>(&xr);
@@ -74,10 +70,9 @@ __device__ __forceinline__ uint4 residual_chunk(const uint4& xr, const T* res, c
   float f[VEC];
 #pragma unroll
   for (int h = 0; h < VEC / 4; ++h) {
-    const int q = q0 + h * G;
+    const int q = q0 + h * quad_step<G, SPLIT>();
     float gv[4] = {1.0f, 1.0f, 1.0f, 1.0f};
-    const bool in = half_in<G, EVEN>(q0, h, quads);
-    if (g && in) {
+    if (g) {
       const float4 v = ld4(g + 4 * q);
       gv[0] = v.x, gv[1] = v.y, gv[2] = v.z, gv[3] = v.w;
     }
@@ -85,7 +80,7 @@ __device__ __forceinline__ uint4 residual_chunk(const uint4& xr, const T* res, c
     for (int j = 0; j < 4; ++j) {
       const int i = 4 * h + j;
       const float v = g ? __fmul_rn(to_float(xe[i]), gv[j]) : to_float(xe[i]);
-      f[i] = in ? __fadd_rn(to_float(re[i]), v) : 0.0f;
+      f[i] = __fadd_rn(to_float(re[i]), v);
     }
   }
   return pack_chunk<T>(f);
@@ -98,8 +93,8 @@ __device__ __forceinline__ void opaque(uint4 (&r)[NC]) {
   for (int i = 0; i < NC; ++i) asm volatile("" : "+r"(r[i].x), "+r"(r[i].y), "+r"(r[i].z), "+r"(r[i].w));
 }
 
-template <typename T, int W, int NC, bool EVEN>
-__global__ void __launch_bounds__(kRowThreads, EVEN ? 0 : 2) norm_quant_kernel(const NormQuantArgs a) {
+template <typename T, int W, int NC, bool SPLIT>
+__global__ void __launch_bounds__(kRowThreads) norm_quant_kernel(const NormQuantArgs a) {
   constexpr int VEC = 16 / sizeof(T), G = 32 * W, kRows = kRowThreads / G, J = kNormQuantMaxConsumers;
   __shared__ float sh[4][kRowThreads / 32][4];  // (one buffer per group_reduce)
   const int group = threadIdx.x / G, t = threadIdx.x % G;
@@ -110,16 +105,16 @@ __global__ void __launch_bounds__(kRowThreads, EVEN ? 0 : 2) norm_quant_kernel(c
   const T* x = static_cast<const T*>(a.x) + row * a.ldx;
 
   uint4 raw[NC];
-  load_row<T, NC, G, EVEN>(x, t, quads, raw);
+  load_row<T, NC, G, SPLIT>(x, t, quads, raw);
   if (a.residual) {  // the norm's input is h = residual + gate * x: computed, held in place of x, then stored
     const T* r = static_cast<const T*>(a.residual) + row * a.ld_res;
     const float* g = a.rgate ? a.rgate + (int64_t)(row / a.rg_div) * a.k : nullptr;
 #pragma unroll
     for (int i = 0; i < NC; ++i) {
-      const int q0 = quad_index<T, G>(t, i, 0);
-      if (q0 < quads) raw[i] = residual_chunk<T, G, EVEN>(raw[i], r, g, q0, quads);
+      const int q0 = quad_index<T, G, SPLIT>(t, i, 0);
+      if (q0 < quads) raw[i] = residual_chunk<T, G, SPLIT>(raw[i], r, g, q0);
     }
-    store_row<T, NC, G, EVEN>(static_cast<T*>(a.h) + row * a.k, t, quads, raw);  // (after every load of the loop above)
+    store_row<T, NC, G, SPLIT>(static_cast<T*>(a.h) + row * a.k, t, quads, raw);  // (after every load of the loop above)
   }
   // mean (the zero padding adds nothing), then the variance around it (padding excluded)
   float acc[1] = {0.0f};
@@ -138,7 +133,7 @@ __global__ void __launch_bounds__(kRowThreads, EVEN ? 0 : 2) norm_quant_kernel(c
     const T* e = reinterpret_cast<const T*>(&raw[i]);
 #pragma unroll
     for (int h = 0; h < VEC / 4; ++h) {
-      if (half_in<G, EVEN>(quad_index<T, G>(t, i, 0), h, quads)) {
+      if (quad_index<T, G, SPLIT>(t, i, 0) < quads) {
 #pragma unroll
         for (int j = 4 * h; j < 4 * h + 4; ++j) {
           const float d = __fsub_rn(to_float(e[j]), mean);
@@ -157,10 +152,10 @@ __global__ void __launch_bounds__(kRowThreads, EVEN ? 0 : 2) norm_quant_kernel(c
   const float* msh = a.mod_scale ? a.mod_shift + mrow : nullptr;
 #pragma unroll
   for (int i = 0; i < NC; ++i) {
-    const int q0 = quad_index<T, G>(t, i, 0);
-    if (q0 < quads) raw[i] = norm_chunk<T, G, EVEN>(raw[i], mean, rstd, a, msc, msh, q0, quads);
+    const int q0 = quad_index<T, G, SPLIT>(t, i, 0);
+    if (q0 < quads) raw[i] = norm_chunk<T, G, SPLIT>(raw[i], mean, rstd, a, msc, msh, q0);
   }
-  if (a.y) store_row<T, NC, G, EVEN>(static_cast<T*>(a.y) + row * a.k, t, quads, raw);  // (after the loop's loads)
+  if (a.y) store_row<T, NC, G, SPLIT>(static_cast<T*>(a.y) + row * a.k, t, quads, raw);  // (after the loop's loads)
 
   float hi, lo;
   const bool bad_here = chunk_stats<T, NC>(raw, a.bits == 8, hi, lo);
@@ -174,7 +169,7 @@ __global__ void __launch_bounds__(kRowThreads, EVEN ? 0 : 2) norm_quant_kernel(c
   int rowsum = 0;
   float dot[J] = {0.0f, 0.0f, 0.0f};
   const float* const alpha[J] = {a.alpha, a.alpha + a.k, a.alpha + 2 * a.k};  // (read only for j < nj)
-  row_codes<T, J, NC, G, EVEN>(raw, qm, bad, a.nj, alpha, t, quads, xq, rowsum, dot);
+  row_codes<T, J, NC, G, SPLIT>(raw, qm, bad, a.nj, alpha, t, quads, xq, rowsum, dot);
   float sums[4] = {(float)rowsum, dot[0], dot[1], dot[2]};  // (|rowsum| <= 127 K < 2^24: exact in float)
   group_reduce<W>(sums, AddOp(), sh[3]);
   if (live && t == 0) {
@@ -199,7 +194,7 @@ template <typename T>
 cudaError_t launch_typed(const NormQuantArgs& a, cudaStream_t stream) {
   launch_row_shape(a.m, a.k / (16 / (int)sizeof(T)), [&](auto w, auto nc, int grid) {
     constexpr int W = decltype(w)::value, NC = decltype(nc)::value;
-    if (sizeof(T) == 4 || (a.k / 4) % (kHalves<T> * 32 * W) == 0)
+    if (split_rows<T, W>(a.k))  // (float32 always: no other instantiation)
       norm_quant_kernel<T, W, NC, true><<<grid, kRowThreads, 0, stream>>>(a);
     else
       norm_quant_kernel<T, W, NC, sizeof(T) == 4><<<grid, kRowThreads, 0, stream>>>(a);

@@ -158,33 +158,39 @@ __device__ __forceinline__ bool chunk_stats(const uint4 (&raw)[NC], bool sym8, f
   }
 }
 
-// The row layout of the register kernels. A row of K elements is read in quads of 4 (8 bytes of a 16-bit T; of
-// float32, a quad is a whole 16-byte chunk). Thread t of a row's G threads holds chunks i < NC; chunk i holds the
-// kHalves<T> = VEC / 4 quads q = (i * kHalves + h) * G + t, h < kHalves (columns 4q .. 4q + 3; quads q >= K / 4 are
-// zeros). Consecutive lanes hold consecutive quads, so each per-column float vector (TQE alpha, modulation, affine)
-// is read as float4s at consecutive 16-byte addresses. (Eight consecutive 16-bit elements per lane read those
-// vectors 32 bytes apart per lane: every 16-byte load touched twice the cache lines it used, and the norm-quant ran
-// with its L1 at 85% of throughput, ncu run nq5.)
+// The row layouts of the register kernels. A row of K elements is read in quads of 4 (8 bytes of a 16-bit T; of
+// float32, a quad is a whole 16-byte chunk). Thread t of a row's G threads holds chunks i < NC of kHalves<T> =
+// VEC / 4 quads each, h < kHalves (columns 4q .. 4q + 3; quads q >= K / 4 are zeros):
+// - SPLIT (the row a whole number of chunk rows: K a multiple of 4 kHalves G; float32: always):
+//   q = (i * kHalves + h) * G + t. Consecutive lanes hold consecutive quads, so each per-column float vector (TQE
+//   alpha, modulation, affine) is read as float4s at consecutive 16-byte addresses. (Eight consecutive 16-bit
+//   elements per lane read those vectors 32 bytes apart per lane: every 16-byte load touched twice the cache lines
+//   it used, and the norm-quant ran with its L1 at 85% of throughput, ncu run nq5.)
+// - else: whole 16-byte chunks c = i * G + t, q = c * kHalves + h. (The split layout needs a bounds check per
+//   half on these rows: 58-70 registers in the act-quant where this layout takes 44-64, and 7-16% slower at
+//   K = 8960, BENCHMARKS run nq8.)
+// In both, the two halves of a chunk are inside the row or outside it together, so one compare per chunk serves.
 template <typename T>
 constexpr int kHalves = 16 / sizeof(T) / 4;
-template <typename T, int G>
-__device__ __forceinline__ int quad_index(int t, int i, int h) { return (i * kHalves<T> + h) * G + t; }
-// Whether half h of the chunk whose first quad is q0 lies inside the row. EVEN: the row's quads are a whole number
-// of chunk rows (K a multiple of 4 kHalves G; float32: always), so both halves of a chunk are in or out together and
-// one compare per chunk serves. (A compare per half kept 10 more registers live in the 16-bit norm-quant, 64 -> 74.)
-template <int G, bool EVEN>
-__device__ __forceinline__ bool half_in(int q0, int h, int quads) { return (EVEN ? q0 : q0 + h * G) < quads; }
+template <typename T, int G, bool SPLIT>
+__device__ __forceinline__ int quad_index(int t, int i, int h) {
+  return SPLIT ? (i * kHalves<T> + h) * G + t : (i * G + t) * kHalves<T> + h;
+}
+// Whether rows of k elements take the SPLIT layout, with W warps (G = 32 W threads) per row.
+template <typename T, int W>
+__host__ __device__ constexpr bool split_rows(int k) { return sizeof(T) == 4 || (k / 4) % (kHalves<T> * 32 * W) == 0; }
+// quad_index(t, i, h + 1) - quad_index(t, i, h)
+template <int G, bool SPLIT>
+__device__ __forceinline__ constexpr int quad_step() { return SPLIT ? G : 1; }
 
-// The codes of chunk `raw` (its quads at quad indices q0 + h * G, h < kHalves<T>, the row layout below), returned as
-// VEC bytes (uint2, quad h in word h; 4 bytes: .x), the codes of the quads inside the row (q < quads) added to
-// rowsum, and for each of the nj <= J TQE consumers dot[j] += code * alpha[j][col] (alpha[j]: that consumer's [K]
+// The codes of chunk `raw`, a chunk inside the row (its quads at quad indices q0 + h * quad_step, h < kHalves<T>, the
+// row layouts above), returned as VEC bytes (uint2, quad h in word h; 4 bytes: .x), their sum added to rowsum, and for each of the nj <= J TQE consumers dot[j] += code * alpha[j][col] (alpha[j]: that consumer's [K]
 // row, 16-byte aligned). bad: the row holds inf/NaN, every code is 0. The caller stores the codes (store_codes)
 // after its loop over the chunks: a store through int8_t* may alias anything, so alpha loads could not move above
 // it. (BENCHMARKS run nq4: no change measured either way; the order costs nothing.)
-template <typename T, int J, int G, bool EVEN>
+template <typename T, int J, int G, bool SPLIT>
 __device__ __forceinline__ uint2 chunk_codes(const uint4& raw, const RowQMagic& qm, bool bad, int nj,
-                                             const float* const (&alpha)[J], int q0, int quads, int& rowsum,
-                                             float (&dot)[J]) {
+                                             const float* const (&alpha)[J], int q0, int& rowsum, float (&dot)[J]) {
   constexpr int VEC = 16 / sizeof(T), H = VEC / 4;
   const T* e = reinterpret_cast<const T*>(&raw);
   float y[VEC];
@@ -196,17 +202,15 @@ __device__ __forceinline__ uint2 chunk_codes(const uint4& raw, const RowQMagic& 
     for (int i = 0; i < VEC; ++i) code[i] = __fsub_rn(y[i], kActMagic);
 #pragma unroll
     for (int h = 0; h < H; ++h) {
-      const int q = q0 + h * G;
-      if (half_in<G, EVEN>(q0, h, quads)) {
+      const int q = q0 + h * quad_step<G, SPLIT>();
 #pragma unroll
-        for (int j = 0; j < J; ++j) {
-          if (j < nj) {
-            const float4 f = *reinterpret_cast<const float4*>(alpha[j] + 4 * q);
-            dot[j] = __fmaf_rn(code[4 * h], f.x, dot[j]);
-            dot[j] = __fmaf_rn(code[4 * h + 1], f.y, dot[j]);
-            dot[j] = __fmaf_rn(code[4 * h + 2], f.z, dot[j]);
-            dot[j] = __fmaf_rn(code[4 * h + 3], f.w, dot[j]);
-          }
+      for (int j = 0; j < J; ++j) {
+        if (j < nj) {
+          const float4 f = *reinterpret_cast<const float4*>(alpha[j] + 4 * q);
+          dot[j] = __fmaf_rn(code[4 * h], f.x, dot[j]);
+          dot[j] = __fmaf_rn(code[4 * h + 1], f.y, dot[j]);
+          dot[j] = __fmaf_rn(code[4 * h + 2], f.z, dot[j]);
+          dot[j] = __fmaf_rn(code[4 * h + 3], f.w, dot[j]);
         }
       }
     }
@@ -217,65 +221,75 @@ __device__ __forceinline__ uint2 chunk_codes(const uint4& raw, const RowQMagic& 
   for (int h = 0; h < H; ++h) {
     packed[h] = __byte_perm(__byte_perm(__float_as_uint(y[4 * h]), __float_as_uint(y[4 * h + 1]), 0x0040),
                             __byte_perm(__float_as_uint(y[4 * h + 2]), __float_as_uint(y[4 * h + 3]), 0x0040), 0x5410);
-    if (half_in<G, EVEN>(q0, h, quads)) rowsum = __dp4a((int)packed[h], 0x01010101, rowsum);
+    rowsum = __dp4a((int)packed[h], 0x01010101, rowsum);
   }
   return make_uint2(packed[0], packed[H - 1]);
 }
 
 // load_row: the thread's chunks from row x (zeros past the row); store_row: them into row dst (quads in the row).
-template <typename T, int NC, int G, bool EVEN>
+template <typename T, int NC, int G, bool SPLIT>
 __device__ __forceinline__ void load_row(const T* x, int t, int quads, uint4 (&raw)[NC]) {
 #pragma unroll
   for (int i = 0; i < NC; ++i) {
-    if constexpr (kHalves<T> == 1) {
-      const int q = quad_index<T, G>(t, i, 0);
+    if constexpr (kHalves<T> == 1 || !SPLIT) {  // (a whole 16-byte chunk)
+      const int q = quad_index<T, G, SPLIT>(t, i, 0);
       raw[i] = q < quads ? *reinterpret_cast<const uint4*>(x + 4 * q) : make_uint4(0, 0, 0, 0);
     } else {
-      const int q0 = quad_index<T, G>(t, i, 0), q1 = quad_index<T, G>(t, i, 1);
-      const uint2 lo = q0 < quads ? *reinterpret_cast<const uint2*>(x + 4 * q0) : make_uint2(0, 0);
-      const uint2 hi = half_in<G, EVEN>(q0, 1, quads) ? *reinterpret_cast<const uint2*>(x + 4 * q1) : make_uint2(0, 0);
-      raw[i] = make_uint4(lo.x, lo.y, hi.x, hi.y);
+      const int q0 = quad_index<T, G, SPLIT>(t, i, 0), q1 = quad_index<T, G, SPLIT>(t, i, 1);
+      raw[i] = make_uint4(0, 0, 0, 0);
+      if (q0 < quads) {
+        const uint2 lo = *reinterpret_cast<const uint2*>(x + 4 * q0), hi = *reinterpret_cast<const uint2*>(x + 4 * q1);
+        raw[i] = make_uint4(lo.x, lo.y, hi.x, hi.y);
+      }
     }
   }
 }
-template <typename T, int NC, int G, bool EVEN>
+template <typename T, int NC, int G, bool SPLIT>
 __device__ __forceinline__ void store_row(T* dst, int t, int quads, const uint4 (&raw)[NC]) {
 #pragma unroll
   for (int i = 0; i < NC; ++i) {
-    if constexpr (kHalves<T> == 1) {
-      const int q = quad_index<T, G>(t, i, 0);
+    if constexpr (kHalves<T> == 1 || !SPLIT) {
+      const int q = quad_index<T, G, SPLIT>(t, i, 0);
       if (q < quads) *reinterpret_cast<uint4*>(dst + 4 * q) = raw[i];
     } else {
-      const int q0 = quad_index<T, G>(t, i, 0), q1 = quad_index<T, G>(t, i, 1);
-      if (q0 < quads) *reinterpret_cast<uint2*>(dst + 4 * q0) = make_uint2(raw[i].x, raw[i].y);
-      if (half_in<G, EVEN>(q0, 1, quads)) *reinterpret_cast<uint2*>(dst + 4 * q1) = make_uint2(raw[i].z, raw[i].w);
+      const int q0 = quad_index<T, G, SPLIT>(t, i, 0), q1 = quad_index<T, G, SPLIT>(t, i, 1);
+      if (q0 < quads) {
+        *reinterpret_cast<uint2*>(dst + 4 * q0) = make_uint2(raw[i].x, raw[i].y);
+        *reinterpret_cast<uint2*>(dst + 4 * q1) = make_uint2(raw[i].z, raw[i].w);
+      }
     }
   }
 }
 
-// A chunk's codes (chunk_codes: quad h in word h) into row xq, the quads in the row.
-template <typename T, int G, bool EVEN>
-__device__ __forceinline__ void store_codes(int8_t* xq, int q0, int quads, const uint2& codes) {
-  if (q0 < quads) *reinterpret_cast<uint32_t*>(xq + 4 * q0) = codes.x;
-  if (kHalves<T> == 2 && half_in<G, EVEN>(q0, 1, quads)) *reinterpret_cast<uint32_t*>(xq + 4 * (q0 + G)) = codes.y;
+// The codes of a chunk inside the row (chunk_codes: quad h in word h) into row xq.
+template <typename T, int G, bool SPLIT>
+__device__ __forceinline__ void store_codes(int8_t* xq, int q0, const uint2& codes) {
+  if constexpr (kHalves<T> == 1) {
+    *reinterpret_cast<uint32_t*>(xq + 4 * q0) = codes.x;
+  } else if constexpr (!SPLIT) {  // (the chunk's 8 codes are consecutive)
+    *reinterpret_cast<uint2*>(xq + 4 * q0) = codes;
+  } else {
+    *reinterpret_cast<uint32_t*>(xq + 4 * q0) = codes.x;
+    *reinterpret_cast<uint32_t*>(xq + 4 * (q0 + G)) = codes.y;
+  }
 }
 
 // The held row's codes into row xq (chunk_codes, then every store after every alpha load), its row sum added to
 // rowsum and each consumer's TQE dot to dot[j].
-template <typename T, int J, int NC, int G, bool EVEN>
+template <typename T, int J, int NC, int G, bool SPLIT>
 __device__ __forceinline__ void row_codes(const uint4 (&raw)[NC], const RowQMagic& qm, bool bad, int nj,
                                           const float* const (&alpha)[J], int t, int quads, int8_t* xq, int& rowsum,
                                           float (&dot)[J]) {
   uint2 codes[NC];
 #pragma unroll
   for (int i = 0; i < NC; ++i) {
-    const int q0 = quad_index<T, G>(t, i, 0);
-    if (q0 < quads) codes[i] = chunk_codes<T, J, G, EVEN>(raw[i], qm, bad, nj, alpha, q0, quads, rowsum, dot);
+    const int q0 = quad_index<T, G, SPLIT>(t, i, 0);
+    if (q0 < quads) codes[i] = chunk_codes<T, J, G, SPLIT>(raw[i], qm, bad, nj, alpha, q0, rowsum, dot);
   }
 #pragma unroll
   for (int i = 0; i < NC; ++i) {
-    const int q0 = quad_index<T, G>(t, i, 0);
-    if (q0 < quads) store_codes<T, G, EVEN>(xq, q0, quads, codes[i]);
+    const int q0 = quad_index<T, G, SPLIT>(t, i, 0);
+    if (q0 < quads) store_codes<T, G, SPLIT>(xq, q0, codes[i]);
   }
 }
 
