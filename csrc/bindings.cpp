@@ -20,6 +20,9 @@
 //       so the tail costs no second [M, N] buffer.
 //   torch.ops.qvdit.cuda_epilogue_tail(y, activation, residual, residual_gate) -> [M, N]: that tail pass alone,
 //       into a new tensor (a direct probe of the kernel for tests).
+//   torch.ops.qvdit.cuda_qlinear_over(x!, bits, alpha, gate, frame_id, input_activation, w_packed, w_bits, w_scale,
+//                                     w_zero, bias, beta, path, activation, residual!, residual_gate) -> ()
+//       act-quant + GEMM + tail with the codes over x, y in x's spare row bytes and the result over residual.
 //       path 0 = the fastest kernel here (W3/W4: warp-specialized wgmma; W8: wgmma; mma.sync without sm_90a),
 //       1 = mma.sync, 2 = wgmma (gemm_sm90.cu), 3 = warp-specialized wgmma for W3/W4 (gemm_sm90_ws.cu; W8
 //       takes gemm_sm90.cu); 2 and 3 are an error where sm_90a is absent.
@@ -288,10 +291,12 @@ void set_tail(qv::Epi& e, int64_t activation, const OptT& residual, const OptT& 
   }
 }
 
-Tensor qgemm_cuda(const Tensor& xq_in, const Tensor& x_scale, const Tensor& w_in, int64_t w_bits,
+// cuda_qgemm; with `into` ([M, N] of out_dtype, any 16-byte aligned row stride): y goes there instead of a new
+// tensor, and the tail (required) goes over the residual (contiguous), which is returned (cuda_qlinear_over).
+Tensor qgemm_impl(const Tensor& xq_in, const Tensor& x_scale, const Tensor& w_in, int64_t w_bits,
                   const Tensor& w_scale, const Tensor& w_zero, const OptT& bias, const OptT& u, const OptT& beta,
                   const OptT& x_rowsum, at::ScalarType out_dtype, int64_t path, int64_t activation,
-                  const OptT& residual, const OptT& residual_gate, bool fuse_tail) {
+                  const OptT& residual, const OptT& residual_gate, bool fuse_tail, const Tensor* into) {
   TORCH_CHECK(xq_in.is_cuda() && xq_in.dim() == 2 && xq_in.scalar_type() == at::kChar,
               "xq must be a 2-D int8 CUDA tensor");
   TORCH_CHECK(w_bits == 3 || w_bits == 4 || w_bits == 8, "w_bits must be 3, 4 or 8, got ", w_bits);
@@ -320,8 +325,20 @@ Tensor qgemm_cuda(const Tensor& xq_in, const Tensor& x_scale, const Tensor& w_in
     case at::kInt: out_kind = 3; break;
     default: TORCH_CHECK(false, "out_dtype must be bfloat16, float16, float32 or int32, got ", out_dtype);
   }
-  Tensor out = at::empty({m, n}, xq_in.options().dtype(out_dtype));
-  if (m == 0 || n == 0) return out;
+  Tensor out = into ? *into : at::empty({m, n}, xq_in.options().dtype(out_dtype));
+  if (into) {
+    TORCH_CHECK(residual && !fuse_tail && out_kind != 3, "qgemm into a given buffer: the residual tail goes over the "
+                "residual, after the kernel");
+    TORCH_CHECK(residual->is_contiguous(), "residual must be contiguous to take the output in place, got strides ",
+                residual->strides());
+    check_cuda(out, "out", xq_in);
+    TORCH_CHECK(out.dim() == 2 && out.size(0) == m && out.size(1) == n && out.scalar_type() == out_dtype &&
+                    out.stride(1) == 1 && out.stride(0) >= n && (out.stride(0) * out.element_size()) % 16 == 0 &&
+                    aligned16(out),
+                "out must be [M, N] of out_dtype with 16-byte aligned rows that do not overlap, got ", out.sizes(), " ",
+                out.scalar_type(), " with strides ", out.strides());
+  }
+  if (m == 0 || n == 0) return into ? *residual : out;
   auto stream = c10::cuda::getCurrentCUDAStream();
 
   qv::GemmArgs g{};
@@ -367,6 +384,7 @@ Tensor qgemm_cuda(const Tensor& xq_in, const Tensor& x_scale, const Tensor& w_in
   g.epi.zw = zw.data_ptr<float>();
   g.epi.rowsum = rowsum.data_ptr<int32_t>();
   g.epi.out = out.data_ptr();
+  g.epi.ld_out = out.stride(0);
   g.epi.out_kind = out_kind;
   g.epi.m = (int)m;
   g.epi.n = (int)n;
@@ -398,12 +416,52 @@ Tensor qgemm_cuda(const Tensor& xq_in, const Tensor& x_scale, const Tensor& w_in
                 qv::qgemm_sm80_smem_bytes((int)w_bits), " bytes of shared memory per block; this GPU has ", smem);
     check_launch(qv::qgemm_sm80(g, (int)w_bits, stream), "qgemm (sm80)");
   }
-  if (tail && !tail_in_kernel) {  // in place: each thread reads its piece of out, then overwrites it
-    te.out = out.data_ptr();
+  if (tail && !tail_in_kernel) {  // in place: each thread reads its piece of out (or the residual), then overwrites it
+    te.out = into ? res.data_ptr() : out.data_ptr();
     te.out_kind = out_kind;
-    check_launch(qv::epilogue_tail(out.data_ptr(), n, te, stream), "epilogue_tail");
+    check_launch(qv::epilogue_tail(out.data_ptr(), out.stride(0), te, stream), "epilogue_tail");
   }
-  return out;
+  return into ? *residual : out;
+}
+
+Tensor qgemm_cuda(const Tensor& xq, const Tensor& x_scale, const Tensor& w, int64_t w_bits, const Tensor& w_scale,
+                  const Tensor& w_zero, const OptT& bias, const OptT& u, const OptT& beta, const OptT& x_rowsum,
+                  at::ScalarType out_dtype, int64_t path, int64_t activation, const OptT& residual,
+                  const OptT& residual_gate, bool fuse_tail) {
+  return qgemm_impl(xq, x_scale, w, w_bits, w_scale, w_zero, bias, u, beta, x_rowsum, out_dtype, path, activation,
+                    residual, residual_gate, fuse_tail, nullptr);
+}
+
+// The spare bytes of x's rows [M, K] after the K code bytes cuda_act_quant_inplace leaves there, as [M, n] of x's
+// dtype: where cuda_qlinear_over puts the GEMM's output. Undefined (an error) where they do not hold n values.
+Tensor spare_rows(const Tensor& x, int64_t n) {
+  const int64_t k = x.size(1), el = x.element_size();
+  TORCH_CHECK(x.is_contiguous() && k % 16 == 0 && aligned16(x) && (el - 1) * k >= n * el,
+              "cuda_qlinear_over: x must be contiguous with K a multiple of 16 and rows that hold the K code bytes "
+              "and N output values, got ", x.sizes(), " ", x.scalar_type(), " with strides ", x.strides(), " for N = ", n);
+  return x.view(at::kChar).narrow(1, k, n * el).view(x.scalar_type());
+}
+
+// The FFN's second linear over buffers its caller gives up (qvdit_kernels.ops.qlinear with overwrite_input and
+// overwrite_residual): the codes over x's rows (as cuda_act_quant_inplace), the GEMM's output y into the bytes of
+// those rows the codes leave free (`spare_rows`), and the tail residual + gate * act(y) over the residual. So no
+// [M, K] code buffer and no [M, N] output buffer: with fc1's output as x, fc2's output costs no memory.
+void qlinear_over_cuda(Tensor& x, int64_t bits, const OptT& alpha, const OptT& gate, const OptT& frame_id,
+                       int64_t input_activation, const Tensor& w, int64_t w_bits, const Tensor& w_scale,
+                       const Tensor& w_zero, const OptT& bias, const OptT& beta, int64_t path, int64_t activation,
+                       Tensor& residual, const OptT& residual_gate) {
+  check_act_quant_args(x, bits, input_activation);
+  TORCH_CHECK(alpha.has_value() == beta.has_value(), "alpha and beta must be given together");
+  check_cuda(residual, "residual", x);
+  TORCH_CHECK(residual.dim() == 2 && residual.size(0) == x.size(0) && residual.size(1) == w.size(0) &&
+                  residual.scalar_type() == x.scalar_type(),
+              "residual must be [M, N] in x's dtype, got ", residual.sizes(), " ", residual.scalar_type());
+  c10::cuda::CUDAGuard guard(x.device());
+  Tensor y = spare_rows(x, w.size(0));  // (checked before the codes overwrite x)
+  auto [sx, u, rowsum] = act_quant_inplace_cuda(x, bits, alpha, gate, frame_id, input_activation);
+  const Tensor xq = x.view(at::kChar).narrow(1, 0, x.size(1));
+  qgemm_impl(xq, sx, w, w_bits, w_scale, w_zero, bias, alpha ? OptT(u) : OptT(), beta, rowsum,
+             x.scalar_type(), path, activation, residual, residual_gate, false, &y);
 }
 
 Tensor epilogue_tail_cuda(const Tensor& y_in, int64_t activation, const OptT& residual, const OptT& residual_gate) {
@@ -461,6 +519,10 @@ Tensor qgemm_meta(const Tensor& xq, const Tensor&, const Tensor& w, int64_t, con
   return at::empty_symint({xq.sym_size(0), w.sym_size(0)}, xq.options().dtype(out_dtype));
 }
 
+void qlinear_over_meta(Tensor&, int64_t, const OptT&, const OptT&, const OptT&, int64_t, const Tensor&, int64_t,
+                       const Tensor&, const Tensor&, const OptT&, const OptT&, int64_t, int64_t, Tensor&,
+                       const OptT&) {}  // (it returns nothing: its results are its two mutated inputs)
+
 Tensor epilogue_tail_meta(const Tensor& y, int64_t, const OptT&, const OptT&) {
   return at::empty_symint(y.sym_sizes(), y.options());  // contiguous, as the CUDA kernel returns it
 }
@@ -479,6 +541,9 @@ TORCH_LIBRARY_FRAGMENT(qvdit, m) {  // a fragment: the Triton ops (triton/librar
         " Tensor? bias, Tensor? u, Tensor? beta, Tensor? x_rowsum, ScalarType out_dtype, int path,"
         " int activation=0, Tensor? residual=None, Tensor? residual_gate=None, bool fuse_tail=False) -> Tensor");
   m.def("cuda_epilogue_tail(Tensor y, int activation, Tensor? residual, Tensor? residual_gate) -> Tensor");
+  m.def("cuda_qlinear_over(Tensor(a!) x, int bits, Tensor? alpha, Tensor? gate, Tensor? frame_id,"
+        " int input_activation, Tensor w_packed, int w_bits, Tensor w_scale, Tensor w_zero, Tensor? bias,"
+        " Tensor? beta, int path, int activation, Tensor(b!) residual, Tensor? residual_gate) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(qvdit, CUDA, m) {
@@ -487,6 +552,7 @@ TORCH_LIBRARY_IMPL(qvdit, CUDA, m) {
   m.impl("cuda_norm_quant", &norm_quant_cuda);
   m.impl("cuda_qgemm", &qgemm_cuda);
   m.impl("cuda_epilogue_tail", &epilogue_tail_cuda);
+  m.impl("cuda_qlinear_over", &qlinear_over_cuda);
 }
 
 TORCH_LIBRARY_IMPL(qvdit, Meta, m) {
@@ -495,6 +561,7 @@ TORCH_LIBRARY_IMPL(qvdit, Meta, m) {
   m.impl("cuda_norm_quant", &norm_quant_meta);
   m.impl("cuda_qgemm", &qgemm_meta);
   m.impl("cuda_epilogue_tail", &epilogue_tail_meta);
+  m.impl("cuda_qlinear_over", &qlinear_over_meta);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -142,7 +142,7 @@ __device__ __forceinline__ void store_pair(const Epi& e, int row, int col, int32
   const int32_t rs = e.rowsum[row];
   const int32_t c0 = zero_corrected(r0, e.zw[col], rs);
   const int32_t c1 = two ? zero_corrected(r1, e.zw[col + 1], rs) : 0;
-  const size_t idx = (size_t)row * e.n + col;
+  const size_t idx = (size_t)row * out_stride(e) + col;
   if (e.out_kind == 3) {
     int32_t* o = static_cast<int32_t*>(e.out) + idx;
     if (two && idx % 2 == 0) {

@@ -37,7 +37,11 @@ struct Epi {
   int64_t ld_res;
   const float* rgate;    // [g, n] float32, row m takes gate row m / gate_div; null = none
   int gate_div;
+  // Row stride of out in elements; 0 means n (contiguous). Larger when the GEMM writes into the spare bytes of
+  // another buffer's rows (the FFN's fc2 into fc1's output rows: ops.qlinear(overwrite_residual=)).
+  int64_t ld_out;
 };
+QV_HD int64_t out_stride(const Epi& e) { return e.ld_out ? e.ld_out : e.n; }
 
 // Arguments of one GEMM launch (device pointers). The activation buffer has ka columns (K rounded up
 // to 16, zero padded by the host), the W8 buffer kw; steps = mainloop steps, the last one a W3

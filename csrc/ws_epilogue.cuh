@@ -84,11 +84,13 @@ struct EpiRegs {
   const void* residual;
   const float* rgate;
   int64_t ld_res;
+  int ld_out;  // out's row stride in elements (Epi::ld_out)
   int m, n, activation;
   bool bias, u;
 };
 __device__ __forceinline__ EpiRegs epi_regs(const Epi& e) {
-  return {e.out, e.residual, e.rgate, e.ld_res, e.m, e.n, e.activation, e.bias != nullptr, e.u != nullptr};
+  return {e.out, e.residual, e.rgate, e.ld_res, (int)out_stride(e), e.m, e.n, e.activation,
+          e.bias != nullptr, e.u != nullptr};
 }
 
 // The one instantiation of an epilogue for this launch's out dtype and tail choice: f(out kind, tail) with both
@@ -256,7 +258,7 @@ __device__ __forceinline__ bool epilogue_vec(const EpiRegs& e, int valid) {
   const auto al = [](const void* p, int64_t ld, int bytes) {
     return reinterpret_cast<uintptr_t>(p) % (4 * bytes) == 0 && (ld * bytes) % (4 * bytes) == 0;
   };
-  return valid >= 4 && al(e.out, e.n, kEl) && (!TAIL || !e.residual || al(e.residual, e.ld_res, kEl)) &&
+  return valid >= 4 && al(e.out, e.ld_out, kEl) && (!TAIL || !e.residual || al(e.residual, e.ld_res, kEl)) &&
          (!TAIL || !e.rgate || al(e.rgate, e.n, 4));
 }
 
@@ -294,7 +296,7 @@ __device__ __forceinline__ void epilogue_token(const EpiRegs& e, uint32_t sbase,
     if (TAIL && e.residual) v = tail_residual(res[a], v, e.rgate != nullptr, gate[a]);
     y[a] = v;
   }
-  st4<OUT>(e.out, (size_t)m * e.n + n, vec, valid, y, cv);
+  st4<OUT>(e.out, (size_t)m * e.ld_out + n, vec, valid, y, cv);
 }
 
 // The 4 tokens of this thread in a staged chunk (see epilogue_rows). FULL: every token in range and 4 whole

@@ -131,13 +131,14 @@ class QLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, activation: str | None = None, residual: torch.Tensor | None = None,
                 residual_gate: torch.Tensor | None = None, input_activation: str | None = None,
-                overwrite_input: bool = False) -> torch.Tensor:
+                overwrite_input: bool = False, overwrite_residual: bool = False) -> torch.Tensor:
         """y = linear(x); with `activation` ("gelu_tanh") and/or `residual` [..., N] (x.dtype) and `residual_gate`
         (f32 [G, N], row m of the M rows uses gate row m // (M // G)): residual + gate * act(y), fused into the
         GEMM's epilogue (`qvdit_kernels.qgemm`). `input_activation` ("gelu_tanh"): y = linear(act(x)), the
         activation applied in the act-quant pass (`qvdit_kernels.qlinear`), so act(x) is never written.
         `overwrite_input`: x is dead after this call, and the act-quant may write its codes over it
-        (`qvdit_kernels.qlinear`; the CUDA backend does): no code buffer beside x."""
+        (`qvdit_kernels.qlinear`; the CUDA backend does): no code buffer beside x. `overwrite_residual`: residual is
+        dead too, and the result may be written over it (and returned as a view of it; `qvdit_kernels.qlinear`)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self.name or 'QLinear'}: input has {x.shape[-1]} features, expected {self.in_features}")
         rows = x.numel() // self.in_features
@@ -160,7 +161,8 @@ class QLinear(nn.Module):
         alpha, beta, gate, frame_id = self.tqe_inputs(rows, x.device)
         return qk.qlinear(x, self.w_packed, self.w_bits, self.w_scale, self.w_zero, self.a_bits, bias=self.bias,
                           alpha=alpha, beta=beta, gate=gate, frame_id=frame_id, backend=self.backend,
-                          input_activation=input_activation, overwrite_input=overwrite_input, **tail)
+                          input_activation=input_activation, overwrite_input=overwrite_input,
+                          overwrite_residual=overwrite_residual and residual is not None, **tail)
 
     def _forward_prequantized(self, x, xq, x_scale, rowsum, u, activation=None, residual=None, residual_gate=None):
         """The GEMM on codes a fused producer computed for x (same codes as this layer's own act-quant of x)."""

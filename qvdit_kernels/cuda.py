@@ -108,14 +108,33 @@ def inplace_ok(x2: torch.Tensor) -> bool:
             and _rows_in_registers(x2, INPLACE_MAX_ROW_BYTES))
 
 
+def over_ok(x2: torch.Tensor, n: int, out_dtype: torch.dtype, residual) -> bool:
+    """Whether cuda_qlinear_over can run a linear of x2 [M, K] to N = n outputs with a residual tail: codes in place
+    (`inplace_ok`), x2 contiguous with room in each row for the K code bytes and the n outputs in x2's dtype, the
+    output that dtype, a contiguous residual of it, and the tail as a pass after the kernel (`fused_tail_enabled`
+    off: the kernel's fused tail would write its output over the codes' rows)."""
+    el = x2.element_size()
+    return (residual is not None and out_dtype == x2.dtype and residual.dtype == x2.dtype
+            and residual.is_contiguous() and x2.is_contiguous() and (el - 1) * x2.shape[1] >= n * el
+            and not fused_tail_enabled() and inplace_ok(x2))
+
+
 @register("qlinear", "cuda")
 @fuses_tail
 def qlinear(x2, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, gate, frame_id, out_dtype, format,
-            activation=None, residual=None, residual_gate=None, input_activation=None, overwrite_input=False):
+            activation=None, residual=None, residual_gate=None, input_activation=None, overwrite_input=False,
+            overwrite_residual=False):
     """act-quant (codes, scale, TQE u and the row sums in one pass; of the GELU of x2 with input_activation) then
     the GEMM; TQE on when alpha/beta given. overwrite_input (x2 is dead after this call): the codes go over x2's
-    own rows where `inplace_ok(x2)`, so no [M, K] code buffer is allocated beside it."""
+    own rows where `inplace_ok(x2)`, so no [M, K] code buffer is allocated beside it. With overwrite_residual too
+    (the residual is dead as well) and `over_ok`: one op (`cuda_qlinear_over`) puts the GEMM's output into the
+    bytes of x2's rows the codes leave free and the tail's result over the residual, which it returns."""
     require_default_format("cuda", w_bits, format)
+    if overwrite_input and overwrite_residual and over_ok(x2, w_packed.shape[0], out_dtype, residual):
+        torch.ops.qvdit.cuda_qlinear_over(x2, a_bits, alpha, gate, frame_id, ACTIVATIONS[input_activation], w_packed,
+                                          w_bits, w_scale, w_zero, bias, beta, gemm_path(), ACTIVATIONS[activation],
+                                          residual, residual_gate)
+        return residual
     if overwrite_input and inplace_ok(x2):
         sx, u, rowsum = torch.ops.qvdit.cuda_act_quant_inplace(x2, a_bits, alpha, gate, frame_id,
                                                                ACTIVATIONS[input_activation])

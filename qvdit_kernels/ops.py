@@ -314,7 +314,7 @@ def qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias=None, u=None, bet
 
 def qlinear(x, w_packed, w_bits, w_scale, w_zero, a_bits, bias=None, alpha=None, beta=None, gate=None,
             frame_id=None, out_dtype=None, backend="auto", format=None, activation=None, residual=None,
-            residual_gate=None, input_activation=None, overwrite_input=False):
+            residual_gate=None, input_activation=None, overwrite_input=False, overwrite_residual=False):
     """Quantized linear: act-quant of x [..., K] then `qgemm`; returns [..., N] (x.dtype unless out_dtype).
 
     TQE is on when alpha and beta are given (u is then computed in the act-quant pass).
@@ -324,6 +324,10 @@ def qlinear(x, w_packed, w_bits, w_scale, w_zero, a_bits, bias=None, alpha=None,
     overwrite_input: the caller gives up x (nothing reads it afterwards), so a backend may write the activation
     codes over it instead of into a buffer of their own (the CUDA backend does, `cuda.inplace_ok`); x's values
     are then undefined. The output is the same either way.
+    overwrite_residual: the caller gives up residual too, so a backend may write the output over it and return
+    (a view of) residual itself. With overwrite_input, the CUDA backend does where x's rows have room for the
+    output beside the codes (`cuda.over_ok`; the FFN's fc2 on fc1's output): then the linear allocates no [M, K]
+    or [M, N] buffer at all.
     """
     check_tensor("x", x, FLOAT_DTYPES)
     _check_activation("input_activation", input_activation)
@@ -348,7 +352,7 @@ def qlinear(x, w_packed, w_bits, w_scale, w_zero, a_bits, bias=None, alpha=None,
         _check_tail(x2.shape[0], w_packed.shape[0], x.device, out_dtype, activation, res2, residual_gate)
         y = _run_gemm(fused, (x2, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, gate, frame_id,
                               out_dtype, format), activation, res2, residual_gate, input_activation=input_activation,
-                      overwrite_input=overwrite_input)
+                      overwrite_input=overwrite_input, overwrite_residual=overwrite_residual)
     else:
         need_rowsum = w_bits != 8
         res = _quantize_activation_checked(x2, a_bits, alpha, gate, frame_id, backend, need_rowsum, input_activation)

@@ -236,6 +236,11 @@ def test_opcheck_ops():
     torch.library.opcheck(torch.ops.qvdit.cuda_act_quant_inplace.default, (x128, 6, alpha[:128], gate, fid, 1))
     y, res = torch.randn(6, 16, device=DEV).bfloat16(), torch.randn(6, 16, device=DEV).bfloat16()
     torch.library.opcheck(torch.ops.qvdit.cuda_epilogue_tail.default, (y, 1, res, torch.rand(2, 16, device=DEV)))
+    b, _ = problem(8, 128, 48, 3, 6, seed=9)  # (x's bf16 rows of 256 bytes hold 128 code bytes and 48 outputs)
+    xb, rb = torch.randn(5, 128, generator=gen(5)).to(DEV, torch.bfloat16), torch.randn(5, 48, device=DEV).bfloat16()
+    torch.library.opcheck(torch.ops.qvdit.cuda_qlinear_over.default,
+                          (xb, 6, alpha[:128], gate, fid, 1, b["w_packed"], 3, b["w_scale"], b["w_zero"], b["bias"],
+                           b["beta"], 0, 0, rb, torch.rand(1, 48, device=DEV)))
 
 
 def test_torch_compile_fullgraph_qlinear():
@@ -464,3 +469,54 @@ def test_qlinear_overwrite_input_same_output_without_a_code_buffer(path, w_bits)
         assert torch.equal(got, want)
         assert torch.equal(x2, x) != overwrite  # overwritten only when allowed
     assert peaks[1] <= peaks[0] - 0.9 * m * k, peaks
+
+
+@pytest.mark.parametrize("w_bits", [3, 4])
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float32])
+def test_qlinear_over_writes_the_output_over_the_residual(path, w_bits, dt):
+    """qlinear(overwrite_input=True, overwrite_residual=True) with a residual tail (cuda_qlinear_over: the GEMM's
+    output in the bytes of x's rows the codes leave free, the tail over the residual) gives the copying call's result
+    bit for bit, in the residual's own memory, and allocates neither the [M, K] codes nor the [M, N] output: its peak
+    is below overwrite_input's alone by about the output's bytes. Where x's rows have no room for the output (N > K
+    (el - 1) / el) it falls back to overwrite_input's call and leaves the residual as it was."""
+    from qvdit_kernels.cuda import over_ok
+
+    g = torch.Generator().manual_seed(w_bits)
+    for m, k, n in ((2048, 8960, 640), (300, 256, 224)):
+        x = (torch.randn(m, k, generator=g) * 2).to(DEV, dt)
+        res = torch.randn(m, n, generator=g).to(DEV, dt)
+        gate = torch.rand(2, n, generator=g).to(DEV)  # (per half of the rows, as a batch of two)
+        a, _ = problem(8, k, n, w_bits, 6, seed=w_bits)
+        kw = dict(w_packed=a["w_packed"], w_bits=w_bits, w_scale=a["w_scale"], w_zero=a["w_zero"], a_bits=6,
+                  bias=a["bias"], alpha=torch.randn(k, device=DEV), beta=a["beta"], backend="cuda",
+                  input_activation="gelu_tanh", residual_gate=gate)
+        room = over_ok(x, n, dt, res)
+        assert room == (x.element_size() - 1) * k >= n * x.element_size()
+        want = qk.qlinear(x, residual=res, **kw)
+        assert_tail_within(want, qk.qlinear(x, **{**kw, "residual_gate": None}), None, res, gate)
+        peaks = {}
+        for mode in ("input", "both"):
+            x2, r2 = x.clone(), res.clone()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            start = torch.cuda.memory_allocated()
+            got = qk.qlinear(x2, residual=r2, overwrite_input=True, overwrite_residual=mode == "both", **kw)
+            torch.cuda.synchronize()
+            peaks[mode] = torch.cuda.max_memory_allocated() - start
+            assert torch.equal(got, want)
+            over = mode == "both" and room
+            assert (got.data_ptr() == r2.data_ptr()) == over and torch.equal(r2, res) != over
+        if room:
+            assert peaks["both"] <= peaks["input"] - 0.9 * m * n * x.element_size(), peaks
+
+
+def test_qlinear_over_refuses_rows_without_room():
+    """cuda_qlinear_over called directly on rows that cannot hold the codes and the output: an error naming x,
+    raised before anything is written."""
+    a, _ = problem(8, 256, 224, 3, 6, seed=3)
+    x, r = torch.randn(4, 256, device=DEV, dtype=torch.bfloat16), torch.randn(4, 224, device=DEV).bfloat16()
+    x0 = x.clone()
+    with pytest.raises(RuntimeError, match="cuda_qlinear_over: x must be contiguous"):
+        torch.ops.qvdit.cuda_qlinear_over(x, 6, None, None, None, 0, a["w_packed"], 3, a["w_scale"], a["w_zero"],
+                                          None, None, 0, 0, r, None)
+    assert torch.equal(x, x0)

@@ -5,6 +5,7 @@ On the reference backend the fused forward equals the unfused one bit for bit (s
 codes and float64 u), which also checks that `wan_block_forward` mirrors diffusers' block. On Triton (GPU, or
 the interpreter) it is checked against the unfused Triton forward within a small relative error."""
 import copy
+import re
 
 import pytest
 import torch
@@ -243,14 +244,35 @@ def test_per_token_modulation_fused_equals_unfused(monkeypatch):
     assert n == 6 and sorted(TAILS, key=str) == sorted(BLOCK_TAILS * 2, key=str) and torch.equal(plain, fused_out)
 
 
+def _mutated_buffers(code: str, start: int, positions) -> list[str]:
+    """The buffers named by the top-level arguments at `positions` of the call whose arguments begin at code[start]
+    (inductor's output code: `bufN`, `argN_1` or `reinterpret_tensor(bufN, ...)`)."""
+    args, depth, cur = [], 0, ""
+    for ch in code[start:]:
+        if depth == 0 and ch in ",)":
+            args.append(cur.strip())
+            cur = ""
+            if ch == ")":
+                break
+            continue
+        depth += 1 if ch in "([" else -1 if ch in ")]" else 0
+        cur += ch
+    return [re.search(r"\b((?:buf|arg)\w+)", args[i]).group(1) for i in positions]
+
+
+def test_mutated_buffers_reads_nested_arguments():
+    code = "f(reinterpret_tensor(buf3, (4, 8), (16, 1), 0), 6, None, buf9, arg2_1)"
+    assert _mutated_buffers(code, 2, (0, 3, 4)) == ["buf3", "buf9", "arg2_1"]
+
+
 @pytest.mark.skipif("cuda" not in KERNEL_BACKENDS, reason="needs a GPU and the built CUDA extension")
 def test_cuda_fc2_quantizes_over_fc1_output_eager_and_compiled(monkeypatch):
-    """On CUDA fc2 quantizes the GELU of fc1's output and writes the codes over it (`qlinear(overwrite_input=True)`,
-    cuda_act_quant_inplace, once per block): the eager and the inductor-compiled fused forwards agree with the
-    unfused one (float rounding: inductor's own norms, u's summation order), and inductor's code calls the op on
-    fc1's own buffer, never on a clone of it (which would bring back the [M, 4C] copy the op exists to avoid)."""
-    import re
-
+    """On CUDA fc2 quantizes the GELU of fc1's output and writes the codes over it, its output into the rest of
+    fc1's rows and the residual add over the block's residual (`qlinear(overwrite_input=True,
+    overwrite_residual=True)`, cuda_qlinear_over, once per block): the eager and the inductor-compiled fused forwards
+    agree with the unfused one (float rounding: inductor's own norms, u's summation order), and inductor's code
+    calls the op on fc1's own buffer and the residual's, never on clones of them (which would bring back the
+    [M, 4C] and [M, C] buffers the op exists to avoid)."""
     from torch._inductor.utils import run_and_get_code
 
     from qvdit_kernels import cuda as qcuda
@@ -271,9 +293,9 @@ def test_cuda_fc2_quantizes_over_fc1_output_eager_and_compiled(monkeypatch):
     monkeypatch.setenv("QVDIT_FFN_INPLACE", "1")
     (compiled, _), codes = run_and_get_code(run, model, kw, True, monkeypatch)
     assert rel_err(compiled) < 2e-3, rel_err(compiled)
-    calls = [(code, m.group(1)) for code in codes
-             for m in re.finditer(r"cuda_act_quant_inplace\.default\((\w+)", code)]
-    assert calls, "inductor's code has no cuda_act_quant_inplace call"
+    calls = [(code, buf) for code in codes for m in re.finditer(r"cuda_qlinear_over\.default\(", code)
+             for buf in _mutated_buffers(code, m.end(), (0, 14))]
+    assert calls, "inductor's code has no cuda_qlinear_over call"
     for code, buf in calls:  # (a clone shows as a copy/clone kernel or op writing or reading that buffer)
         cloned = [ln for ln in code.splitlines() if re.search(r"clone|copy_", ln) and re.search(rf"\b{buf}\b", ln)]
         assert not cloned, cloned

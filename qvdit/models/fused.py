@@ -15,7 +15,9 @@
   writes the codes over it (`qlinear(overwrite_input=True)`; `QVDIT_FFN_INPLACE=0` turns it off): the FFN's
   activations take one [tokens, 4C] bf16 buffer, not that plus an int8 copy. On the H200 this is what brings the
   compiled Wan2.1-1.3B's peak down by its whole weight saving (BENCHMARKS e2e run 10); tests/test_cuda_kernels.py
-  and test_fused_producers.py check it.
+  and test_fused_producers.py check it. Where the block's residual is its own (`ffn_into(residual_dead=True)`),
+  fc2's output goes into the bytes of fc1's rows its codes leave free and the residual add over the residual
+  (`qlinear(overwrite_residual=True)`): the FFN then allocates nothing after fc1's output.
 
 Eager and compiled: the kernels are custom ops, and the handoffs (`QLinear._prequant`, `QLinear._residual`) are
 set and consumed inside one block's forward, so `torch.compile(fullgraph=True)` traces them as plain side effects
@@ -247,10 +249,13 @@ def attention_into(attn: nn.Module, call, residual: torch.Tensor, gate=None) -> 
     return out if consumed else residual_add(residual, out, gate)
 
 
-def ffn_into(ffn: nn.Module, x: torch.Tensor, residual: torch.Tensor, gate=None) -> torch.Tensor:
+def ffn_into(ffn: nn.Module, x: torch.Tensor, residual: torch.Tensor, gate=None, residual_dead: bool = False
+             ) -> torch.Tensor:
     """residual_add(residual, ffn(x), gate) for diffusers' FeedForward [GELU(tanh) with proj, Dropout, Linear,
     (Dropout)]: with both linears QLinears, fc2 applies the residual add in its epilogue, and the GELU runs in
-    fc1's epilogue or fc2's act-quant pass (module docstring)."""
+    fc1's epilogue or fc2's act-quant pass (module docstring). residual_dead: the caller does not read residual
+    afterwards, so the result may be written over it (`ffn_inplace()`: fc2's output then goes into fc1's rows
+    beside its codes and the add over the residual, `qlinear(overwrite_residual=True)`)."""
     net = getattr(ffn, "net", None)
     rows = _gate_rows(gate, residual) if residual.dim() == 3 else False
     act = net[0] if isinstance(net, nn.ModuleList) and len(net) in (3, 4) else None
@@ -264,7 +269,7 @@ def ffn_into(ffn: nn.Module, x: torch.Tensor, residual: torch.Tensor, gate=None)
         # fc1's output before the GELU, which fc2 applies as it quantizes h (QVDIT_FFN_INPLACE: over h)
         h = consuming(lambda: fc1(x), [fc1])
         return net[2](h, input_activation="gelu_tanh", overwrite_input=ffn_inplace(), residual=residual,
-                      residual_gate=rows)
+                      residual_gate=rows, overwrite_residual=residual_dead and ffn_inplace())
     return net[2](consuming(lambda: fc1(x, activation="gelu_tanh"), [fc1]), residual=residual, residual_gate=rows)
 
 

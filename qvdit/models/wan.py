@@ -85,7 +85,8 @@ def wan_block_forward(self, hidden_states: torch.Tensor, encoder_hidden_states: 
         self.norm3, [ffn_in], c_scale_msa, c_shift_msa, codes_only=fused.ffn_codes_only(self.ffn))
 
     # 3. Feed-forward
-    return fused.ffn_into(self.ffn, norm_hidden_states, hidden_states, c_gate_msa)  # residual in fc2
+    # (hidden_states is this forward's own: the result may go over it)
+    return fused.ffn_into(self.ffn, norm_hidden_states, hidden_states, c_gate_msa, residual_dead=True)
 
 
 register_adapter(WanAdapter())

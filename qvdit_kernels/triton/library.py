@@ -183,8 +183,9 @@ def qgemm(xq, x_scale, w_packed, w_bits, w_scale, w_zero, bias=None, u=None, bet
 @register("qlinear", "triton")
 @fuses_tail
 def qlinear(x2, w_packed, w_bits, w_scale, w_zero, a_bits, bias, alpha, beta, gate, frame_id, out_dtype, format,
-            activation=None, residual=None, residual_gate=None, input_activation=None, overwrite_input=False):
-    """(overwrite_input: allowed, not done: the codes get their own buffer.)"""
+            activation=None, residual=None, residual_gate=None, input_activation=None, overwrite_input=False,
+            overwrite_residual=False):
+    """(overwrite_input / overwrite_residual: allowed, not done: the codes and the output get buffers of their own.)"""
     require_default_format("triton", w_bits, format)
     return _call(torch.ops.qvdit.triton_qlinear, _qlinear_impl, x2, w_packed, w_bits, w_scale, w_zero, a_bits, bias,
                  alpha, beta, gate, frame_id, out_dtype, activation or "", residual, residual_gate,
