@@ -491,7 +491,7 @@ def test_qlinear_over_writes_the_output_over_the_residual(path, w_bits, dt):
                   bias=a["bias"], alpha=torch.randn(k, device=DEV), beta=a["beta"], backend="cuda",
                   input_activation="gelu_tanh", residual_gate=gate)
         room = over_ok(x, n, dt, res)
-        assert room == (x.element_size() - 1) * k >= n * x.element_size()
+        assert room == ((x.element_size() - 1) * k >= n * x.element_size())
         want = qk.qlinear(x, residual=res, **kw)
         assert_tail_within(want, qk.qlinear(x, **{**kw, "residual_gate": None}), None, res, gate)
         peaks = {}
