@@ -279,10 +279,17 @@ def run_one(name, setting, mode, args, device, ref_out, log) -> tuple[dict, torc
     sync(device)
     row["warmup_s"] = round(time.perf_counter() - t0, 2)
     if device.type == "cuda":
+        del out  # (the warm-up's output: not part of the measured forward)
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
         out = call()
         torch.cuda.synchronize()
         row["peak_bytes"] = torch.cuda.max_memory_allocated()
+        # what the forward adds to what was allocated before it (inputs and this model's weights, and anything an
+        # earlier setting in this process left behind): weights + this is the peak the model itself costs
+        row["forward_peak_bytes"] = row["peak_bytes"] - before
+        row["model_peak_bytes"] = row["weights_bytes"] + row["forward_peak_bytes"]
     times = time_forward(call, args.reps, device)
     row["times_ms"] = [round(t, 3) for t in times]
     row["latency_ms"] = statistics.median(times)
@@ -317,6 +324,8 @@ def add_ratios(rows: list[dict]) -> None:
         if "peak_bytes" in r and "peak_bytes" in b:
             r["peak_saving_bytes"] = b["peak_bytes"] - r["peak_bytes"]
             r["weight_saving_bytes"] = b["weights_bytes"] - r["weights_bytes"]
+        if "model_peak_bytes" in r and "model_peak_bytes" in b:  # (the peak target: this >= weight saving)
+            r["model_peak_saving_bytes"] = b["model_peak_bytes"] - r["model_peak_bytes"]
         if "profile" in r and "profile" in b and r["profile"]["block_linears_ms"] and b["profile"]["block_linears_ms"]:
             r["block_linears_speedup_vs_bf16"] = b["profile"]["block_linears_ms"] / r["profile"]["block_linears_ms"]
 
@@ -325,21 +334,24 @@ def markdown(rows: list[dict], env: dict) -> str:
     lines = [f"Device: {env.get('device', 'cpu')}, torch {env['torch']}, triton {env['triton']}, {env['date']}, "
              f"`{env['command']}`", "",
              "| model | setting | mode | latency ms | vs bf16 | peak GiB | weights GiB | linears vs bf16 | "
-             "attention share | block linears share | block linears vs bf16 | rel. err vs bf16 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "attention share | block linears share | block linears vs bf16 | rel. err vs bf16 | "
+             "model peak drop - weight drop (MB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     gib = lambda b: f"{b / 2**30:.2f}" if b is not None else "-"  # noqa: E731
     fmt = lambda v, f: f.format(v) if v is not None else "-"  # noqa: E731
     for r in rows:
         if "latency_ms" not in r:
-            lines.append(f"| {r['model']} | {r['setting']} | {r['mode']} | not run: {r.get('skipped')} |" + " |" * 8)
+            lines.append(f"| {r['model']} | {r['setting']} | {r['mode']} | not run: {r.get('skipped')} |" + " |" * 9)
             continue
         p = r.get("profile", {})
+        margin = (r["model_peak_saving_bytes"] - r["weight_saving_bytes"]) / 1e6 \
+            if "model_peak_saving_bytes" in r and "weight_saving_bytes" in r else None
         lines.append(
             f"| {r['model']} | {r['setting']} | {r['mode']} | {r['latency_ms']:.1f} | "
             f"{fmt(r.get('speedup_vs_bf16'), '{:.3f}x')} | {gib(r.get('peak_bytes'))} | {gib(r['weights_bytes'])} | "
             f"{fmt(r.get('linear_ratio_vs_bf16'), '{:.3f}x')} | {fmt(p.get('attention_share'), '{:.1%}')} | "
             f"{fmt(p.get('block_linears_share'), '{:.1%}')} | {fmt(r.get('block_linears_speedup_vs_bf16'), '{:.3f}x')} | "
-            f"{fmt(r.get('rel_err_vs_bf16'), '{:.4f}')} |")
+            f"{fmt(r.get('rel_err_vs_bf16'), '{:.4f}')} | {fmt(margin, '{:+.1f}')} |")
     for r in rows:  # --memory-trace: what is live at the peak
         mem = r.get("memory_at_peak")
         if mem:
