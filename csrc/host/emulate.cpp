@@ -79,7 +79,7 @@ void setup(Problem& p, const std::string& dir) {
   g.tiles_m = (p.m + kBM - 1) / kBM;
   g.tiles_n = (p.n + kBN - 1) / kBN;
   g.epi = Epi{p.sx.data(), p.sw.data(), p.zw.data(), p.rowsum.data(), p.bias.data(), p.u.data(), p.beta.data(),
-              nullptr, 2, p.m, p.n, 0, nullptr, 0, nullptr, 1};  // no epilogue tail
+              nullptr, 2, p.m, p.n, 0, nullptr, 0, nullptr, 1, 0};  // no epilogue tail; contiguous out
 }
 
 // ------------------------------------------------------------------ one mainloop step's copies and unpack
