@@ -290,6 +290,8 @@ def run_one(name, setting, mode, args, device, ref_out, log) -> tuple[dict, torc
         # earlier setting in this process left behind): weights + this is the peak the model itself costs
         row["forward_peak_bytes"] = row["peak_bytes"] - before
         row["model_peak_bytes"] = row["weights_bytes"] + row["forward_peak_bytes"]
+        # what the forward leaves allocated besides its output (0 but for the allocator's rounding of the output)
+        row["left_behind_bytes"] = torch.cuda.memory_allocated() - before - out.untyped_storage().nbytes()
     times = time_forward(call, args.reps, device)
     row["times_ms"] = [round(t, 3) for t in times]
     row["latency_ms"] = statistics.median(times)
