@@ -291,6 +291,28 @@ void set_tail(qv::Epi& e, int64_t activation, const OptT& residual, const OptT& 
   }
 }
 
+// The weight-side operands of a GEMM with K = k (shapes, dtypes, device) and the kernel path: checked before
+// anything is written (cuda_qlinear_over overwrites its input before the GEMM runs).
+void check_weight_operands(const Tensor& like, int64_t k, const Tensor& w, int64_t w_bits, const Tensor& w_scale,
+                           const Tensor& w_zero, const OptT& bias, const OptT& beta, int64_t path) {
+  TORCH_CHECK(w_bits == 3 || w_bits == 4 || w_bits == 8, "w_bits must be 3, 4 or 8, got ", w_bits);
+  TORCH_CHECK(path >= 0 && path <= 3, "path must be 0 (auto), 1 (sm80), 2 (sm90) or 3 (sm90ws), got ", path);
+  TORCH_CHECK((path != 2 && path != 3) || qv::qgemm_sm90_available(), "qgemm path ", path,
+              " (sm90 wgmma) needs an sm_90 GPU and an extension built for sm_90a");
+  const int64_t n = w.size(0), row_bytes = w_bits == 8 ? k : round_up(k, 128) * w_bits / 8;
+  check_cuda(w, "w_packed", like);
+  TORCH_CHECK(w.dim() == 2 && w.size(1) == row_bytes, "w_packed must have shape [N, ", row_bytes, "] for w_bits=",
+              w_bits, " and K=", k, ", got ", w.sizes());
+  TORCH_CHECK(w.scalar_type() == (w_bits == 8 ? at::kChar : at::kByte), "w_packed has the wrong dtype for w_bits=",
+              w_bits);
+  check_vec(w_scale, "w_scale", n, like);
+  check_vec(w_zero, "w_zero", n, like);
+  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_zero.scalar_type() == at::kFloat,
+              "w_scale and w_zero must be float32");
+  if (bias) check_vec(*bias, "bias", n, like);
+  if (beta) check_vec(*beta, "beta", n, like);
+}
+
 // cuda_qgemm; with `into` ([M, N] of out_dtype, any 16-byte aligned row stride): y goes there instead of a new
 // tensor, and the tail (required) goes over the residual (contiguous), which is returned (cuda_qlinear_over).
 Tensor qgemm_impl(const Tensor& xq_in, const Tensor& x_scale, const Tensor& w_in, int64_t w_bits,
@@ -299,23 +321,11 @@ Tensor qgemm_impl(const Tensor& xq_in, const Tensor& x_scale, const Tensor& w_in
                   const OptT& residual, const OptT& residual_gate, bool fuse_tail, const Tensor* into) {
   TORCH_CHECK(xq_in.is_cuda() && xq_in.dim() == 2 && xq_in.scalar_type() == at::kChar,
               "xq must be a 2-D int8 CUDA tensor");
-  TORCH_CHECK(w_bits == 3 || w_bits == 4 || w_bits == 8, "w_bits must be 3, 4 or 8, got ", w_bits);
-  TORCH_CHECK(path >= 0 && path <= 3, "path must be 0 (auto), 1 (sm80), 2 (sm90) or 3 (sm90ws), got ", path);
   c10::cuda::CUDAGuard guard(xq_in.device());
   const int64_t m = xq_in.size(0), k = xq_in.size(1), n = w_in.size(0);
-  const int64_t kp = round_up(k, 128);
-  const int64_t row_bytes = w_bits == 8 ? k : kp * w_bits / 8;
-  check_cuda(w_in, "w_packed", xq_in);
-  TORCH_CHECK(w_in.dim() == 2 && w_in.size(1) == row_bytes, "w_packed must have shape [N, ", row_bytes, "] for w_bits=",
-              w_bits, " and K=", k, ", got ", w_in.sizes());
-  TORCH_CHECK(w_in.scalar_type() == (w_bits == 8 ? at::kChar : at::kByte), "w_packed has the wrong dtype for w_bits=",
-              w_bits);
+  check_weight_operands(xq_in, k, w_in, w_bits, w_scale, w_zero, bias, beta, path);
   check_vec(x_scale, "x_scale", m, xq_in);
-  check_vec(w_scale, "w_scale", n, xq_in);
-  check_vec(w_zero, "w_zero", n, xq_in);
-  TORCH_CHECK(x_scale.scalar_type() == at::kFloat && w_scale.scalar_type() == at::kFloat &&
-                  w_zero.scalar_type() == at::kFloat,
-              "x_scale, w_scale and w_zero must be float32");
+  TORCH_CHECK(x_scale.scalar_type() == at::kFloat, "x_scale must be float32");
   TORCH_CHECK(u.has_value() == beta.has_value(), "u and beta must be given together");
   int out_kind = 0;
   switch (out_dtype) {
@@ -359,13 +369,11 @@ Tensor qgemm_impl(const Tensor& xq_in, const Tensor& x_scale, const Tensor& w_in
   const Tensor sx = x_scale.contiguous(), sw = w_scale.contiguous(), zw = w_zero.contiguous();
   Tensor bias32, u32, beta32;
   if (bias) {
-    check_vec(*bias, "bias", n, xq_in);
     bias32 = f32(*bias);
     g.epi.bias = bias32.data_ptr<float>();
   }
   if (u) {
     check_vec(*u, "u", m, xq_in);
-    check_vec(*beta, "beta", n, xq_in);
     u32 = f32(*u);
     beta32 = f32(*beta);
     g.epi.u = u32.data_ptr<float>();
@@ -392,8 +400,6 @@ Tensor qgemm_impl(const Tensor& xq_in, const Tensor& x_scale, const Tensor& w_in
   TORCH_CHECK(!tail || out_kind != 3, "activation/residual need a float out_dtype");
 
   const bool sm90 = qv::qgemm_sm90_available();
-  TORCH_CHECK((path != 2 && path != 3) || sm90, "qgemm path ", path,
-              " (sm90 wgmma) needs an sm_90 GPU and an extension built for sm_90a");
   const bool ws = (path == 3 || (path == 0 && sm90)) && qv::qgemm_sm90_ws_supported(g, (int)w_bits);
   const bool tail_in_kernel = tail && fuse_tail;
   TORCH_CHECK(ws || !tail_in_kernel, "fuse_tail: the epilogue tail (activation/residual) is fused by the "
@@ -456,8 +462,16 @@ void qlinear_over_cuda(Tensor& x, int64_t bits, const OptT& alpha, const OptT& g
   TORCH_CHECK(residual.dim() == 2 && residual.size(0) == x.size(0) && residual.size(1) == w.size(0) &&
                   residual.scalar_type() == x.scalar_type(),
               "residual must be [M, N] in x's dtype, got ", residual.sizes(), " ", residual.scalar_type());
+  TORCH_CHECK(residual.is_contiguous(), "residual must be contiguous to take the output in place, got strides ",
+              residual.strides());
   c10::cuda::CUDAGuard guard(x.device());
-  Tensor y = spare_rows(x, w.size(0));  // (checked before the codes overwrite x)
+  // every check that can fail runs before the codes overwrite x
+  Tensor y = spare_rows(x, w.size(0));
+  check_weight_operands(x, x.size(1), w, w_bits, w_scale, w_zero, bias, beta, path);
+  qv::Epi probe{};
+  probe.m = (int)x.size(0), probe.n = (int)w.size(0);
+  Tensor res, rgate;
+  set_tail(probe, activation, residual, residual_gate, x.scalar_type(), x, res, rgate);
   auto [sx, u, rowsum] = act_quant_inplace_cuda(x, bits, alpha, gate, frame_id, input_activation);
   const Tensor xq = x.view(at::kChar).narrow(1, 0, x.size(1));
   qgemm_impl(xq, sx, w, w_bits, w_scale, w_zero, bias, alpha ? OptT(u) : OptT(), beta, rowsum,

@@ -24,7 +24,12 @@ FLAGS=(-std=c++17 -O3 -Xptxas=-warn-spills,-warn-lmem-usage --Werror=all-warning
        -D__CUDA_NO_HALF2_OPERATORS__)
 
 cache="${QVDIT_CHECK_CACHE:-${TMPDIR:-/tmp}/qvdit_compile_check}"
-key=$( { cat "$script" ./*.cu ./*.cuh ./*.h ./*.cpp; "$NVCC" --version; } | sha256sum | cut -c1-32)
+# torch's include paths for the bindings step below (empty: no torch here, or QVDIT_CHECK_BINDINGS=0)
+torch_incs=""
+if [[ "${QVDIT_CHECK_BINDINGS:-1}" != 0 ]]; then
+  torch_incs=$(python3 -c "import torch.utils.cpp_extension as c; print('\n'.join(c.include_paths()))" 2>/dev/null || true)
+fi
+key=$( { cat "$script" ./*.cu ./*.cuh ./*.h ./*.cpp; "$NVCC" --version; echo "$torch_incs"; } | sha256sum | cut -c1-32)
 if [[ "$cache" != off && -f "$cache/$key.ok" ]]; then
   echo "compile_check: these exact sources already compiled cleanly ($cache/$key.ok)"
   exit 0
@@ -54,21 +59,21 @@ if [[ $status -ne 0 ]]; then
   exit 1
 fi
 
-# bindings.cpp, the one file with torch headers, checked against the installed torch's headers (syntax and types
-# only): a CPU torch cannot build the extension, but its headers can check the bindings' C++ where there is no GPU.
-# A CUDA build generates c10/cuda/impl/cuda_cmake_macros.h; a CPU wheel lacks it, so an empty stand-in is searched
-# after the real include paths. QVDIT_CHECK_BINDINGS=0 skips this step; a machine without torch skips it too.
-if [[ "${QVDIT_CHECK_BINDINGS:-1}" != 0 ]] &&
-    incs=$(python3 -c "import torch.utils.cpp_extension as c; print(' '.join(c.include_paths()))" 2>/dev/null); then
-  cuda_inc=""
-  for d in "$(dirname "$(readlink -f "$(command -v "$NVCC")")")/../include" "${CUDA_HOME:-/usr/local/cuda}/include"; do
-    if [[ -f "$d/cuda_runtime.h" ]]; then cuda_inc="$d"; break; fi
-  done
+# bindings.cpp, the one file with torch headers, checked against the installed torch's headers (its C++ types and
+# calls; the schemas are matched to the signatures only when the library loads): a CPU torch cannot build the
+# extension, but its headers can check the bindings where there is no GPU. A CUDA build generates
+# c10/cuda/impl/cuda_cmake_macros.h; a CPU wheel lacks it, so an empty stand-in is searched after the real paths.
+# The CUDA headers: where nvcc itself looks (its --dryrun INCLUDES; nvcc may be a wrapper script).
+cuda_inc=$("$NVCC" --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/.*INCLUDES="-I\([^"]*\)".*/\1/p' | head -1)
+if [[ -z "$torch_incs" ]]; then
+  echo "compile_check: bindings.cpp not checked (no torch here, or QVDIT_CHECK_BINDINGS=0)"
+elif [[ ! -f "$cuda_inc/cuda_runtime.h" ]]; then
+  echo "compile_check: bindings.cpp not checked (nvcc names no include directory with cuda_runtime.h)"
+else
   mkdir -p "$out/stub/c10/cuda/impl" && echo "#pragma once" >"$out/stub/c10/cuda/impl/cuda_cmake_macros.h"
   args=(-std=c++17 -fsyntax-only -Wall -Wextra -Werror -Wno-c++20-extensions -Wno-unused-parameter -I.)
-  for i in $incs "$cuda_inc" "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"; do
-    args+=(-isystem "$i")
-  done
+  while IFS= read -r i; do args+=(-isystem "$i"); done <<<"$torch_incs"
+  args+=(-isystem "$cuda_inc" -isystem "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')")
   if ! "${CXX:-c++}" "${args[@]}" -idirafter "$out/stub" -DTORCH_EXTENSION_NAME=qvdit_cuda bindings.cpp \
       >"$out/bindings.log" 2>&1; then
     echo "compile_check: bindings.cpp FAILED against torch's headers:" >&2

@@ -111,12 +111,12 @@ def inplace_ok(x2: torch.Tensor) -> bool:
 def over_ok(x2: torch.Tensor, n: int, out_dtype: torch.dtype, residual) -> bool:
     """Whether cuda_qlinear_over can run a linear of x2 [M, K] to N = n outputs with a residual tail: codes in place
     (`inplace_ok`), x2 contiguous with room in each row for the K code bytes and the n outputs in x2's dtype, the
-    output that dtype, a contiguous residual of it, and the tail as a pass after the kernel (`fused_tail_enabled`
-    off: the kernel's fused tail would write its output over the codes' rows)."""
+    output that dtype and a contiguous residual of it. (The op runs the tail as a pass after the kernel whatever
+    QVDIT_CUDA_FUSED_TAIL says: the pass writes the residual, which the kernel's fused tail could not.)"""
     el = x2.element_size()
     return (residual is not None and out_dtype == x2.dtype and residual.dtype == x2.dtype
             and residual.is_contiguous() and x2.is_contiguous() and (el - 1) * x2.shape[1] >= n * el
-            and not fused_tail_enabled() and inplace_ok(x2))
+            and inplace_ok(x2))
 
 
 @register("qlinear", "cuda")

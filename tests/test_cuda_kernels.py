@@ -482,7 +482,8 @@ def test_qlinear_over_writes_the_output_over_the_residual(path, w_bits, dt):
     from qvdit_kernels.cuda import over_ok
 
     g = torch.Generator().manual_seed(w_bits)
-    for m, k, n in ((2048, 8960, 640), (300, 256, 224)):
+    # (512, 8960, 1536): Wan2.1-1.3B fc2's N and K, the warp-specialized kernel's 256-row mode
+    for m, k, n in ((2048, 8960, 640), (512, 8960, 1536), (300, 256, 224)):
         x = (torch.randn(m, k, generator=g) * 2).to(DEV, dt)
         res = torch.randn(m, n, generator=g).to(DEV, dt)
         gate = torch.rand(2, n, generator=g).to(DEV)  # (per half of the rows, as a batch of two)
@@ -510,13 +511,17 @@ def test_qlinear_over_writes_the_output_over_the_residual(path, w_bits, dt):
             assert peaks["both"] <= peaks["input"] - 0.9 * m * n * x.element_size(), peaks
 
 
-def test_qlinear_over_refuses_rows_without_room():
-    """cuda_qlinear_over called directly on rows that cannot hold the codes and the output: an error naming x,
-    raised before anything is written."""
-    a, _ = problem(8, 256, 224, 3, 6, seed=3)
-    x, r = torch.randn(4, 256, device=DEV, dtype=torch.bfloat16), torch.randn(4, 224, device=DEV).bfloat16()
-    x0 = x.clone()
-    with pytest.raises(RuntimeError, match="cuda_qlinear_over: x must be contiguous"):
+@pytest.mark.parametrize("n,gate_rows,match", [
+    (224, 1, "cuda_qlinear_over: x must be contiguous"),  # rows without room for the codes and 224 outputs
+    (96, 3, "residual_gate must be float32"),  # room, but a gate of 3 rows for 4 tokens
+])
+def test_qlinear_over_refuses_before_writing(n, gate_rows, match):
+    """cuda_qlinear_over called directly with arguments it cannot take: an error that says why, raised before the
+    codes overwrite x (every check runs before the act-quant)."""
+    a, _ = problem(8, 256, n, 3, 6, seed=3)
+    x, r = torch.randn(4, 256, device=DEV, dtype=torch.bfloat16), torch.randn(4, n, device=DEV).bfloat16()
+    x0, r0 = x.clone(), r.clone()
+    with pytest.raises(RuntimeError, match=match):
         torch.ops.qvdit.cuda_qlinear_over(x, 6, None, None, None, 0, a["w_packed"], 3, a["w_scale"], a["w_zero"],
-                                          None, None, 0, 0, r, None)
-    assert torch.equal(x, x0)
+                                          None, None, 0, 0, r, torch.rand(gate_rows, n, device=DEV))
+    assert torch.equal(x, x0) and torch.equal(r, r0)

@@ -282,8 +282,8 @@ def test_cuda_fc2_quantizes_over_fc1_output_eager_and_compiled(monkeypatch):
     plain, _ = run(model, kw, False, monkeypatch)
     taken = []
     monkeypatch.setenv("QVDIT_FFN_INPLACE", "1")  # (the default; set in case the environment turns it off)
-    real_ok = qcuda.inplace_ok
-    monkeypatch.setattr(qcuda, "inplace_ok", lambda x2: taken.append(real_ok(x2)) or taken[-1])
+    real_ok = qcuda.over_ok  # (True: cuda_qlinear_over runs, the codes, output and residual add over the buffers)
+    monkeypatch.setattr(qcuda, "over_ok", lambda *a: taken.append(real_ok(*a)) or taken[-1])
     eager, n = run(model, kw, True, monkeypatch)
     assert n == 6 and taken == [True, True]  # (run() undoes the spy: the compiled run below is not counted)
     rel_err = lambda out: ((out - plain).norm() / plain.norm()).item()  # noqa: E731
