@@ -65,7 +65,9 @@ fi
 # c10/cuda/impl/cuda_cmake_macros.h; a CPU wheel lacks it, so an empty stand-in is searched after the real paths.
 # The CUDA headers: where nvcc itself looks (its --dryrun INCLUDES; nvcc may be a wrapper script).
 cuda_inc=$("$NVCC" --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/.*INCLUDES="-I\([^"]*\)".*/\1/p' | head -1)
-if [[ -z "$torch_incs" ]]; then
+if [[ ! -f bindings.cpp ]]; then
+  :
+elif [[ -z "$torch_incs" ]]; then
   echo "compile_check: bindings.cpp not checked (no torch here, or QVDIT_CHECK_BINDINGS=0)"
 elif [[ ! -f "$cuda_inc/cuda_runtime.h" ]]; then
   echo "compile_check: bindings.cpp not checked (nvcc names no include directory with cuda_runtime.h)"
