@@ -337,10 +337,9 @@ Tensor qgemm_impl(const Tensor& xq_in, const Tensor& x_scale, const Tensor& w_in
   }
   Tensor out = into ? *into : at::empty({m, n}, xq_in.options().dtype(out_dtype));
   if (into) {
+    // (its caller, cuda_qlinear_over, has checked the residual, contiguous included, before writing anything)
     TORCH_CHECK(residual && !fuse_tail && out_kind != 3, "qgemm into a given buffer: the residual tail goes over the "
                 "residual, after the kernel");
-    TORCH_CHECK(residual->is_contiguous(), "residual must be contiguous to take the output in place, got strides ",
-                residual->strides());
     check_cuda(out, "out", xq_in);
     TORCH_CHECK(out.dim() == 2 && out.size(0) == m && out.size(1) == n && out.scalar_type() == out_dtype &&
                     out.stride(1) == 1 && out.stride(0) >= n && (out.stride(0) * out.element_size()) % 16 == 0 &&
@@ -444,7 +443,8 @@ Tensor spare_rows(const Tensor& x, int64_t n) {
   const int64_t k = x.size(1), el = x.element_size();
   TORCH_CHECK(x.is_contiguous() && k % 16 == 0 && aligned16(x) && (el - 1) * k >= n * el,
               "cuda_qlinear_over: x must be contiguous with K a multiple of 16 and rows that hold the K code bytes "
-              "and N output values, got ", x.sizes(), " ", x.scalar_type(), " with strides ", x.strides(), " for N = ", n);
+              "and N output values, got ", x.sizes(), " ", x.scalar_type(), " with strides ", x.strides(),
+              " for N = ", n);
   return x.view(at::kChar).narrow(1, k, n * el).view(x.scalar_type());
 }
 
@@ -458,17 +458,13 @@ void qlinear_over_cuda(Tensor& x, int64_t bits, const OptT& alpha, const OptT& g
                        Tensor& residual, const OptT& residual_gate) {
   check_act_quant_args(x, bits, input_activation);
   TORCH_CHECK(alpha.has_value() == beta.has_value(), "alpha and beta must be given together");
-  check_cuda(residual, "residual", x);
-  TORCH_CHECK(residual.dim() == 2 && residual.size(0) == x.size(0) && residual.size(1) == w.size(0) &&
-                  residual.scalar_type() == x.scalar_type(),
-              "residual must be [M, N] in x's dtype, got ", residual.sizes(), " ", residual.scalar_type());
   TORCH_CHECK(residual.is_contiguous(), "residual must be contiguous to take the output in place, got strides ",
               residual.strides());
   c10::cuda::CUDAGuard guard(x.device());
   // every check that can fail runs before the codes overwrite x
   Tensor y = spare_rows(x, w.size(0));
   check_weight_operands(x, x.size(1), w, w_bits, w_scale, w_zero, bias, beta, path);
-  qv::Epi probe{};
+  qv::Epi probe{};  // (set_tail's checks of the residual [M, N] in x's dtype, its gate and the activation)
   probe.m = (int)x.size(0), probe.n = (int)w.size(0);
   Tensor res, rgate;
   set_tail(probe, activation, residual, residual_gate, x.scalar_type(), x, res, rgate);

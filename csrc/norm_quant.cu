@@ -7,9 +7,9 @@
 // the held row, no second read), then y = (x - mean) * rstd [* w + b] [* (1 + scale) + shift] rounded to x's dtype
 // replaces x in the registers and is stored (unless y is null). The codes, row sum and TQE dots are those of that
 // rounded y, with the act-quant's own per-element math (row_quant.cuh), so they are quantize_activation(y)'s bit
-// for bit. One read of x from HBM, one write of y and one of the codes. With a residual (ops.add_norm_quantize) the held row is
-// h = residual + gate * x, stored as the block's new residual stream: the add after an attention output
-// projection and the norm after it in one pass.
+// for bit. One read of x from HBM, one write of y and one of the codes. With a residual (ops.add_norm_quantize)
+// the held row is h = residual + gate * x, stored as the block's new residual stream: the add after an attention
+// output projection and the norm after it in one pass.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -58,7 +58,7 @@ template <typename T, int G, bool SPLIT>
 __device__ __forceinline__ uint4 residual_chunk(const uint4& xr, const T* res, const float* g, int q0) {
   constexpr int VEC = 16 / sizeof(T);
   uint4 rr;
-  if constexpr (VEC == 4 || !SPLIT) {  // (a whole 16-byte chunk)
+  if constexpr (kHalves<T> == 1 || !SPLIT) {  // (a whole 16-byte chunk)
     rr = *reinterpret_cast<const uint4*>(res + 4 * q0);
   } else {
     const uint2 lo = *reinterpret_cast<const uint2*>(res + 4 * q0);
@@ -114,7 +114,8 @@ __global__ void __launch_bounds__(kRowThreads) norm_quant_kernel(const NormQuant
       const int q0 = quad_index<T, G, SPLIT>(t, i, 0);
       if (q0 < quads) raw[i] = residual_chunk<T, G, SPLIT>(raw[i], r, g, q0);
     }
-    store_row<T, NC, G, SPLIT>(static_cast<T*>(a.h) + row * a.k, t, quads, raw);  // (after every load of the loop above)
+    // (after every load of the loop above)
+    store_row<T, NC, G, SPLIT>(static_cast<T*>(a.h) + row * a.k, t, quads, raw);
   }
   // mean (the zero padding adds nothing), then the variance around it (padding excluded)
   float acc[1] = {0.0f};
@@ -130,6 +131,8 @@ __global__ void __launch_bounds__(kRowThreads) norm_quant_kernel(const NormQuant
   acc[0] = 0.0f;
 #pragma unroll
   for (int i = 0; i < NC; ++i) {
+    // (the check inside the quad loop, though it does not depend on h: hoisted out of it, ptxas gives the 2- and
+    // 4-warp 6-chunk kernels of uneven 16-bit rows 73 registers instead of 64)
     const T* e = reinterpret_cast<const T*>(&raw[i]);
 #pragma unroll
     for (int h = 0; h < VEC / 4; ++h) {

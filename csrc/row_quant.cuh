@@ -168,7 +168,7 @@ __device__ __forceinline__ bool chunk_stats(const uint4 (&raw)[NC], bool sym8, f
 //   it used, and the norm-quant ran with its L1 at 85% of throughput, ncu run nq5.)
 // - else: whole 16-byte chunks c = i * G + t, q = c * kHalves + h. (The split layout needs a bounds check per
 //   half on these rows: 58-70 registers in the act-quant where this layout takes 44-64, and 7-16% slower at
-//   K = 8960, BENCHMARKS run nq8.)
+//   K = 8960, BENCHMARKS run ab19.)
 // In both, the two halves of a chunk are inside the row or outside it together, so one compare per chunk serves.
 template <typename T>
 constexpr int kHalves = 16 / sizeof(T) / 4;
@@ -183,8 +183,9 @@ __host__ __device__ constexpr bool split_rows(int k) { return sizeof(T) == 4 || 
 template <int G, bool SPLIT>
 __device__ __forceinline__ constexpr int quad_step() { return SPLIT ? G : 1; }
 
-// The codes of chunk `raw`, a chunk inside the row (its quads at quad indices q0 + h * quad_step, h < kHalves<T>, the
-// row layouts above), returned as VEC bytes (uint2, quad h in word h; 4 bytes: .x), their sum added to rowsum, and for each of the nj <= J TQE consumers dot[j] += code * alpha[j][col] (alpha[j]: that consumer's [K]
+// The codes of chunk `raw`, a chunk inside the row (its quads at quad indices q0 + h * quad_step, h < kHalves<T>,
+// the row layouts above), returned as VEC bytes (uint2, quad h in word h; 4 bytes: .x), their sum added to
+// rowsum, and for each of the nj <= J TQE consumers dot[j] += code * alpha[j][col] (alpha[j]: that consumer's [K]
 // row, 16-byte aligned). bad: the row holds inf/NaN, every code is 0. The caller stores the codes (store_codes)
 // after its loop over the chunks: a store through int8_t* may alias anything, so alpha loads could not move above
 // it. (BENCHMARKS run nq4: no change measured either way; the order costs nothing.)

@@ -162,7 +162,7 @@ class QLinear(nn.Module):
         return qk.qlinear(x, self.w_packed, self.w_bits, self.w_scale, self.w_zero, self.a_bits, bias=self.bias,
                           alpha=alpha, beta=beta, gate=gate, frame_id=frame_id, backend=self.backend,
                           input_activation=input_activation, overwrite_input=overwrite_input,
-                          overwrite_residual=overwrite_residual and residual is not None, **tail)
+                          overwrite_residual=overwrite_residual, **tail)
 
     def _forward_prequantized(self, x, xq, x_scale, rowsum, u, activation=None, residual=None, residual_gate=None):
         """The GEMM on codes a fused producer computed for x (same codes as this layer's own act-quant of x)."""
