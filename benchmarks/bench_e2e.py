@@ -252,6 +252,7 @@ def run_one(name, setting, mode, args, device, ref_out, log) -> tuple[dict, torc
         # writes its codes over fc1's output where fc1 runs on the CUDA kernel
         row["fuse_producers_enabled"] = os.environ.get("QVDIT_FUSE_PRODUCERS", "1") != "0"
         row["ffn_inplace"] = row["fuse_producers_enabled"] and os.environ.get("QVDIT_FFN_INPLACE", "1") != "0"
+        row["ffn_over"] = row["ffn_inplace"] and os.environ.get("QVDIT_FFN_OVER", "1") != "0"  # (fused.ffn_over)
     model = build(name, device, dtype)
     kw, shape = make_inputs(name, model, device, dtype, args)
     row.update(shape)

@@ -48,6 +48,12 @@ def ffn_inplace() -> bool:
     return os.environ.get("QVDIT_FFN_INPLACE", "1") != "0"
 
 
+def ffn_over() -> bool:
+    """With `ffn_inplace()`: fc2 also writes its output into fc1's rows and its residual add over the residual
+    (`ffn_into(residual_dead=True)`); QVDIT_FFN_OVER=0 turns that part off (the peak A/B of BENCHMARKS run 19)."""
+    return ffn_inplace() and os.environ.get("QVDIT_FFN_OVER", "1") != "0"
+
+
 def norm_backend(backend: str, device: torch.device) -> str | None:
     """The backend whose norm_quantize feeds QLinears of `backend` on `device`: their own (for "auto", CUDA's
     kernel before Triton's), or Triton's where theirs is missing (a CUDA build without csrc/norm_quant.cu); the
@@ -254,7 +260,7 @@ def ffn_into(ffn: nn.Module, x: torch.Tensor, residual: torch.Tensor, gate=None,
     """residual_add(residual, ffn(x), gate) for diffusers' FeedForward [GELU(tanh) with proj, Dropout, Linear,
     (Dropout)]: with both linears QLinears, fc2 applies the residual add in its epilogue, and the GELU runs in
     fc1's epilogue or fc2's act-quant pass (module docstring). residual_dead: the caller does not read residual
-    afterwards, so the result may be written over it (`ffn_inplace()`: fc2's output then goes into fc1's rows
+    afterwards, so the result may be written over it (`ffn_over()`: fc2's output then goes into fc1's rows
     beside its codes and the add over the residual, `qlinear(overwrite_residual=True)`)."""
     net = getattr(ffn, "net", None)
     rows = _gate_rows(gate, residual) if residual.dim() == 3 else False
@@ -269,7 +275,7 @@ def ffn_into(ffn: nn.Module, x: torch.Tensor, residual: torch.Tensor, gate=None,
         # fc1's output before the GELU, which fc2 applies as it quantizes h (QVDIT_FFN_INPLACE: over h)
         h = consuming(lambda: fc1(x), [fc1])
         return net[2](h, input_activation="gelu_tanh", overwrite_input=ffn_inplace(), residual=residual,
-                      residual_gate=rows, overwrite_residual=residual_dead and ffn_inplace())
+                      residual_gate=rows, overwrite_residual=residual_dead and ffn_over())
     return net[2](consuming(lambda: fc1(x, activation="gelu_tanh"), [fc1]), residual=residual, residual_gate=rows)
 
 
