@@ -200,7 +200,8 @@ def main(argv=None):
                               xq, sx, wp, wb, sw, zw, p.bias, u, p.beta, rs, backend=args.backend)))
         for label, fn in calls:
             ms = bench_ms(fn)
-            row = {"shape": name, "m": m, "k": k, "n": n, "kernel": label, "ms": ms, **under_load(fn, args.seconds, fields)}
+            row = {"shape": name, "m": m, "k": k, "n": n, "kernel": label, "ms": ms,
+                   **under_load(fn, args.seconds, fields)}
             if row.get("sm_clock_mhz"):
                 # cycles per 128 x 128 output tile per SM at the sampled clock (the ws kernel's tile)
                 tiles = -(-m // 128) * -(-n // 128)

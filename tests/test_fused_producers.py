@@ -265,6 +265,32 @@ def test_mutated_buffers_reads_nested_arguments():
     assert _mutated_buffers(code, 2, (0, 3, 4)) == ["buf3", "buf9", "arg2_1"]
 
 
+@pytest.mark.parametrize("env,expect", [({}, (True, True)), ({"QVDIT_FFN_OVER": "0"}, (True, False)),
+                                        ({"QVDIT_FFN_INPLACE": "0"}, (False, False))])
+def test_fc2_takes_over_fc1_output_where_fc1_fused_the_gelu(monkeypatch, env, expect):
+    """Where fc1's GEMM fuses the GELU (here the torch reference; Triton likewise), fc1's output is as dead after
+    fc2 as where fc2 applies the GELU, so fc2 is given it and the block's residual to overwrite
+    (`qlinear(overwrite_input=, overwrite_residual=)`): a backend that can (CUDA; on the H200 W4A8's fc1 at
+    K = 1536 runs on Triton, its fc2 on CUDA) then keeps no int8 copy of fc1's output and no output buffer beside
+    it. QVDIT_FFN_OVER=0 and QVDIT_FFN_INPLACE=0 take that back."""
+    model, kw = quantized("torch", torch.device("cpu")), inputs(torch.device("cpu"))
+    ffn_dim = model.blocks[0].ffn.net[2].in_features
+    seen, real = [], qk.qlinear
+
+    def spy(x, *a, **k):
+        if x.shape[-1] == ffn_dim:  # fc2
+            seen.append((k.get("input_activation"), k.get("overwrite_input"), k.get("overwrite_residual")))
+        return real(x, *a, **k)
+
+    monkeypatch.setattr(qk, "qlinear", spy)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("QVDIT_FUSE_PRODUCERS", "1")
+    with torch.no_grad():
+        model(**kw, return_dict=False)
+    assert seen == [(None, *expect)] * len(model.blocks)
+
+
 @pytest.mark.skipif("cuda" not in KERNEL_BACKENDS, reason="needs a GPU and the built CUDA extension")
 def test_cuda_fc2_quantizes_over_fc1_output_eager_and_compiled(monkeypatch):
     """On CUDA fc2 quantizes the GELU of fc1's output and writes the codes over it, its output into the rest of

@@ -12,12 +12,13 @@
   The GELU costs an act-quant pass more than it costs a GEMM epilogue (it is bound by the special-function unit:
   on the H200 the act-quant of wan14b fc2's input ran 0.59x as fast with it on Triton and 0.61x on CUDA, BENCHMARKS
   run 8), so it goes to fc2 only to save that pass. There fc1's output is dead once fc2 has quantized it, so fc2
-  writes the codes over it (`qlinear(overwrite_input=True)`; `QVDIT_FFN_INPLACE=0` turns it off): the FFN's
-  activations take one [tokens, 4C] bf16 buffer, not that plus an int8 copy. On the H200 this is what brings the
-  compiled Wan2.1-1.3B's peak down by its whole weight saving (BENCHMARKS e2e run 10); tests/test_cuda_kernels.py
-  and test_fused_producers.py check it. Where the block's residual is its own (`ffn_into(residual_dead=True)`),
-  fc2's output goes into the bytes of fc1's rows its codes leave free and the residual add over the residual
-  (`qlinear(overwrite_residual=True)`): the FFN then allocates nothing after fc1's output.
+  writes the codes over it (`qlinear(overwrite_input=True)`, also where fc1 fused the GELU; `QVDIT_FFN_INPLACE=0`
+  turns it off): the FFN's activations take one [tokens, 4C] bf16 buffer, not that plus an int8 copy. On the
+  H200 this is what brings the compiled Wan2.1-1.3B's peak down by its whole weight saving (BENCHMARKS e2e run
+  10); tests/test_cuda_kernels.py and test_fused_producers.py check it. Where the block's residual is its own
+  (`ffn_into(residual_dead=True)`), fc2's output goes into the bytes of fc1's rows its codes leave free and the
+  residual add over the residual (`qlinear(overwrite_residual=True)`): the FFN then allocates nothing after fc1's
+  output.
 
 Eager and compiled: the kernels are custom ops, and the handoffs (`QLinear._prequant`, `QLinear._residual`) are
 set and consumed inside one block's forward, so `torch.compile(fullgraph=True)` traces them as plain side effects
@@ -276,7 +277,10 @@ def ffn_into(ffn: nn.Module, x: torch.Tensor, residual: torch.Tensor, gate=None,
         h = consuming(lambda: fc1(x), [fc1])
         return net[2](h, input_activation="gelu_tanh", overwrite_input=ffn_inplace(), residual=residual,
                       residual_gate=rows, overwrite_residual=residual_dead and ffn_over())
-    return net[2](consuming(lambda: fc1(x, activation="gelu_tanh"), [fc1]), residual=residual, residual_gate=rows)
+    # (fc1 fused the GELU: its output is as dead after fc2 as above, so fc2 takes it over the same way; e.g. W4A8 on
+    # the H200, where fc1 at K = 1536 runs on Triton and fc2 at K = 4C on CUDA)
+    return net[2](consuming(lambda: fc1(x, activation="gelu_tanh"), [fc1]), overwrite_input=ffn_inplace(),
+                  residual=residual, residual_gate=rows, overwrite_residual=residual_dead and ffn_over())
 
 
 def ffn_codes_only(ffn: nn.Module) -> bool:
