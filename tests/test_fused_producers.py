@@ -326,3 +326,30 @@ def test_cuda_fc2_quantizes_over_fc1_output_eager_and_compiled(monkeypatch):
         cloned = [ln for ln in code.splitlines() if re.search(r"clone|copy_", ln) and re.search(rf"\b{buf}\b", ln)]
         assert not cloned, cloned
     torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not {"cuda", "triton"} <= set(KERNEL_BACKENDS), reason="needs a GPU, Triton and the CUDA extension")
+def test_cuda_fc2_over_a_triton_fc1_output_eager_and_compiled(monkeypatch):
+    """fc1 on Triton (it fuses the GELU), fc2 on CUDA (W4A8's routing on the H200): fc2 quantizes over fc1's output,
+    its output into the rest of those rows and the residual add over the block's residual (cuda_qlinear_over, once
+    per block); eager and inductor-compiled agree with the unfused forward."""
+    from qvdit_kernels import cuda as qcuda
+
+    dev = torch.device("cuda")
+    model, kw = quantized("cuda", dev), inputs(dev)
+    for block in model.blocks:
+        block.ffn.net[0].proj.backend = "triton"
+    plain, _ = run(model, kw, False, monkeypatch)
+    taken = []
+    real_ok = qcuda.over_ok
+    monkeypatch.setattr(qcuda, "over_ok", lambda *a: taken.append(real_ok(*a)) or taken[-1])
+    eager, _ = run(model, kw, True, monkeypatch)
+    assert taken == [True, True]
+    assert ("gelu_tanh" in [t[1] for t in TAILS]) and ("gelu_tanh" not in [t[0] for t in TAILS])  # GELU in fc1
+    rel_err = lambda out: ((out - plain).norm() / plain.norm()).item()  # noqa: E731
+    assert rel_err(eager) < 2e-3, rel_err(eager)
+    torch._dynamo.reset()
+    model.compile_repeated_blocks(fullgraph=True)
+    compiled, _ = run(model, kw, True, monkeypatch)
+    assert rel_err(compiled) < 2e-3, rel_err(compiled)
+    torch._dynamo.reset()
