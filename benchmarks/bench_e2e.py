@@ -94,6 +94,19 @@ def make_inputs(name: str, model, device, dtype, args) -> dict:
     return kw, dict(frames=frames, height=height, width=width, latent=[f, h, w])
 
 
+def compile_blocks(model, backend: str) -> None:
+    """diffusers' regional compile (`compile_repeated_blocks(fullgraph=True)`), also for classes that name no
+    repeated block (CogVideoX in diffusers 0.42: `_repeated_blocks` is empty and the call raises): there the class of
+    the model's block list is named on the instance."""
+    if not getattr(model, "_repeated_blocks", None):
+        blocks = getattr(model, "transformer_blocks", None) or getattr(model, "blocks", None)
+        if not isinstance(blocks, torch.nn.ModuleList) or len(blocks) == 0:
+            raise ValueError(f"{type(model).__name__}: no _repeated_blocks and no transformer_blocks/blocks list to "
+                             "compile")
+        model._repeated_blocks = sorted({type(b).__name__ for b in blocks})
+    model.compile_repeated_blocks(fullgraph=True, backend=backend)
+
+
 def block_linears(model) -> dict:
     adapter = qvdit.models.find_adapter(model)
     return {n: m for n, m in model.named_modules()
@@ -269,7 +282,7 @@ def run_one(name, setting, mode, args, device, ref_out, log) -> tuple[dict, torc
         torch.cuda.empty_cache()
     row["weights_bytes"] = weights_bytes(model)
     if mode == "compiled":
-        model.compile_repeated_blocks(fullgraph=True, backend=args.compile_backend)
+        compile_blocks(model, args.compile_backend)
 
     def call():
         with torch.no_grad():

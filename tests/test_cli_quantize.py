@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import qvdit
 from qvdit.cli import main
@@ -153,3 +154,29 @@ def test_bench_e2e_peak_live_set_on_a_synthetic_trace(tmp_path):
                           "frames": [{"filename": str(gen), "line": 2, "name": "call"}]}])
     want = "wo/cwo3.py:2 call: buf0 = empty_strided_cuda((32760, 13824), (13824, 1), torch.bfloat16)"
     assert got["top"][0]["where"] == want
+
+
+def test_bench_e2e_compiles_blocks_of_a_class_that_names_none():
+    """bench_e2e's regional compile for CogVideoX, whose class names no `_repeated_blocks` in diffusers 0.42 (its
+    compile_repeated_blocks raises there): the blocks of its block list are compiled and the forward runs (eager
+    compile backend on the CPU), giving the uncompiled output."""
+    sys.path.insert(0, ROOT)
+    from benchmarks.bench_e2e import compile_blocks
+    from test_adapters import tiny_cogvideox
+
+    model = tiny_cogvideox()
+    g = torch.Generator().manual_seed(0)
+    kw = dict(hidden_states=torch.randn(1, 3, 4, 8, 8, generator=g),
+              encoder_hidden_states=torch.randn(1, 7, 16, generator=g), timestep=torch.tensor([10]))
+    with torch.no_grad():
+        plain = model(**kw, return_dict=False)[0]
+    torch._dynamo.reset()
+    compile_blocks(model, "eager")
+    assert model._repeated_blocks == ["CogVideoXBlock"]
+    assert all(b._compiled_call_impl is not None for b in model.transformer_blocks)
+    with torch.no_grad():
+        out = model(**kw, return_dict=False)[0]
+    torch._dynamo.reset()
+    assert torch.equal(out, plain)
+    with pytest.raises(ValueError, match="no _repeated_blocks"):
+        compile_blocks(torch.nn.Linear(2, 2), "eager")
