@@ -353,3 +353,82 @@ def test_cuda_fc2_over_a_triton_fc1_output_eager_and_compiled(monkeypatch):
     compiled, _ = run(model, kw, True, monkeypatch)
     assert rel_err(compiled) < 2e-3, rel_err(compiled)
     torch._dynamo.reset()
+
+
+def _ffn_family(family):
+    from test_adapters import tiny_cogvideox, tiny_latte
+
+    g = torch.Generator().manual_seed(3)
+    if family == "cogvideox":
+        return tiny_cogvideox(), dict(hidden_states=torch.randn(2, 4, 4, 8, 8, generator=g),
+                                      encoder_hidden_states=torch.randn(2, 7, 16, generator=g),
+                                      timestep=torch.tensor([3, 7]))
+    return tiny_latte(frames=3), dict(hidden_states=torch.randn(2, 4, 3, 8, 8, generator=g),
+                                      encoder_hidden_states=torch.randn(2, 5, 16, generator=g),
+                                      timestep=torch.tensor([3, 7]))
+
+
+@pytest.mark.parametrize("family", ["cogvideox", "latte"])
+def test_ffn_forward_gives_fc1_output_to_fc2(monkeypatch, family):
+    """CogVideoX's and Latte's FeedForwards run `fused.ffn_forward`: fc1 fuses the GELU where its GEMM fuses tails (the
+    torch reference here) and fc2 may write its codes over fc1's output (`overwrite_input`), one call pair per FFN;
+    the output equals diffusers' own FFN (QVDIT_FUSE_PRODUCERS=0) within float rounding of the GELU."""
+    model, kw = _ffn_family(family)
+    model = quantize_(model, QuantConfig(w_bits=4, a_bits=8, backend="torch"))
+    ffns = [m for m in model.modules() if type(m).__name__ == "FeedForward"]
+    seen, real = [], qk.qlinear
+
+    def spy(x, *a, **k):
+        seen.append((x.shape[-1], k.get("activation"), k.get("input_activation"), k.get("overwrite_input")))
+        return real(x, *a, **k)
+
+    monkeypatch.setattr(qk, "qlinear", spy)
+    monkeypatch.setenv("QVDIT_FUSE_PRODUCERS", "0")
+    with torch.no_grad():
+        plain = model(**kw, return_dict=False)[0]
+    assert not any(s[3] for s in seen)
+    seen.clear()
+    monkeypatch.setenv("QVDIT_FUSE_PRODUCERS", "1")
+    with torch.no_grad():
+        out = model(**kw, return_dict=False)[0]
+    inner = ffns[0].net[2].in_features
+    fc1 = [s for s in seen if s[1] == "gelu_tanh"]
+    fc2 = [s for s in seen if s[0] == inner]
+    assert len(fc1) == len(fc2) == len(ffns) >= 1
+    assert all(s[2] is None and s[3] is True for s in fc2)
+    err = ((out - plain).norm() / plain.norm()).item()
+    assert err < 1e-5, err
+
+
+@pytest.mark.skipif("cuda" not in KERNEL_BACKENDS, reason="needs a GPU and the built CUDA extension")
+@pytest.mark.parametrize("family", ["cogvideox", "latte"])
+def test_cuda_ffn_forward_eager_and_compiled(monkeypatch, family):
+    """On CUDA fc2 quantizes the GELU of fc1's output over it (`cuda_act_quant_inplace`, once per FFN); eager and
+    inductor-compiled agree with diffusers' own FFN."""
+    from qvdit_kernels import cuda as qcuda
+
+    dev = torch.device("cuda")
+    model, kw = _ffn_family(family)
+    model = quantize_(model.to(dev), QuantConfig(w_bits=3, a_bits=6, backend="cuda"))
+    kw = {k: v.to(dev) for k, v in kw.items()}
+    nffn = sum(type(m).__name__ == "FeedForward" for m in model.modules())
+    monkeypatch.setenv("QVDIT_FUSE_PRODUCERS", "0")
+    with torch.no_grad():
+        plain = model(**kw, return_dict=False)[0]
+    taken = []
+    real_ok = qcuda.inplace_ok
+    monkeypatch.setattr(qcuda, "inplace_ok", lambda *a: taken.append(real_ok(*a)) or taken[-1])
+    monkeypatch.setenv("QVDIT_FUSE_PRODUCERS", "1")
+    with torch.no_grad():
+        eager = model(**kw, return_dict=False)[0]
+    assert taken == [True] * nffn
+    rel_err = lambda out: ((out - plain).norm() / plain.norm()).item()  # noqa: E731
+    assert rel_err(eager) < 2e-3, rel_err(eager)
+    torch._dynamo.reset()
+    blocks = [b for n in ("transformer_blocks", "temporal_transformer_blocks") for b in getattr(model, n, [])]
+    for b in blocks:
+        b.compile(fullgraph=True)
+    with torch.no_grad():
+        compiled = model(**kw, return_dict=False)[0]
+    assert rel_err(compiled) < 2e-3, rel_err(compiled)
+    torch._dynamo.reset()

@@ -12,6 +12,7 @@ Quantized by default: `transformer_blocks.*.attn1` and `.ff` linears; the per-bl
 from __future__ import annotations
 
 from ..frames import FrameLayout
+from . import fused
 from .base import ModelAdapter, block_linear_filter, input_tensor, register_adapter
 
 
@@ -28,6 +29,12 @@ class CogVideoXAdapter(ModelAdapter):
         t = text.shape[1]
         return {"video": FrameLayout(num_frames=f // pt, tokens_per_frame=(h // p) * (w // p), batch=b, text_len=t,
                                      text_position="prefix" if t else "none")}
+
+
+    def install(self, model, state) -> None:
+        """The frame hooks, and each block's FFN through `fused.ffn_forward` (fc2's codes over fc1's output)."""
+        super().install(model, state)
+        fused.install_ffn_forward(model)
 
 
 register_adapter(CogVideoXAdapter())

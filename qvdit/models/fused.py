@@ -18,7 +18,9 @@
   10); tests/test_cuda_kernels.py and test_fused_producers.py check it. Where the block's residual is its own
   (`ffn_into(residual_dead=True)`), fc2's output goes into the bytes of fc1's rows its codes leave free and the
   residual add over the residual (`qlinear(overwrite_residual=True)`): the FFN then allocates nothing after fc1's
-  output.
+  output. CogVideoX's and Latte's blocks add a gated slice of the FFN's output themselves: their FeedForwards run
+  `ffn_forward` (`install_ffn_forward`, from their adapters), the same GELU placement and fc2's codes over fc1's
+  output, without the residual.
 
 Eager and compiled: the kernels are custom ops, and the handoffs (`QLinear._prequant`, `QLinear._residual`) are
 set and consumed inside one block's forward, so `torch.compile(fullgraph=True)` traces them as plain side effects
@@ -29,7 +31,9 @@ LayerNorm by one ulp of bf16 in rare elements, GELU and the residual add by one 
 """
 from __future__ import annotations
 
+import functools
 import os
+import types
 
 import torch
 from torch import nn
@@ -263,15 +267,12 @@ def ffn_into(ffn: nn.Module, x: torch.Tensor, residual: torch.Tensor, gate=None,
     fc1's epilogue or fc2's act-quant pass (module docstring). residual_dead: the caller does not read residual
     afterwards, so the result may be written over it (`ffn_over()`: fc2's output then goes into fc1's rows
     beside its codes and the add over the residual, `qlinear(overwrite_residual=True)`)."""
-    net = getattr(ffn, "net", None)
     rows = _gate_rows(gate, residual) if residual.dim() == 3 else False
-    act = net[0] if isinstance(net, nn.ModuleList) and len(net) in (3, 4) else None
-    if not (enabled() and rows is not False and type(act).__name__ == "GELU"
-            and getattr(act, "approximate", None) == "tanh" and isinstance(getattr(act, "proj", None), QLinear)
-            and isinstance(net[2], QLinear) and all(_inactive(m) for m in list(net)[1:2] + list(net)[3:])
-            and residual.dtype == x.dtype):
+    if not (enabled() and rows is not False and ffn_quantized(ffn) and residual.dtype == x.dtype):
+        act = getattr(ffn, "net", [None])[0]
         return residual_add(residual, consuming(lambda: ffn(x), [getattr(act, "proj", None)]), gate)
-    fc1 = act.proj
+    net = ffn.net
+    fc1 = net[0].proj
     if qk.ops.tail_as_own_pass(fc1.backend, x.device, fc1.w_bits, fc1.in_features):
         # fc1's output before the GELU, which fc2 applies as it quantizes h (QVDIT_FFN_INPLACE: over h)
         h = consuming(lambda: fc1(x), [fc1])
@@ -281,6 +282,46 @@ def ffn_into(ffn: nn.Module, x: torch.Tensor, residual: torch.Tensor, gate=None,
     # the H200, where fc1 at K = 1536 runs on Triton and fc2 at K = 4C on CUDA)
     return net[2](consuming(lambda: fc1(x, activation="gelu_tanh"), [fc1]), overwrite_input=ffn_inplace(),
                   residual=residual, residual_gate=rows, overwrite_residual=residual_dead and ffn_over())
+
+
+def ffn_quantized(ffn: nn.Module) -> bool:
+    """diffusers' FeedForward [GELU(tanh) with proj, Dropout, Linear, (Dropout)] with both linears QLinears and the
+    dropouts inactive: what `ffn_into` and `ffn_forward` take over."""
+    net = getattr(ffn, "net", None)
+    act = net[0] if isinstance(net, nn.ModuleList) and len(net) in (3, 4) else None
+    return (type(act).__name__ == "GELU" and getattr(act, "approximate", None) == "tanh"
+            and isinstance(getattr(act, "proj", None), QLinear) and isinstance(net[2], QLinear)
+            and all(_inactive(m) for m in list(net)[1:2] + list(net)[3:]))
+
+
+def ffn_forward(ffn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """ffn(x) for a `ffn_quantized` FeedForward whose caller adds no residual in fc2's epilogue (CogVideoX, Latte:
+    their blocks add a gated slice of the output): the GELU in fc1's epilogue or in fc2's act-quant as in `ffn_into`,
+    and fc2's codes over fc1's output (`ffn_inplace()`), which nothing else reads."""
+    fc1, fc2 = ffn.net[0].proj, ffn.net[2]
+    if qk.ops.tail_as_own_pass(fc1.backend, x.device, fc1.w_bits, fc1.in_features):
+        return fc2(fc1(x), input_activation="gelu_tanh", overwrite_input=ffn_inplace())
+    return fc2(fc1(x, activation="gelu_tanh"), overwrite_input=ffn_inplace())
+
+
+def install_ffn_forward(model: nn.Module, blocks_attrs=("transformer_blocks",)) -> None:
+    """Each block's diffusers FeedForward `ff` (in the block lists named by blocks_attrs) runs `ffn_forward` when
+    `enabled()` and `ffn_quantized` (checked per call: the layers may be quantized after this), else its own."""
+    for attr in blocks_attrs:
+        for block in getattr(model, attr, None) or []:
+            ff = getattr(block, "ff", None)
+            if type(ff).__name__ == "FeedForward" and "forward" not in vars(ff):
+                ff.forward = types.MethodType(_ffn_forward_of(type(ff).forward), ff)
+
+
+@functools.lru_cache(maxsize=None)
+def _ffn_forward_of(original):
+    """One function per FeedForward class, so compiled blocks share one graph."""
+    def forward(self, hidden_states, *args, **kwargs):
+        if args or kwargs or not (enabled() and ffn_quantized(self)):
+            return original(self, hidden_states, *args, **kwargs)
+        return ffn_forward(self, hidden_states)
+    return forward
 
 
 def ffn_codes_only(ffn: nn.Module) -> bool:

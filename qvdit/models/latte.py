@@ -12,6 +12,7 @@ Quantized by default: attn1/attn2/ff linears of both block lists; `adaln_single`
 from __future__ import annotations
 
 from ..frames import FrameLayout
+from . import fused
 from .base import ModelAdapter, block_linear_filter, input_tensor, register_adapter
 
 _TEMPORAL = "temporal_transformer_blocks."
@@ -35,6 +36,12 @@ class LatteAdapter(ModelAdapter):
         s = (h // p) * (w // p)
         return {"spatial": FrameLayout(num_frames=f, tokens_per_frame=s, batch=b),
                 "temporal": FrameLayout(num_frames=f, tokens_per_frame=s, batch=b, order="frame_minor")}
+
+
+    def install(self, model, state) -> None:
+        """The frame hooks, and each block's FFN through `fused.ffn_forward` (fc2's codes over fc1's output)."""
+        super().install(model, state)
+        fused.install_ffn_forward(model, ("transformer_blocks", "temporal_transformer_blocks"))
 
 
 register_adapter(LatteAdapter())
