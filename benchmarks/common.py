@@ -44,10 +44,11 @@ def _git(*args) -> str | None:
 
 
 def environment() -> dict:
-    """Device, versions, date, command: recorded with every result file. Also whether the tree had uncommitted
-    changes to tracked files (git_dirty: the commit alone does not name the code then) and the QVDIT_* variables
-    that pick kernels and modes."""
-    commit, status = _git("rev-parse", "--short", "HEAD"), _git("status", "--porcelain", "--untracked-files=no")
+    """Device, versions, date, command: recorded with every result file. Also whether the tree differs from the
+    commit (git_dirty: changed tracked files, or new files git does not ignore; the commit alone does not name the
+    code then: on the GPU machine the copy keeps the session's first commit) and the QVDIT_* variables that pick
+    kernels and modes."""
+    commit, status = _git("rev-parse", "--short", "HEAD"), _git("status", "--porcelain", "--untracked-files=normal")
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from benchmarks.bench_clocks import Sampler, parse_sample, reason_names, summarize
+from benchmarks.bench_clocks import FIELDS, OLD_REASONS, Sampler, parse_sample, reason_names, smi, summarize
 
 
 def test_parse_sample_reads_numbers_and_hex_reasons():
@@ -41,12 +41,30 @@ def test_sampler_keeps_only_samples_after_mark():
     import time
 
     with Sampler(cmd=[sys.executable, "-c", script]) as smp:
-        time.sleep(0.3)  # the first sample has arrived
+        deadline = time.perf_counter() + 60
+        while not smp._lines and time.perf_counter() < deadline:  # the first (warm-up) sample has arrived
+            time.sleep(0.01)
         smp.mark()
-        time.sleep(0.6)
+        time.sleep(0.7)
     assert smp.window, "no samples after mark()"
     assert all(s == {"clocks.sm": 1800.0, "power.draw": 650.5, "temperature.gpu": 55.0,
                      "clocks_event_reasons.active": 4} for s in smp.window)
     assert summarize(smp.window)["sm_clock_mhz"] == 1800.0
     assert smp._proc.poll() is not None  # the sampler process is gone
 
+
+
+def test_summarize_reads_the_older_reasons_name_and_smi_names_the_gpu():
+    fields = FIELDS[:3] + (OLD_REASONS,)
+    out = summarize([parse_sample("1500, 690.0, 60, 0x4", fields), parse_sample("1600, 691.0, 61, 0x0", fields)])
+    assert out["reasons_share"] == {"sw_power_cap": 0.5} and out["sm_clock_mhz"] == 1550.0
+    assert smi(("clocks.sm",), "GPU-1234")[-2:] == ["-i", "GPU-1234"]
+    assert "-i" not in smi(("clocks.sm",))
+
+
+def test_bad_variants_name_the_argument(capsys):
+    from benchmarks.bench_clocks import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--variants", "W3A16"])
+    assert exc.value.code == 2 and "--variants: 'W3A16'" in capsys.readouterr().err

@@ -269,7 +269,8 @@ def ffn_into(ffn: nn.Module, x: torch.Tensor, residual: torch.Tensor, gate=None,
     beside its codes and the add over the residual, `qlinear(overwrite_residual=True)`)."""
     rows = _gate_rows(gate, residual) if residual.dim() == 3 else False
     if not (enabled() and rows is not False and ffn_quantized(ffn) and residual.dtype == x.dtype):
-        act = getattr(ffn, "net", [None])[0]
+        net = getattr(ffn, "net", None)
+        act = net[0] if isinstance(net, nn.ModuleList) and len(net) > 0 else None
         return residual_add(residual, consuming(lambda: ffn(x), [getattr(act, "proj", None)]), gate)
     net = ffn.net
     fc1 = net[0].proj
@@ -278,8 +279,8 @@ def ffn_into(ffn: nn.Module, x: torch.Tensor, residual: torch.Tensor, gate=None,
         h = consuming(lambda: fc1(x), [fc1])
         return net[2](h, input_activation="gelu_tanh", overwrite_input=ffn_inplace(), residual=residual,
                       residual_gate=rows, overwrite_residual=residual_dead and ffn_over())
-    # (fc1 fused the GELU: its output is as dead after fc2 as above, so fc2 takes it over the same way; e.g. W4A8 on
-    # the H200, where fc1 at K = 1536 runs on Triton and fc2 at K = 4C on CUDA)
+    # (fc1 fused the GELU: its output is as dead after fc2 as above, so fc2 may take it over the same way: a CUDA fc2
+    # does, e.g. with QVDIT_CUDA_FUSED_TAIL=1 or a Triton fc1 beside a CUDA fc2; Triton's own qlinear keeps buffers)
     return net[2](consuming(lambda: fc1(x, activation="gelu_tanh"), [fc1]), overwrite_input=ffn_inplace(),
                   residual=residual, residual_gate=rows, overwrite_residual=residual_dead and ffn_over())
 
@@ -310,8 +311,15 @@ def install_ffn_forward(model: nn.Module, blocks_attrs=("transformer_blocks",)) 
     for attr in blocks_attrs:
         for block in getattr(model, attr, None) or []:
             ff = getattr(block, "ff", None)
-            if type(ff).__name__ == "FeedForward" and "forward" not in vars(ff):
+            if type(ff).__name__ == "FeedForward" and forward_replaceable(ff):
                 ff.forward = types.MethodType(_ffn_forward_of(type(ff).forward), ff)
+
+
+def forward_replaceable(module: nn.Module) -> bool:
+    """Whether module's forward is its class's own: none set on the instance, or one bound to the class's function (what
+    unpickling a module whose instance forward was replaced leaves: pickle stores a bound method by name)."""
+    f = vars(module).get("forward")
+    return f is None or getattr(f, "__func__", None) is type(module).forward
 
 
 @functools.lru_cache(maxsize=None)

@@ -35,7 +35,7 @@ class WanAdapter(ModelAdapter):
         """The frame hooks, and each block's forward replaced by `wan_block_forward` (fused producers)."""
         super().install(model, state)
         for block in getattr(model, "blocks", []):
-            if type(block).__name__ == "WanTransformerBlock" and "forward" not in vars(block):
+            if type(block).__name__ == "WanTransformerBlock" and fused.forward_replaceable(block):
                 block.forward = types.MethodType(_fusing_forward(type(block).forward), block)
 
 
