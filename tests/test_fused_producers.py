@@ -270,9 +270,9 @@ def test_mutated_buffers_reads_nested_arguments():
 def test_fc2_takes_over_fc1_output_where_fc1_fused_the_gelu(monkeypatch, env, expect):
     """Where fc1's GEMM fuses the GELU (here the torch reference; Triton likewise), fc1's output is as dead after
     fc2 as where fc2 applies the GELU, so fc2 is given it and the block's residual to overwrite
-    (`qlinear(overwrite_input=, overwrite_residual=)`): a backend that can (CUDA; on the H200 W4A8's fc1 at
-    K = 1536 runs on Triton, its fc2 on CUDA) then keeps no int8 copy of fc1's output and no output buffer beside
-    it. QVDIT_FFN_OVER=0 and QVDIT_FFN_INPLACE=0 take that back."""
+    (`qlinear(overwrite_input=, overwrite_residual=)`): a backend that can (CUDA: with QVDIT_CUDA_FUSED_TAIL=1, or a
+    CUDA fc2 beside a Triton fc1) then keeps no int8 copy of fc1's output and no output buffer beside it.
+    QVDIT_FFN_OVER=0 and QVDIT_FFN_INPLACE=0 take that back."""
     model, kw = quantized("torch", torch.device("cpu")), inputs(torch.device("cpu"))
     ffn_dim = model.blocks[0].ffn.net[2].in_features
     seen, real = [], qk.qlinear
@@ -330,7 +330,7 @@ def test_cuda_fc2_quantizes_over_fc1_output_eager_and_compiled(monkeypatch):
 
 @pytest.mark.skipif(not {"cuda", "triton"} <= set(KERNEL_BACKENDS), reason="needs a GPU, Triton and the CUDA extension")
 def test_cuda_fc2_over_a_triton_fc1_output_eager_and_compiled(monkeypatch):
-    """fc1 on Triton (it fuses the GELU), fc2 on CUDA (W4A8's routing on the H200): fc2 quantizes over fc1's output,
+    """fc1 on Triton (it fuses the GELU), fc2 on CUDA (set by hand: a mixed routing): fc2 quantizes over fc1's output,
     its output into the rest of those rows and the residual add over the block's residual (cuda_qlinear_over, once
     per block); eager and inductor-compiled agree with the unfused forward."""
     from qvdit_kernels import cuda as qcuda
