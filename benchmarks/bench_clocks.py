@@ -135,27 +135,25 @@ def torch_gpu() -> str | None:
     return uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
 
 
+def query(fields, gpu: str | None = None) -> dict | None:
+    """One nvidia-smi sample of `fields` (parse_sample), or None: no nvidia-smi, an error, or a field it does not
+    know."""
+    try:
+        r = subprocess.run(smi(fields, gpu), capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return parse_sample(r.stdout.splitlines()[0], fields) if r.returncode == 0 and r.stdout else None
+
+
 def working_fields(gpu: str | None = None) -> tuple[str, ...] | None:
     """FIELDS, or with the reasons' older name, or without them, whichever this driver's nvidia-smi answers; None:
-    no nvidia-smi."""
-    for fields in (FIELDS, FIELDS[:3] + (OLD_REASONS,), FIELDS[:3]):
-        try:
-            r = subprocess.run(smi(fields, gpu), capture_output=True, text=True, timeout=20)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        if r.returncode == 0 and parse_sample(r.stdout.splitlines()[0] if r.stdout else "", fields):
-            return fields
-    return None
+    none answers."""
+    return next((f for f in (FIELDS, FIELDS[:3] + (OLD_REASONS,), FIELDS[:3]) if query(f, gpu)), None)
 
 
 def board(gpu: str | None = None) -> dict:
     """The power limit and the clocks the board allows (one nvidia-smi query)."""
-    q = ("power.limit", "clocks.max.sm", "clocks.max.mem")
-    try:
-        r = subprocess.run(smi(q, gpu), capture_output=True, text=True, timeout=20)
-        s = parse_sample(r.stdout.splitlines()[0], q) if r.returncode == 0 and r.stdout else None
-    except (OSError, subprocess.TimeoutExpired):
-        s = None
+    s = query(("power.limit", "clocks.max.sm", "clocks.max.mem"), gpu)
     return {"power_limit_w": s["power.limit"], "max_sm_clock_mhz": s["clocks.max.sm"],
             "max_mem_clock_mhz": s["clocks.max.mem"]} if s else {}
 

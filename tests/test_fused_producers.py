@@ -368,6 +368,13 @@ def _ffn_family(family):
                                       timestep=torch.tensor([3, 7]))
 
 
+def _compile_blocks(model, **kw):
+    """Each block of CogVideoX's / Latte's block lists compiled whole (fullgraph=True: a graph break raises)."""
+    for name in ("transformer_blocks", "temporal_transformer_blocks"):
+        for block in getattr(model, name, []):
+            block.compile(fullgraph=True, **kw)
+
+
 @pytest.mark.parametrize("gelu_in_fc2", [False, True])
 @pytest.mark.parametrize("family", ["cogvideox", "latte"])
 def test_ffn_forward_gives_fc1_output_to_fc2(monkeypatch, family, gelu_in_fc2):
@@ -439,9 +446,7 @@ def test_ffn_forward_compiled_blocks_equal_eager(monkeypatch, family):
     with torch.no_grad():
         eager = model(**kw, return_dict=False)[0]
     torch._dynamo.reset()
-    for name in ("transformer_blocks", "temporal_transformer_blocks"):
-        for block in getattr(model, name, []):
-            block.compile(fullgraph=True, backend="aot_eager")
+    _compile_blocks(model, backend="aot_eager")
     with torch.no_grad():
         out = model(**kw, return_dict=False)[0]
     torch._dynamo.reset()
@@ -473,9 +478,7 @@ def test_cuda_ffn_forward_eager_and_compiled(monkeypatch, family):
     rel_err = lambda out: ((out - plain).norm() / plain.norm()).item()  # noqa: E731
     assert rel_err(eager) < 2e-3, rel_err(eager)
     torch._dynamo.reset()
-    blocks = [b for n in ("transformer_blocks", "temporal_transformer_blocks") for b in getattr(model, n, [])]
-    for b in blocks:
-        b.compile(fullgraph=True)
+    _compile_blocks(model)
     with torch.no_grad():
         compiled = model(**kw, return_dict=False)[0]
     assert rel_err(compiled) < 2e-3, rel_err(compiled)

@@ -272,17 +272,7 @@ def ffn_into(ffn: nn.Module, x: torch.Tensor, residual: torch.Tensor, gate=None,
         net = getattr(ffn, "net", None)
         act = net[0] if isinstance(net, nn.ModuleList) and len(net) > 0 else None
         return residual_add(residual, consuming(lambda: ffn(x), [getattr(act, "proj", None)]), gate)
-    net = ffn.net
-    fc1 = net[0].proj
-    if qk.ops.tail_as_own_pass(fc1.backend, x.device, fc1.w_bits, fc1.in_features):
-        # fc1's output before the GELU, which fc2 applies as it quantizes h (QVDIT_FFN_INPLACE: over h)
-        h = consuming(lambda: fc1(x), [fc1])
-        return net[2](h, input_activation="gelu_tanh", overwrite_input=ffn_inplace(), residual=residual,
-                      residual_gate=rows, overwrite_residual=residual_dead and ffn_over())
-    # (fc1 fused the GELU: its output is as dead after fc2 as above, so fc2 may take it over the same way: a CUDA fc2
-    # does, e.g. with QVDIT_CUDA_FUSED_TAIL=1 or a Triton fc1 beside a CUDA fc2; Triton's own qlinear keeps buffers)
-    return net[2](consuming(lambda: fc1(x, activation="gelu_tanh"), [fc1]), overwrite_input=ffn_inplace(),
-                  residual=residual, residual_gate=rows, overwrite_residual=residual_dead and ffn_over())
+    return ffn_forward(ffn, x, residual=residual, residual_gate=rows, overwrite_residual=residual_dead and ffn_over())
 
 
 def ffn_quantized(ffn: nn.Module) -> bool:
@@ -295,14 +285,19 @@ def ffn_quantized(ffn: nn.Module) -> bool:
             and all(_inactive(m) for m in list(net)[1:2] + list(net)[3:]))
 
 
-def ffn_forward(ffn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """ffn(x) for a `ffn_quantized` FeedForward whose caller adds no residual in fc2's epilogue (CogVideoX, Latte:
-    their blocks add a gated slice of the output): the GELU in fc1's epilogue or in fc2's act-quant as in `ffn_into`,
-    and fc2's codes over fc1's output (`ffn_inplace()`), which nothing else reads."""
+def ffn_forward(ffn: nn.Module, x: torch.Tensor, **tail) -> torch.Tensor:
+    """ffn(x) for a `ffn_quantized` FeedForward, `tail` (residual, residual_gate, overwrite_residual) given to fc2 as
+    `ffn_into` does; without it, the FFN of a block that adds a gated slice of the output itself (CogVideoX, Latte).
+    The GELU runs in fc1's epilogue, or in fc2's act-quant where fc1's GEMM would run it as a pass of its own, and
+    fc2 may write its codes over fc1's output (`ffn_inplace()`), which nothing else reads."""
     fc1, fc2 = ffn.net[0].proj, ffn.net[2]
     if qk.ops.tail_as_own_pass(fc1.backend, x.device, fc1.w_bits, fc1.in_features):
-        return fc2(fc1(x), input_activation="gelu_tanh", overwrite_input=ffn_inplace())
-    return fc2(fc1(x, activation="gelu_tanh"), overwrite_input=ffn_inplace())
+        # fc1's output before the GELU, which fc2 applies as it quantizes h (QVDIT_FFN_INPLACE: over h)
+        h = consuming(lambda: fc1(x), [fc1])
+        return fc2(h, input_activation="gelu_tanh", overwrite_input=ffn_inplace(), **tail)
+    # (fc1 fused the GELU: its output is as dead after fc2, so fc2 may take it over the same way: a CUDA fc2 does,
+    # e.g. with QVDIT_CUDA_FUSED_TAIL=1 or a Triton fc1 beside a CUDA fc2; Triton's own qlinear keeps buffers)
+    return fc2(consuming(lambda: fc1(x, activation="gelu_tanh"), [fc1]), overwrite_input=ffn_inplace(), **tail)
 
 
 def install_ffn_forward(model: nn.Module, blocks_attrs=("transformer_blocks",)) -> None:
